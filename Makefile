@@ -1,0 +1,29 @@
+# Quick start: `make test` (and `make demo` once the main job lands) on a fresh machine.
+# Creates .venv, installs the package with its test extras, runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Pins for our CPU machines (local torch CPU wheel, triton 3.6 with numpy<2.4); a GPU
+# user installs with `pip install -e .` and keeps their own torch/triton.
+CONSTRAINTS ?= constraints-cpu.txt
+PYTEST_ARGS ?=
+
+.PHONY: test aot bench clean
+
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[stack,test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --cov=mugv_kernels --cov-report=term:skip-covered $(PYTEST_ARGS)
+
+aot: $(STAMP)
+	$(PY) -m mugv_kernels.aot
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) .pytest_cache .coverage .benchmarks

@@ -1,0 +1,17 @@
+"""mugv_kernels: fused, training-grade kernels for video diffusion transformers.
+
+Every op is a ``torch.library`` custom op in the ``mugv`` namespace (forward, backward,
+fake implementation, ``torch.compile``-clean) with a PyTorch reference that is also the
+CPU path. ``import mugv_kernels as mk`` and call the functions below; drop-in modules are
+in :mod:`mugv_kernels.nn`.
+"""
+
+from mugv_kernels.ops.ada_norm import ada_layer_norm, gated_residual, gated_residual_ada_layer_norm
+
+__all__ = [
+    "ada_layer_norm",
+    "gated_residual",
+    "gated_residual_ada_layer_norm",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module`` wrappers of the ``mugv`` ops, one module file per op family."""
+
+from mugv_kernels.nn.ada_norm import AdaLayerNorm, GatedResidualAdaLayerNorm
+
+__all__ = ["AdaLayerNorm", "GatedResidualAdaLayerNorm"]

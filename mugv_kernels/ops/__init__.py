@@ -1,0 +1,1 @@
+"""Fused Triton ops, one family per module; each registers ``torch.ops.mugv.*``."""

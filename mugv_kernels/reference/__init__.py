@@ -1,0 +1,11 @@
+"""Pure-PyTorch references for every op family: the definition of "correct" that the
+tests and benchmarks share, and the path plain CPU tensors run."""
+
+from mugv_kernels.reference.ada_norm import (
+    ada_norm_chain,
+    adaln_bwd_ref,
+    adaln_fwd_ref,
+    select_modulation,
+)
+
+__all__ = ["ada_norm_chain", "adaln_bwd_ref", "adaln_fwd_ref", "select_modulation"]
