@@ -1,0 +1,505 @@
+"""GroupNorm + SiLU for the video VAE, fused (forward and backward), any memory format.
+
+The VAE's ``nn.GroupNorm(G, C)`` followed by ``nn.SiLU`` (GroupNorm: Wu & He, arXiv
+1803.08494; SiLU: Elfwing et al., arXiv 1702.03118) is, per sample ``b`` and group ``g`` of
+``Cg = C / G`` channels, with statistics in fp32 over the group's channels and positions::
+
+    xhat = (x - mean[b, g]) * rstd[b, g]        rstd = 1 / sqrt(var + eps)
+    z    = xhat * weight[c] + bias[c]
+    y    = z * sigmoid(z)                       (silu=False: y = z)
+
+Eager PyTorch makes three passes plus a copy (aten GroupNorm is slow on channels-last
+and ``F.silu`` re-reads its output). Here ``x`` is viewed as ``[B, C, S]`` with its own
+strides (NCDHW: positions contiguous; channels-last: channels contiguous), and:
+
+* forward: a statistics kernel over ``(b, g, chunk of positions)`` giving per-chunk
+  ``(mean, M2)`` merged on the host (Chan et al.'s parallel variance: no cancellation),
+  then one elementwise pass writing ``y`` in ``x``'s layout;
+* backward, with ``dz = dy * s * (1 + z * (1 - s))`` (``s = sigmoid(z)``) and
+  ``dxhat = dz * weight``: a partial-sum kernel (``dweight += dz * xhat``,
+  ``dbias += dz`` per channel; ``sum dxhat``, ``sum dxhat * xhat`` per group, fp32
+  partials per chunk), then ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``.
+
+``backend="cuda"`` runs the forward of ``csrc/group_norm.cu`` (same outputs); its backward
+is the Triton one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mugv_kernels._registry import INTERPRET, launch, mugv_op, register_aot_cases, use_triton
+from mugv_kernels._validate import FLOAT_DTYPES, check_tensor
+from mugv_kernels.ops.conv3d import check_backend, cuda_extension
+from mugv_kernels.reference.conv3d import group_norm_silu_bwd_ref, group_norm_silu_ref, group_norm_stats_ref
+
+__all__ = ["group_norm_silu"]
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels: program (b*G + g, chunk) covers positions [chunk*s_per_chunk, ...) of the
+# group's Cg channels, in [BLOCK_S, BLOCK_C] tiles (int64 offsets).
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gn_stats_kernel(
+    X, PMEAN, PM2, S, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < Cg
+    base = X + b * sxb + (g * Cg + c).to(tl.int64) * sxc
+    s_start = chunk.to(tl.int64) * s_per_chunk
+    s_end = tl.minimum(s_start + s_per_chunk, S)
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None] & c_ok[None, :]
+        x = tl.load(base[None, :] + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
+        cnt = (tl.minimum(s_end - s0, BLOCK_S) * Cg).to(tl.float32)
+        t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / cnt
+        d = tl.where(mask, x - t_mean, 0.0)
+        t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        delta = t_mean - mean
+        tot = n + cnt
+        mean = mean + delta * (cnt / tot)
+        m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
+        n = tot
+    tl.store(PMEAN + bg * n_chunks + chunk, mean)
+    tl.store(PM2 + bg * n_chunks + chunk, m2)
+
+
+@triton.jit
+def _gn_apply_kernel(
+    X, Y, MEAN, RSTD, W, BIAS, S, Cg, G, s_per_chunk, sxb, sxc, sxs, syb, syc, sys,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < Cg
+    ch = (g * Cg + c).to(tl.int64)
+    mean = tl.load(MEAN + bg)
+    rstd = tl.load(RSTD + bg)
+    scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
+    # z = x * a + d with a = rstd * w, d = bias - mean * rstd * w
+    a = scale * rstd
+    d = shift - mean * a
+    s_start = chunk.to(tl.int64) * s_per_chunk
+    s_end = tl.minimum(s_start + s_per_chunk, S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None] & c_ok[None, :]
+        x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
+        z = x * a[None, :] + d[None, :]
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(Y + b * syb + ch[None, :] * syc + s[:, None] * sys, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_dz(x, dy, mean, rstd, scale, shift, SILU: tl.constexpr):
+    """``(xhat, dz)`` of one tile: ``dz = dL/dz`` through the SiLU."""
+    xhat = (x - mean) * rstd
+    if SILU:
+        z = xhat * scale[None, :] + shift[None, :]
+        sg = tl.sigmoid(z)
+        dz = dy * sg * (1.0 + z * (1.0 - sg))
+    else:
+        dz = dy
+    return xhat, dz
+
+
+@triton.jit
+def _gn_bwd_partial_kernel(
+    X, DY, MEAN, RSTD, W, BIAS, DW_P, DB_P, PS1, PS2,
+    S, C, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs, sdb, sdc, sds,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < Cg
+    ch = (g * Cg + c).to(tl.int64)
+    mean = tl.load(MEAN + bg)
+    rstd = tl.load(RSTD + bg)
+    scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s1 = 0.0
+    s2 = 0.0
+    s_start = chunk.to(tl.int64) * s_per_chunk
+    s_end = tl.minimum(s_start + s_per_chunk, S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None] & c_ok[None, :]
+        x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * sdb + ch[None, :] * sdc + s[:, None] * sds, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz = _gn_dz(x, dy, mean, rstd, scale, shift, SILU)
+        xhat = tl.where(mask, xhat, 0.0)
+        dz = tl.where(mask, dz, 0.0)
+        acc_b += tl.sum(dz, axis=0)
+        acc_w += tl.sum(dz * xhat, axis=0)
+        dxhat = dz * scale[None, :]
+        s1 += tl.sum(tl.sum(dxhat, axis=1), axis=0)
+        s2 += tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0)
+    p = (b * n_chunks + chunk) * C + ch
+    tl.store(DW_P + p, acc_w, mask=c_ok)
+    tl.store(DB_P + p, acc_b, mask=c_ok)
+    tl.store(PS1 + bg * n_chunks + chunk, s1)
+    tl.store(PS2 + bg * n_chunks + chunk, s2)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    X, DY, DX, MEAN, RSTD, C1, C2, W, BIAS,
+    S, Cg, G, s_per_chunk, sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < Cg
+    ch = (g * Cg + c).to(tl.int64)
+    mean = tl.load(MEAN + bg)
+    rstd = tl.load(RSTD + bg)
+    c1 = tl.load(C1 + bg)
+    c2 = tl.load(C2 + bg)
+    scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
+    s_start = chunk.to(tl.int64) * s_per_chunk
+    s_end = tl.minimum(s_start + s_per_chunk, S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None] & c_ok[None, :]
+        x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * sdb + ch[None, :] * sdc + s[:, None] * sds, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz = _gn_dz(x, dy, mean, rstd, scale, shift, SILU)
+        dx = rstd * (dz * scale[None, :] - c1 - xhat * c2)
+        tl.store(DX + b * sob + ch[None, :] * soc + s[:, None] * sos, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------
+
+
+def bcs_strides(t: Tensor) -> tuple[int, int, int] | None:
+    """Strides ``(batch, channel, position)`` of ``t [B, C, *spatial]`` viewed as
+    ``[B, C, S]``, or None when its spatial dimensions do not collapse to one stride."""
+    sizes, strides = t.shape[2:], t.stride()[2:]
+    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]):
+        if s_outer != s_inner * n_inner:
+            return None
+    ss = dims[-1][1] if dims else 1
+    return t.stride(0), t.stride(1), ss
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` when its positions collapse to one stride (contiguous, channels-last), else
+    a contiguous copy."""
+    return t if bcs_strides(t) is not None else t.contiguous()
+
+
+def gn_config(S: int, Cg: int, BG: int, device: torch.device, *, backward: bool = False) -> tuple[int, int, int, int]:
+    """``(BLOCK_S, BLOCK_C, s_per_chunk, num_warps)``: tiles of ~4K elements (2K in the
+    backward, which holds two inputs), ~4 programs per SM over ``(b, g, chunk)``; the
+    interpreter takes bigger tiles and few chunks."""
+    block_c = triton.next_power_of_2(max(Cg, 1))
+    elems = 16384 if INTERPRET else (2048 if backward else 4096)
+    block_s = max(1, elems // block_c)
+    block_s = min(block_s, triton.next_power_of_2(max(S, 1)))
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2
+    chunks = max(1, min(triton.cdiv(target, max(BG, 1)), triton.cdiv(S, block_s)))
+    s_per_chunk = triton.cdiv(triton.cdiv(max(S, 1), chunks), block_s) * block_s
+    return block_s, block_c, s_per_chunk, 4
+
+
+def _gn_fwd_launch(x, weight, bias, num_groups, eps, silu):
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    G, Cg = num_groups, C // num_groups
+    y = torch.empty_like(x)
+    mean = torch.zeros((B, G), dtype=torch.float32, device=x.device)
+    rstd = torch.full((B, G), 1.0 / math.sqrt(eps), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    sx, sy = bcs_strides(x), bcs_strides(y)
+    block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, x.device)
+    n_chunks = triton.cdiv(S, s_per_chunk)
+    pmean = torch.empty((B * G, n_chunks), dtype=torch.float32, device=x.device)
+    pm2 = torch.empty_like(pmean)
+    launch(_gn_stats_kernel, (B * G, n_chunks))(
+        x, pmean, pm2, S, Cg, G, s_per_chunk, n_chunks, *sx, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps
+    )
+    # merge the per-chunk (mean, M2) (Chan et al.): exact in fp32 without cancellation
+    starts = torch.arange(n_chunks, device=x.device, dtype=torch.float32) * s_per_chunk
+    cnt = (torch.clamp(S - starts, max=s_per_chunk) * Cg)[None, :]
+    total = float(S * Cg)
+    mean = (pmean * cnt).sum(1) / total
+    m2 = pm2.sum(1) + ((pmean - mean[:, None]) ** 2 * cnt).sum(1)
+    rstd = torch.rsqrt(m2 / total + eps)
+    launch(_gn_apply_kernel, (B * G, n_chunks))(
+        x, y, mean, rstd, weight if weight is not None else x, bias if bias is not None else x,
+        S, Cg, G, s_per_chunk, *sx, *sy,
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    return y, mean.view(B, G), rstd.view(B, G)
+
+
+def _gn_bwd_launch(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    G, Cg = num_groups, C // num_groups
+    dev = x.device
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        zeros = torch.zeros(C, dtype=torch.float32, device=dev)
+        return dx, zeros, zeros
+    sx, sd, so = bcs_strides(x), bcs_strides(dy), bcs_strides(dx)
+    block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, dev, backward=True)
+    n_chunks = triton.cdiv(S, s_per_chunk)
+    dw_p = torch.empty((B * n_chunks, C), dtype=torch.float32, device=dev)
+    db_p = torch.empty_like(dw_p)
+    ps1 = torch.empty((B * G, n_chunks), dtype=torch.float32, device=dev)
+    ps2 = torch.empty_like(ps1)
+    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c)
+    w_arg = weight if weight is not None else x
+    b_arg = bias if bias is not None else x
+    launch(_gn_bwd_partial_kernel, (B * G, n_chunks))(
+        x, dy, mean, rstd, w_arg, b_arg, dw_p, db_p, ps1, ps2,
+        S, C, Cg, G, s_per_chunk, n_chunks, *sx, *sd, **common, num_warps=warps,
+    )  # fmt: skip
+    n = float(S * Cg)
+    c1 = ps1.sum(1) / n
+    c2 = ps2.sum(1) / n
+    launch(_gn_bwd_dx_kernel, (B * G, n_chunks))(
+        x, dy, dx, mean, rstd, c1, c2, w_arg, b_arg,
+        S, Cg, G, s_per_chunk, *sx, *sd, *so, **common, num_warps=warps,
+    )  # fmt: skip
+    return dx, dw_p.sum(0), db_p.sum(0)
+
+
+# ----------------------------------------------------------------------------------------
+# Registered ops and autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _gn_fwd_fake(x, weight, bias, num_groups, eps, silu):
+    B = x.shape[0]
+    stats = x.new_empty((B, num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@mugv_op("group_norm_silu_fwd", fake=_gn_fwd_fake)
+def _gn_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, silu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mugv::group_norm_silu_fwd``: ``(y, mean, rstd)``, statistics ``[B, G]`` fp32."""
+    if use_triton(x):
+        return _gn_fwd_launch(x, weight, bias, num_groups, eps, silu)
+    y = group_norm_silu_ref(x, num_groups, weight, bias, eps=eps, silu=silu)
+    mean, rstd = group_norm_stats_ref(x, num_groups, eps)
+    return torch.empty_like(x).copy_(y), mean, rstd
+
+
+@torch.library.custom_op("mugv::group_norm_silu_fwd_cuda", mutates_args=())
+def _gn_fwd_cuda(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, silu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mugv::group_norm_silu_fwd_cuda``: the forward by ``csrc/group_norm.cu``."""
+    ext = cuda_extension()
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    y = torch.empty_like(x)
+    mean = torch.zeros((B, num_groups), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        return y, mean, rstd.fill_(1.0 / math.sqrt(eps))
+    w = weight.float().contiguous() if weight is not None else None
+    b = bias.float().contiguous() if bias is not None else None
+    dtype_code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
+    ext.group_norm_silu_fwd(
+        x.data_ptr(), y.data_ptr(), w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0,
+        mean.data_ptr(), rstd.data_ptr(), dtype_code, B, C, S, num_groups, *bcs_strides(x), *bcs_strides(y),
+        float(eps), bool(silu), torch.cuda.current_stream(x.device).cuda_stream,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+_gn_fwd_cuda.register_fake(_gn_fwd_fake)
+
+
+def _gn_bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, silu):
+    C = x.shape[1]
+    return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
+
+
+@mugv_op("group_norm_silu_bwd", fake=_gn_bwd_fake)
+def _gn_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mugv::group_norm_silu_bwd``: ``(dx, dweight, dbias)``, the parameter gradients
+    in fp32 ``[C]`` (cast by the autograd wrapper)."""
+    if use_triton(x):
+        return _gn_bwd_launch(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    dx, dw, db = group_norm_silu_bwd_ref(dy, x, weight, bias, num_groups, eps, silu)
+    C = x.shape[1]
+    zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+    return (
+        torch.empty_like(x).copy_(dx),
+        dw.float() if dw is not None else zeros,
+        db.float() if db is not None else zeros.clone(),
+    )
+
+
+def _gn_setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.args = (num_groups, eps, silu)
+
+
+def _gn_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.mugv.group_norm_silu_bwd(_dense(dy), x, weight, bias, mean, rstd, *ctx.args)
+    return (
+        dx,
+        dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None,
+        db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+        None, None, None,
+    )  # fmt: skip
+
+
+_gn_fwd.register_autograd(_gn_backward, setup_context=_gn_setup_context)
+_gn_fwd_cuda.register_autograd(_gn_backward, setup_context=_gn_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------
+
+
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    silu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """``silu(group_norm(x, num_groups, weight, bias, eps))`` in one fused pass.
+
+    ``F.silu(F.group_norm(x, num_groups, weight, bias, eps))`` (GroupNorm: Wu & He,
+    arXiv 1803.08494 Sec. 3; the VAE's ``GroupNorm`` + ``SiLU`` pair), statistics in fp32
+    over each group's ``C // num_groups`` channels and all positions.
+
+    Args:
+        x: ``[B, C, *spatial]`` (e.g. ``[B, C, T, H, W]``) fp32/bf16/fp16 (fp64 runs the
+            reference), contiguous or channels-last (other layouts are copied once).
+        num_groups: G, a positive divisor of C.
+        weight, bias: ``[C]`` per-channel affine, or None (1 and 0).
+        eps: added to the variance (default 1e-6, as the VAE).
+        silu: apply SiLU (default True); False gives a plain GroupNorm.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (the ``csrc`` forward; CUDA
+            tensors, fp32/bf16/fp16) or ``"reference"``, as :func:`mugv_kernels.causal_conv3d`.
+
+    Returns:
+        ``y`` with ``x``'s shape, dtype and memory format. Differentiable in ``x``,
+        ``weight`` and ``bias``.
+
+    Raises:
+        TypeError: a non-tensor or an unsupported dtype.
+        ValueError: ``x`` with fewer than 2 dimensions; ``num_groups`` not a positive
+            divisor of C; weight/bias not ``[C]``; eps <= 0; unknown backend; mixed devices.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, C, *spatial] (at least 2-D), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of C={C}, got {num_groups!r}")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_tensor(name, p, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+            if p.shape[0] != C:
+                raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
+    backend = check_backend(backend, x, (torch.float32, torch.bfloat16, torch.float16))
+    if backend == "reference":
+        return group_norm_silu_ref(x, num_groups, weight, bias, eps=eps, silu=silu)
+    x = _dense(x)
+    op = torch.ops.mugv.group_norm_silu_fwd_cuda if backend == "cuda" else torch.ops.mugv.group_norm_silu_fwd
+    return op(x, weight, bias, num_groups, float(eps), bool(silu))[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compile cases
+# ----------------------------------------------------------------------------------------
+
+
+@register_aot_cases("group_norm")
+def _aot_cases() -> None:
+    """The VAE's GroupNorm(32) + SiLU at the 720p stages (bf16): 512 channels at
+    ``48 x 90 x 160``, 256 at ``24 x 180 x 320``, 128 at ``12 x 360 x 640``, NCDHW and
+    channels-last; forward and backward."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    for shape in ((1, 512, 48, 90, 160), (1, 256, 24, 180, 320), (1, 128, 12, 360, 640)):
+        for cl in (False, True):
+            x = torch.empty(shape, **meta)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            w = torch.empty(shape[1], **meta)
+            y, mean, rstd = _gn_fwd_launch(x, w, w, 32, 1e-6, True)
+            _gn_bwd_launch(y, x, w, w, mean, rstd, 32, True)
