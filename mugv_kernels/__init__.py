@@ -7,11 +7,17 @@ in :mod:`mugv_kernels.nn`.
 """
 
 from mugv_kernels.ops.ada_norm import ada_layer_norm, gated_residual, gated_residual_ada_layer_norm
+from mugv_kernels.ops.attention import varlen_attention, varlen_attention_backends
+from mugv_kernels.ops.packing import pack, unpack
 
 __all__ = [
     "ada_layer_norm",
     "gated_residual",
     "gated_residual_ada_layer_norm",
+    "pack",
+    "unpack",
+    "varlen_attention",
+    "varlen_attention_backends",
 ]
 
 __version__ = "0.1.0"

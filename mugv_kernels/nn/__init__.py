@@ -1,5 +1,12 @@
 """Drop-in ``nn.Module`` wrappers of the ``mugv`` ops, one module file per op family."""
 
 from mugv_kernels.nn.ada_norm import AdaLayerNorm, GatedResidualAdaLayerNorm
+from mugv_kernels.nn.attention import VarlenAttention, VarlenCrossAttention, VarlenSelfAttention
 
-__all__ = ["AdaLayerNorm", "GatedResidualAdaLayerNorm"]
+__all__ = [
+    "AdaLayerNorm",
+    "GatedResidualAdaLayerNorm",
+    "VarlenAttention",
+    "VarlenCrossAttention",
+    "VarlenSelfAttention",
+]

@@ -8,4 +8,7 @@ from mugv_kernels.reference.ada_norm import (
     select_modulation,
 )
 
+from mugv_kernels.reference.attention import attention_ref, varlen_attention_ref
+
 __all__ = ["ada_norm_chain", "adaln_bwd_ref", "adaln_fwd_ref", "select_modulation"]
+__all__ += ["attention_ref", "varlen_attention_ref"]
