@@ -1,0 +1,239 @@
+"""``mugv preprocess``: real videos -> VAE latents + caption states in resumable shards.
+
+For each video (sorted by path): decode with PyAV, resample to ``fps``, fit to the nearest
+resolution bucket (resize to cover + center-crop), cut clips of every length in
+``num_frames`` (each ``8k+1``), encode them with the VAE (``encode_batch`` clips per call,
+``encode_chunk_frames`` frames per streamed chunk), encode the caption with the text
+encoder, and write one shard per video (see :mod:`mugv.data.shards` for the layout).
+
+Robustness: a file that cannot be opened, fails mid-decode (truncated/corrupt), is shorter
+than the shortest clip length, or has no caption is skipped and listed with the reason in
+the report (``index.json["report"]`` and ``report.json``); it never stops the run. Shards
+are written atomically and the index after each one, so an interrupted run loses at most the
+video in progress, and a rerun skips every video already in the index.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mugv.data.shards import INDEX, NULL_TEXT, atomic_write_json, write_shard
+from mugv.data.video import (
+    VIDEO_EXTENSIONS,
+    VideoDecodeError,
+    clip_starts,
+    decode_video,
+    default_captions_csv,
+    embedded_videos,
+    frames_to_tensor,
+    make_buckets,
+)
+from mugv.train.config import PreprocessConfig
+
+__all__ = ["list_videos", "preprocess", "read_captions"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def list_videos(videos: str | Path | None) -> list[Path]:
+    """Video files to process: ``''``/None = the embedded clips; a file; or a folder's files
+    with a video suffix (:data:`~mugv.data.video.VIDEO_EXTENSIONS`), sorted.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+    """
+    if not videos:
+        return embedded_videos()
+    p = Path(videos)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+    raise FileNotFoundError(f"--videos {videos}: no such file or folder")
+
+
+def read_captions(path: str | Path | None) -> dict[str, str]:
+    """Captions by video file name from a CSV with a header ``video,caption``
+    (``''``/None = the packaged ``mugv/data/captions.csv``). Keys are base names, so the CSV
+    may list ``clip.mp4`` or ``some/dir/clip.mp4``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the header lacks ``video`` or ``caption``, or a caption is empty.
+    """
+    path = Path(path) if path else default_captions_csv()
+    if not path.exists():
+        raise FileNotFoundError(f"--captions {path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected a header with columns 'video' and 'caption', got {reader.fieldnames}")
+        out = {}
+        for line, row in enumerate(reader, start=2):
+            cap = (row["caption"] or "").strip()
+            if not cap:
+                raise ValueError(f"{path}:{line}: empty caption for {row['video']!r}")
+            out[Path(row["video"].strip()).name] = cap
+    return out
+
+
+def _shard_name(src: Path) -> str:
+    digest = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in src.stem)[:40]
+    return f"shard_{stem}_{digest}.safetensors"
+
+
+def _settings(cfg: PreprocessConfig, vae_dir: str) -> dict:
+    return {
+        "vae": vae_dir,
+        "fps": cfg.fps,
+        "base_resolution": cfg.base_resolution,
+        "aspect_ratios": list(cfg.aspect_ratios),
+        "num_frames": list(cfg.num_frames),
+        "clip_stride": cfg.clip_stride,
+        "max_clips_per_video": cfg.max_clips_per_video,
+        "latent_dtype": cfg.latent_dtype,
+    }
+
+
+def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: bool = True) -> dict:
+    """Run the pipeline of the module docstring; returns the report.
+
+    Args:
+        cfg: the :class:`PreprocessConfig` (``cfg.vae`` must name a VAE checkpoint unless
+            ``vae`` is given).
+        vae: an already loaded :class:`~mugv.models.VideoVAE` (skips loading ``cfg.vae``).
+        text_encoder: an already loaded caption encoder (see :func:`mugv.train.vae_trainer.load_text_encoder`).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{"processed": [{"source", "clips", "bucket"}], "skipped": [{"source", "reason"}],
+        "resumed": [sources], "num_clips": N, "seconds": s}``.
+
+    Raises:
+        ValueError: bad options (clip lengths not ``8k+1``, unknown dtype), or an output
+            directory preprocessed with other settings.
+        FileNotFoundError: missing videos/captions/VAE checkpoint.
+    """
+    from mugv.train.vae_trainer import load_text_encoder, load_vae, pick_device
+
+    t_start = time.perf_counter()
+    for n in cfg.num_frames:
+        if n < 1 or (n - 1) % 8:
+            raise ValueError(f"num_frames: every clip length must be 8k+1 (9, 17, 33, ...), got {n}")
+    if cfg.latent_dtype not in _DTYPES:
+        raise ValueError(f"latent_dtype must be one of {sorted(_DTYPES)}, got {cfg.latent_dtype!r}")
+    device = pick_device(cfg.device)
+    if vae is None:
+        if not cfg.vae:
+            raise ValueError("preprocess needs --vae CHECKPOINT (a directory written by `mugv train-vae`)")
+        vae = load_vae(cfg.vae, device)
+    vae_dir = str(Path(cfg.vae).resolve()) if cfg.vae else ""
+    vae.eval()
+    if text_encoder is None:
+        text_encoder = load_text_encoder(device)
+    videos = list_videos(cfg.videos)
+    captions = read_captions(cfg.captions)
+    buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(cfg, vae_dir)
+    index_path = out / INDEX
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        if index.get("settings") != settings:
+            raise ValueError(
+                f"{out} was preprocessed with other settings ({index.get('settings')}); use another --out "
+                "or delete it"
+            )
+    else:
+        index = {
+            "version": 1,
+            "settings": settings,
+            "vae": vae_dir,
+            "latent_channels": vae.config.latent_channels,
+            "text_encoder": text_encoder.name,
+            "text_dim": text_encoder.dim,
+            "shards": [],
+        }
+    if not (out / NULL_TEXT).exists():
+        write_shard(out / NULL_TEXT, {"text": text_encoder.encode([""])[0].float()})
+    done = {s["source"]: s for s in index["shards"] if (out / s["file"]).exists()}
+    index["shards"] = list(done.values())
+    report: dict = {"processed": [], "skipped": [], "resumed": [], "num_clips": 0}
+    dtype = _DTYPES[cfg.latent_dtype]
+    min_len = min(cfg.num_frames)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(videos), desc="preprocess", dynamic_ncols=True)
+    for src in videos:
+        key = str(src.resolve())
+        if bar is not None:
+            bar.set_postfix_str(src.name, refresh=False)
+        if key in done:
+            report["resumed"].append(key)
+            if bar is not None:
+                bar.update(1)
+            continue
+        reason = None
+        caption = captions.get(src.name)
+        if caption is None:
+            reason = "no caption in the captions CSV"
+        else:
+            try:
+                vid = decode_video(src, buckets=buckets, target_fps=cfg.fps)
+            except VideoDecodeError as e:
+                reason = f"unreadable: {e}"
+            else:
+                n = len(vid.frames)
+                if n < min_len:
+                    reason = f"too short: {n} frames at {vid.fps:.2f} fps, the shortest clip needs {min_len}"
+        if reason is not None:
+            report["skipped"].append({"source": key, "reason": reason})
+            if bar is not None:
+                bar.write(f"skipped {src.name}: {reason}")
+                bar.update(1)
+            continue
+        text = text_encoder.encode([caption])[0].float()  # [L, D]
+        tensors: dict[str, torch.Tensor] = {}
+        clips_meta = []
+        for length in cfg.num_frames:
+            starts = clip_starts(len(vid.frames), length, cfg.clip_stride or None, cfg.max_clips_per_video)
+            for b in range(0, len(starts), max(1, cfg.encode_batch)):
+                group = starts[b : b + max(1, cfg.encode_batch)]
+                x = torch.stack([frames_to_tensor(vid.frames[s : s + length]) for s in group]).to(device)
+                with torch.no_grad():
+                    z = vae.encode(x, chunk_frames=None).mode()  # [B, C, L, h, w], normalized
+                for s, zi in zip(group, z):
+                    k = str(len(clips_meta))
+                    tensors[f"{k}.latent"] = zi.to(dtype)
+                    tensors[f"{k}.text"] = text.to(dtype)
+                    clips_meta.append({
+                        "key": k, "latent_shape": list(zi.shape), "num_frames": length,
+                        "height": vid.bucket.height, "width": vid.bucket.width, "fps": vid.fps,
+                        "start_frame": int(s), "caption": caption, "text_len": int(text.shape[0]), "source": key,
+                    })  # fmt: skip
+        file = _shard_name(src)
+        write_shard(out / file, tensors)
+        index["shards"].append({"file": file, "source": key, "clips": clips_meta})
+        index["report"] = report
+        atomic_write_json(index_path, index)
+        report["processed"].append({"source": key, "clips": len(clips_meta), "bucket": vid.bucket.name})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    report["num_clips"] = sum(len(s["clips"]) for s in index["shards"])
+    report["seconds"] = time.perf_counter() - t_start
+    index["report"] = report
+    atomic_write_json(index_path, index)
+    atomic_write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,250 @@
+"""Token-budget packing sampler, balanced across data-parallel ranks.
+
+The MUG-V paper (arXiv 2510.17519, Sec. 4) trains on clips of mixed resolution and length
+packed into sequences of a fixed token budget, with "balanced sampling" so that every
+data-parallel rank gets about the same amount of work per step; the public code does not
+include it. This is our implementation:
+
+1. Each epoch visits every clip exactly once, in an order drawn from ``(seed, epoch)``.
+2. Clips are taken in that order and placed on the least-loaded rank of the current
+   *global step* (``num_replicas`` bins of ``token_budget`` tokens each). When a clip fits
+   on no rank, the step is topped up with the clips among the next ``lookahead`` that
+   still fit, then closed, and a new one starts with that clip.
+3. A closed step is rebalanced with the longest-processing-time rule (clips sorted by
+   size, each to the least-loaded rank) when that keeps every bin within the budget.
+4. Only the last step of an epoch can leave a rank empty; it is then padded with the
+   smallest clips of the epoch (as ``DistributedSampler`` pads), or dropped with
+   ``drop_last=True``.
+
+Every rank computes the same plan from the seed, so no communication is needed, and the
+state (``seed``, ``epoch``, ``step``) is three integers saved with the checkpoint.
+A rank's clips are packed into one sequence with ``cu_seqlens`` by the trainer.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PackedStep", "PackingSampler"]
+
+
+@dataclass(frozen=True)
+class PackedStep:
+    """One global step of the plan.
+
+    Attributes:
+        epoch: epoch index.
+        step: step index within the epoch.
+        per_rank: ``num_replicas`` lists of clip indices (each list packs into one sequence).
+        indices: this rank's clip indices (``per_rank[rank]``).
+        tokens: this rank's token count.
+        global_tokens: token count over all ranks (the loss normalizer).
+    """
+
+    epoch: int
+    step: int
+    per_rank: tuple[tuple[int, ...], ...]
+    indices: tuple[int, ...]
+    tokens: int
+    global_tokens: int
+
+
+class PackingSampler:
+    """Packs clips into per-rank sequences of at most ``token_budget`` tokens.
+
+    Args:
+        num_tokens: tokens of each clip (``len(num_tokens)`` clips), e.g. latent
+            ``T * H/p * W/p`` (+ start/end tokens). Each must be in ``[1, token_budget]``.
+        token_budget: the most tokens one rank processes per step.
+        num_replicas: data-parallel world size (default 1).
+        rank: this rank (``0 <= rank < num_replicas``).
+        seed: seed of the per-epoch clip order; the plan depends on nothing else.
+        shuffle: draw a new order each epoch (False: the index order every epoch).
+        drop_last: drop a final step that would leave a rank empty instead of padding it.
+        lookahead: when the next clip does not fit, the step is first topped up with the
+            fitting clips among the next ``lookahead`` ones (better fill, same coverage).
+
+    Raises:
+        ValueError: empty ``num_tokens``, a clip longer than the budget or shorter than 1,
+            bad ``rank``/``num_replicas``, or fewer clips than ranks.
+
+    Iterating yields :class:`PackedStep` forever (epoch after epoch) from the saved position.
+    """
+
+    def __init__(
+        self,
+        num_tokens: Sequence[int],
+        token_budget: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        lookahead: int = 16,
+    ) -> None:
+        sizes = [int(n) for n in num_tokens]
+        if not sizes:
+            raise ValueError("PackingSampler: num_tokens is empty (no clips)")
+        if token_budget < 1:
+            raise ValueError(f"PackingSampler: token_budget must be >= 1, got {token_budget}")
+        bad = [i for i, n in enumerate(sizes) if n < 1 or n > token_budget]
+        if bad:
+            i = bad[0]
+            raise ValueError(
+                f"PackingSampler: clip {i} has {sizes[i]} tokens, outside [1, token_budget={token_budget}] "
+                f"({len(bad)} such clips); raise the budget or drop long clips"
+            )
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"PackingSampler: expected 0 <= rank < num_replicas, got rank={rank}, {num_replicas=}")
+        if len(sizes) < num_replicas:
+            raise ValueError(f"PackingSampler: {len(sizes)} clips cannot feed {num_replicas} ranks")
+        self.sizes = sizes
+        self.token_budget = int(token_budget)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.lookahead = max(0, int(lookahead))
+        self.epoch = 0
+        self.step = 0  # next step within self.epoch
+        self._plan_cache: tuple[int, list[tuple[tuple[int, ...], ...]]] | None = None
+
+    # -- planning ---------------------------------------------------------------------
+    def order(self, epoch: int) -> list[int]:
+        """The clip visiting order of ``epoch`` (a permutation drawn from ``seed + epoch``)."""
+        if not self.shuffle:
+            return list(range(len(self.sizes)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.sizes), generator=g).tolist()
+
+    def _balance(self, clips: list[int]) -> tuple[tuple[int, ...], ...]:
+        """LPT assignment of ``clips`` to ranks (falls back to the greedy one if it overflows)."""
+        heap = [(0, r) for r in range(self.num_replicas)]
+        bins: list[list[int]] = [[] for _ in range(self.num_replicas)]
+        for c in sorted(clips, key=lambda c: (-self.sizes[c], c)):
+            load, r = heapq.heappop(heap)
+            bins[r].append(c)
+            heapq.heappush(heap, (load + self.sizes[c], r))
+        if max(load for load, _ in heap) > self.token_budget:
+            return ()
+        return tuple(tuple(b) for b in bins)
+
+    def plan(self, epoch: int) -> list[tuple[tuple[int, ...], ...]]:
+        """All steps of ``epoch``: a list of ``num_replicas``-tuples of clip-index tuples."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        r_n, budget = self.num_replicas, self.token_budget
+        steps: list[tuple[tuple[int, ...], ...]] = []
+        bins: list[list[int]] = [[] for _ in range(r_n)]
+        loads = [0] * r_n
+
+        def close() -> None:
+            clips = [c for b in bins for c in b]
+            if clips:
+                steps.append(self._balance(clips) or tuple(tuple(b) for b in bins))
+
+        pending = list(self.order(epoch))
+        pos = 0
+
+        def least() -> int:
+            return min(range(r_n), key=lambda i: (loads[i], i))
+
+        while pos < len(pending):
+            c = pending[pos]
+            r = least()
+            if loads[r] + self.sizes[c] > budget:
+                # Fill the step from the next few clips that still fit, then close it.
+                j = pos + 1
+                while j < min(pos + 1 + self.lookahead, len(pending)):
+                    c2, r2 = pending[j], least()
+                    if loads[r2] + self.sizes[c2] <= budget:
+                        bins[r2].append(c2)
+                        loads[r2] += self.sizes[c2]
+                        pending.pop(j)
+                    else:
+                        j += 1
+                close()
+                bins, loads = [[] for _ in range(r_n)], [0] * r_n
+                r = 0
+            bins[r].append(c)
+            loads[r] += self.sizes[c]
+            pos += 1
+        close()
+        last = steps[-1]
+        if any(len(b) == 0 for b in last):
+            if self.drop_last and len(steps) > 1:
+                steps.pop()
+            else:  # pad the empty ranks with the smallest clips (any epoch order is fine)
+                fill = sorted(range(len(self.sizes)), key=lambda c: (self.sizes[c], c))
+                padded, k = [list(b) for b in last], 0
+                for b in padded:
+                    if not b:
+                        b.append(fill[k % len(fill)])
+                        k += 1
+                steps[-1] = tuple(tuple(b) for b in padded)
+        self._plan_cache = (epoch, steps)
+        return steps
+
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Number of global steps in ``epoch`` (default: the current one)."""
+        return len(self.plan(self.epoch if epoch is None else epoch))
+
+    # -- iteration ------------------------------------------------------------------------
+    def next_step(self) -> PackedStep:
+        """The next global step (advances the position; rolls over to the next epoch)."""
+        plan = self.plan(self.epoch)
+        if self.step >= len(plan):
+            self.epoch, self.step = self.epoch + 1, 0
+            plan = self.plan(self.epoch)
+        per_rank = plan[self.step]
+        out = PackedStep(
+            epoch=self.epoch,
+            step=self.step,
+            per_rank=per_rank,
+            indices=per_rank[self.rank],
+            tokens=sum(self.sizes[c] for c in per_rank[self.rank]),
+            global_tokens=sum(self.sizes[c] for b in per_rank for c in b),
+        )
+        self.step += 1
+        return out
+
+    def __iter__(self) -> Iterator[PackedStep]:
+        while True:
+            yield self.next_step()
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Position and the settings the plan depends on (plain ints/bools)."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "step": self.step,
+            "num_replicas": self.num_replicas,
+            "token_budget": self.token_budget,
+            "num_clips": len(self.sizes),
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: the saved plan settings (world size, budget, clip count, shuffle,
+                drop_last) differ from this sampler's, so the position would mean other clips.
+        """
+        for key in ("num_replicas", "token_budget", "num_clips", "shuffle", "drop_last"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"PackingSampler.load_state_dict: checkpoint has {key}={state[key]}, this run has {mine}; "
+                    "resume with the same data and world size"
+                )
+        self.seed, self.epoch, self.step = int(state["seed"]), int(state["epoch"]), int(state["step"])
+        self._plan_cache = None

@@ -1,0 +1,188 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): sharded, atomic, rotated.
+
+A checkpoint is a directory ``<run>/checkpoints/step_<NNNNNNNN>/`` holding
+
+* the DCP files of ``{"model": ..., "optim": ..., "ema": ...}`` (each rank writes its
+  shards; ``get_state_dict`` gives FSDP2 DTensors, so any world size can load them back),
+* ``extra_rank<R>.pt`` per rank: the step, the sampler state, RNG states and the
+  recorded losses (``torch.save``; small, per-rank because RNG states differ by rank).
+
+It is written to ``step_<N>.tmp`` and renamed by rank 0 after a barrier, so a crash never
+leaves a directory that looks complete; incomplete ``*.tmp`` directories are ignored and
+cleaned up. Only the newest ``keep_last`` checkpoints are kept. On several nodes the run
+directory must be on a shared filesystem (as for any DCP checkpoint).
+
+Without an initialized process group every call works single-process (DCP's no-dist mode).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+__all__ = [
+    "checkpoint_dirs",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_ema_weights",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+_STEP = re.compile(r"^step_(\d{8})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Python, torch CPU, CUDA (if any) and the given generators' states."""
+    out = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    for k, g in (generators or {}).items():
+        out[f"gen.{k}"] = g.get_state()
+    return out
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        if f"gen.{k}" in state:
+            g.set_state(state[f"gen.{k}"])
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ema=None,
+    extra: dict | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Save model, optimizer, EMA (DCP) and ``extra`` (per rank) for ``step``, atomically.
+
+    Collective: every rank must call it. Returns the final checkpoint directory.
+
+    Raises:
+        ValueError: ``keep_last < 1``.
+    """
+    if keep_last < 1:
+        raise ValueError(f"save_checkpoint: keep_last must be >= 1, got {keep_last}")
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({"step": step, **(extra or {})}, tmp / f"extra_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ema=None
+) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into the (sharded) objects.
+
+    Returns this rank's ``extra`` dict (``step``, sampler and RNG states, ...).
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``extra_rank<R>.pt`` for this rank (a checkpoint of
+            a smaller world size: resume with the same number of ranks).
+    """
+    path = Path(path)
+    extra_file = path / f"extra_rank{_rank()}.pt"
+    if not extra_file.exists():
+        raise FileNotFoundError(f"load_checkpoint: {extra_file} missing; resume with the world size of the run")
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    return torch.load(extra_file, weights_only=False)
+
+
+def load_ema_weights(path: str | Path, model: nn.Module, use_ema: bool = True) -> None:
+    """Load the EMA (or raw) weights of a checkpoint into a plain, unsharded ``model``.
+
+    Works in a single process without a process group (DCP reshards to full tensors).
+    Falls back to the raw weights when the checkpoint has no EMA.
+    """
+    path = Path(path)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    has_ema = any(k.startswith("ema.") for k in meta.state_dict_metadata)
+    key = "ema" if use_ema and has_ema else "model"
+    state = {key: {k: v for k, v in sd.items()}}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state[key], strict=True)

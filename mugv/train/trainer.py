@@ -1,0 +1,362 @@
+"""``mugv train``: rectified-flow training of the DiT on preprocessed latent shards.
+
+One step, per rank (the recipe of MUG-V, arXiv 2510.17519 Sec. 4, and its public
+``mug_v`` training code; rectified flow after Liu et al. 2022 / SD3, arXiv 2403.03206):
+
+1. The packing sampler gives this rank's clips for the global step (token budget, balanced).
+2. Per clip (randomness drawn from ``(seed, step, clip index)``, so it does not depend on
+   which rank holds the clip, and a resumed run draws the same numbers):
+   ``t`` ~ shifted logistic-normal, ``eps ~ N(0, I)``, ``x_t = (1 - t) x_0 + t eps``, velocity
+   target ``eps - x_0``; with probability ``i2v_ratio`` the first latent frame stays clean
+   (image-to-video conditioning, ``x_mask``) and is left out of the loss; with probability
+   ``caption_dropout`` the caption becomes the empty caption (for classifier-free guidance).
+3. One packed forward (:meth:`MUGDiT.forward_packed`, ``cu_seqlens``) over the rank's clips.
+4. Loss = sum of squared velocity errors over noised frames / the number of such elements
+   in the *global* batch (all ranks), times the world size because FSDP averages
+   gradients: the gradient equals a single process's on the union of the batches.
+5. Non-finite loss or gradient norm: the step is skipped (no update, counted); after
+   ``max_bad_steps`` in a row the run stops with an error. Otherwise clip, AdamW step with a
+   warmup + cosine learning rate, EMA update.
+
+Parallelism (FSDP2, activation checkpointing, compile) comes from
+:mod:`mugv.train.parallelize`; checkpoints from :mod:`mugv.train.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mugv.data.sampler import PackedStep, PackingSampler
+from mugv.data.shards import LatentDataset
+from mugv.train import checkpoint as ckpt
+from mugv.train.config import TrainConfig, to_dict
+from mugv.train.ema import EMA
+from mugv.train.logging import MetricsLogger, dit_train_flops
+from mugv.train.parallelize import DistInfo, build_model, init_distributed, parallelize_dit, resolve_dtype
+
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "clip_randomness", "lr_at", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient norm."""
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup``
+    steps, then cosine decay to ``min_ratio * lr`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    p = min(1.0, (step - warmup) / span)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _seed_of(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class ClipDraw:
+    """Random choices for one clip at one step (see :func:`clip_randomness`)."""
+
+    t: float
+    noise: torch.Tensor
+    i2v: bool
+    drop_caption: bool
+
+
+def clip_randomness(seed: int, step: int, clip: int, shape: tuple[int, ...], *, shift: float,
+                    i2v_ratio: float, caption_dropout: float) -> ClipDraw:
+    """Draw ``t``, the noise ``[C, T, h, w]``, the I2V flag and caption dropout of one clip.
+
+    ``t = sigmoid(n) `` with ``n ~ N(0, 1)`` (logistic-normal, SD3 Sec. 3.1), then shifted
+    ``t <- s t / (1 + (s - 1) t)`` by ``shift`` (the resolution/length-dependent shift of
+    MUG-V and SD3 Eq. 23), from a generator seeded by ``(seed, step, clip)``.
+    """
+    g = torch.Generator().manual_seed(_seed_of(seed, step, clip))
+    u = torch.rand(3, generator=g)
+    n = torch.randn(1, generator=g).item()
+    t = 1.0 / (1.0 + math.exp(-n))
+    t = shift * t / (1.0 + (shift - 1.0) * t)
+    noise = torch.randn(shape, generator=g)
+    return ClipDraw(t=min(max(t, 1e-5), 1.0 - 1e-5), noise=noise, i2v=bool(u[0] < i2v_ratio) and shape[1] > 1,
+                    drop_caption=bool(u[1] < caption_dropout))
+
+
+def timestep_shift(num_latent_frames: int, height: int, width: int) -> float:
+    """MUG-V's timestep shift ``sqrt(H*W / 512^2) * sqrt(T_latent)`` for pixel size ``H x W``
+    (clamped to >= 1 so small demo clips are not trained mostly near clean latents)."""
+    return max(1.0, math.sqrt(height * width / 512**2) * math.sqrt(num_latent_frames))
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: the per-step losses (``None`` for skipped steps) of the whole run
+    (resumed runs include the earlier part), the step reached, and where things are."""
+
+    losses: list[float | None] = field(default_factory=list)
+    step: int = 0
+    skipped: int = 0
+    run_dir: str = ""
+    checkpoint: str | None = None
+    wall_s: float = 0.0
+
+
+class Trainer:
+    """State of a DiT training run; :meth:`fit` runs it (see the module docstring).
+
+    Args:
+        cfg: a :class:`TrainConfig`.
+        dist_info: the process's rank/world/device (default: :func:`init_distributed`).
+
+    Raises:
+        FileNotFoundError: no preprocessed data at ``cfg.data``.
+        ValueError: inconsistent options (e.g. ``fsdp="on"`` on one process, bad dtypes, a
+            text width the flavor cannot take is fixed by overriding ``text_dim`` from the data).
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
+        from mugv.models import DiTConfig, MUGDiT
+
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.device)
+        dev = self.dist.device
+        if cfg.threads > 0 and dev.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        self.data = LatentDataset(cfg.data)
+        overrides = {"in_channels": self.data.latent_channels, "text_dim": self.data.text_dim}
+        for k in ("depth", "hidden_size", "num_heads"):
+            if getattr(cfg, k):
+                overrides[k] = getattr(cfg, k)
+        self.dit_cfg = DiTConfig.from_flavor(cfg.flavor, **overrides)
+        if cfg.fsdp not in ("auto", "on", "off"):
+            raise ValueError(f"fsdp must be auto | on | off, got {cfg.fsdp!r}")
+        self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and self.dist.world_size > 1)
+        if self.dist.world_size > 1 and not self.use_fsdp:
+            raise ValueError("fsdp='off' with several ranks: every rank would train its own copy; use fsdp='auto'")
+        if cfg.kernels not in ("auto", "on", "off"):
+            raise ValueError(f"kernels must be auto | on | off, got {cfg.kernels!r}")
+        kernels = cfg.kernels == "on" or (cfg.kernels == "auto" and dev.type == "cuda")
+        self.param_dtype = resolve_dtype(cfg.param_dtype, dev)
+        reduce_dtype = resolve_dtype(cfg.reduce_dtype, dev)
+        if self.use_fsdp and not dist.is_initialized():
+            raise ValueError("fsdp='on' needs a process group: launch with torchrun")
+        dcfg = self.dit_cfg
+
+        def factory():
+            return MUGDiT(dcfg, kernels=kernels)
+
+        def par(m):
+            return parallelize_dit(
+                m, fsdp=self.use_fsdp, param_dtype=self.param_dtype, reduce_dtype=reduce_dtype,
+                activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+            )
+
+        with torch.device("meta"):
+            n_params = factory().num_params()
+        # Small models are initialized in full on every rank (identical to a single process);
+        # big ones shard first and initialize their shards (never materialized whole).
+        self.model = build_model(factory, device=dev, on_meta=n_params > 2e9, seed=cfg.seed, parallelize=par)
+        self.autocast = (not self.use_fsdp) and self.param_dtype != torch.float32
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+            foreach=True,
+        )
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        p = dcfg.patch_size
+        self.clip_tokens = [
+            math.ceil(s[1] / p[0]) * math.ceil(s[2] / p[1]) * math.ceil(s[3] / p[2]) + 2
+            for s in (self.data.latent_shape(i) for i in range(len(self.data)))
+        ]
+        self.sampler = PackingSampler(
+            self.clip_tokens, cfg.token_budget, num_replicas=self.dist.world_size, rank=self.dist.rank, seed=cfg.seed
+        )
+        self.null_text = self.data.null_text()
+        self.step = 0
+        self.losses: list[float | None] = []
+        self.bad_in_row = 0
+        self.skipped = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # reserved for future draws; checkpointed
+        self.run_dir = Path(cfg.out)
+        self.matmul_params = sum(
+            m.weight.numel() for n, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "blocks" in n and "kv_linear" not in n
+        )
+
+    # ------------------------------------------------------------------------------------
+    def _batch(self, indices: tuple[int, ...], step: int):
+        """Inputs of this rank for ``step``: packed lists for ``forward_packed``."""
+        dev, cfg = self.dist.device, self.cfg
+        lat, xt, tgt, masks, texts, ts, fpss, n_tok_text = [], [], [], [], [], [], [], []
+        for i in indices:
+            clip = self.data[i]
+            x0 = clip.latent
+            C, T, h, w = x0.shape
+            shift = timestep_shift(T, clip.meta["height"], clip.meta["width"])
+            d = clip_randomness(cfg.seed, step, i, tuple(x0.shape), shift=shift, i2v_ratio=cfg.i2v_ratio,
+                                caption_dropout=cfg.caption_dropout)
+            x_t = (1.0 - d.t) * x0 + d.t * d.noise
+            mask = torch.ones(T, dtype=torch.bool)
+            if d.i2v:
+                x_t[:, 0] = x0[:, 0]
+                mask[0] = False
+            lat.append(x_t.to(dev))
+            tgt.append((d.noise - x0).to(dev))
+            masks.append(mask.to(dev))
+            text = self.null_text if d.drop_caption else clip.text
+            texts.append(text.to(dev))
+            n_tok_text.append(text.shape[0])
+            ts.append(d.t * 1000.0)
+            fpss.append(float(clip.meta["fps"]))
+        return lat, tgt, masks, texts, torch.tensor(ts, device=dev), torch.tensor(fpss, device=dev), n_tok_text
+
+    def train_step(self, indices: tuple[int, ...]) -> float | None:
+        """One optimizer step on this rank's clips ``indices`` (collective under FSDP).
+
+        Returns the global mean loss, or None when the step was skipped (non-finite)."""
+        cfg, step = self.cfg, self.step
+        lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        lat, tgt, masks, texts, ts, fps, n_text = self._batch(indices, step)
+        with torch.autocast(self.dist.device.type, dtype=self.param_dtype, enabled=self.autocast):
+            out = self.model.forward_packed(lat, ts, texts, fps=fps, x_mask=masks)
+        C = self.dit_cfg.in_channels
+        sq = torch.zeros((), device=self.dist.device)
+        count = torch.zeros((), device=self.dist.device)
+        for o, y, m in zip(out, tgt, masks):
+            err = (o[:C].float() - y).pow(2)[:, m]  # noised frames only: [C, T_noised, h, w]
+            sq = sq + err.sum()
+            count = count + err.numel()
+        stats = torch.stack([sq.detach(), count])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        total = stats[1].clamp_min(1.0)
+        loss = sq / total * self.dist.world_size
+        mean_loss = (stats[0] / total).item()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = None
+        ok = math.isfinite(mean_loss)
+        if ok:
+            loss.backward()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            grad_norm = gn.item()
+            ok = math.isfinite(grad_norm)
+        self._last = dict(lr=lr, grad_norm=grad_norm, text_tokens=n_text, tokens=[self.clip_tokens[i] for i in indices])
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_row += 1
+            self.skipped += 1
+            self.step += 1
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_in_row} consecutive steps with a non-finite loss or gradient (last at step {step}, "
+                    f"loss={mean_loss}, grad_norm={grad_norm}); lower the learning rate or check the data"
+                )
+            return None
+        self.bad_in_row = 0
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+        self.step += 1
+        return mean_loss
+
+    # ------------------------------------------------------------------------------------
+    def state_extra(self) -> dict:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state({"train": self.gen}),
+            "losses": list(self.losses),
+            "bad_in_row": self.bad_in_row,
+            "skipped": self.skipped,
+        }
+
+    def save(self) -> Path:
+        """Checkpoint the run at the current step (collective)."""
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ema,
+                                    self.state_extra(), keep_last=self.cfg.keep_last)
+
+    def resume(self) -> Path | None:
+        """Load the newest checkpoint of the run directory, if any."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema)
+        self.step = int(extra["step"])
+        self.sampler.load_state_dict(extra["sampler"])
+        ckpt.set_rng_state(extra["rng"], {"train": self.gen})
+        self.losses = list(extra["losses"])
+        self.bad_in_row = int(extra["bad_in_row"])
+        self.skipped = int(extra["skipped"])
+        return path
+
+    def write_run_config(self) -> None:
+        """``<out>/config.json``: what ``mugv generate`` needs to rebuild the model."""
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        info = {
+            "train": to_dict(self.cfg),
+            "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.dit_cfg).items()},
+            "data": str(Path(self.cfg.data).resolve()),
+            "vae": self.data.index.get("vae"),
+            "text_encoder": self.data.index.get("text_encoder"),
+            "fps": self.data[0].meta["fps"],
+        }
+        (self.run_dir / "config.json").write_text(json.dumps(info, indent=1))
+
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to ``cfg.steps`` (resuming if asked), checkpointing on the way and at the end.
+
+        Args:
+            stop_after: stop (with a checkpoint) after this many steps of *this* call, as if
+                the job were interrupted (used by tests and time-boxed runs).
+        """
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.write_run_config()
+        if cfg.resume:
+            self.resume()
+        log = MetricsLogger(
+            self.run_dir, cfg.steps, start_step=self.step, enabled=self.dist.is_main, tensorboard=cfg.tensorboard,
+            progress=cfg.progress, log_every=cfg.log_every, name="train", device=self.dist.device,
+            world_size=self.dist.world_size,
+        )
+        done = 0
+        last_ckpt = None
+        try:
+            while self.step < cfg.steps and (stop_after is None or done < stop_after):
+                plan: PackedStep = self.sampler.next_step()
+                loss = self.train_step(plan.indices)
+                self.losses.append(loss)
+                done += 1
+                info = self._last
+                flops = dit_train_flops(self.matmul_params, self.dit_cfg.depth, self.dit_cfg.hidden_size,
+                                        info["tokens"], info["text_tokens"]) * self.dist.world_size
+                log.step(self.step, float("nan") if loss is None else loss, lr=info["lr"],
+                         grad_norm=info["grad_norm"], tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    last_ckpt = self.save()
+            last_ckpt = self.save()
+        finally:
+            log.close()
+        return TrainResult(list(self.losses), self.step, self.skipped, str(self.run_dir), str(last_ckpt),
+                           time.perf_counter() - t0)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
+    """Build a :class:`Trainer` for ``cfg`` and run it (``mugv train``)."""
+    return Trainer(cfg).fit(stop_after=stop_after)

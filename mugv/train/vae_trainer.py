@@ -1,0 +1,226 @@
+"""``mugv train-vae``: the video VAE trained from scratch on decoded clips, plus the
+loaders shared by the stages (:func:`load_vae`, :func:`load_text_encoder`, :func:`pick_device`).
+
+No pretrained video VAE can be downloaded here, so the ``compact`` causal VAE
+(:class:`mugv.models.VideoVAE`) is trained on the clips themselves with the usual
+autoencoder objective of the LDM family (Rombach et al., arXiv 2112.10752, Sec. 3):
+``mse_weight * MSE + l1_weight * L1`` of the reconstruction plus ``kl_weight`` times the
+KL of the posterior to ``N(0, I)`` (mean over latent elements). Batches are random
+``num_frames``-frame windows of random ``crop x crop`` squares (random horizontal flips)
+of the bucketed clips. At the end the per-channel latent mean/std over center crops
+are measured and stored in the VAE config, so ``encode`` returns normalized latents for
+the DiT and ``decode`` undoes it.
+
+Output directory: ``vae.safetensors`` (weights), ``config.json`` (``{"vae": VAEConfig,
+"train": VAETrainConfig, "losses": [...]}``), ``train_vae.jsonl`` and ``tb/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mugv.train.config import VAETrainConfig, to_dict
+
+__all__ = ["VAETrainResult", "load_text_encoder", "load_vae", "pick_device", "save_vae", "train_vae"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        ValueError: an unknown name or ``cuda`` without a GPU.
+    """
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto | cpu | cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def save_vae(vae, out: str | Path, extra: dict | None = None) -> Path:
+    """Write ``vae.safetensors`` + ``config.json`` to ``out`` (atomically, file by file)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    save_file(sd, str(out / "vae.safetensors.tmp"))
+    os.replace(out / "vae.safetensors.tmp", out / "vae.safetensors")
+    (out / "config.json.tmp").write_text(json.dumps({"vae": vae.config.to_dict(), **(extra or {})}, indent=1))
+    os.replace(out / "config.json.tmp", out / "config.json")
+    return out
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu", kernels: bool | None = None):
+    """Load a VAE written by :func:`save_vae` / ``mugv train-vae``.
+
+    Args:
+        path: the checkpoint directory.
+        device: where to put it.
+        kernels: use the fused ops (default: on CUDA only).
+
+    Raises:
+        FileNotFoundError: ``path`` lacks ``config.json`` or ``vae.safetensors``.
+    """
+    from safetensors.torch import load_file
+
+    from mugv.models.vae import VAEConfig, VideoVAE
+
+    path = Path(path)
+    for f in ("config.json", "vae.safetensors"):
+        if not (path / f).exists():
+            raise FileNotFoundError(f"VAE checkpoint {path}: {f} missing (write one with `mugv train-vae`)")
+    cfg = json.loads((path / "config.json").read_text())["vae"]
+    device = torch.device(device)
+    vae = VideoVAE(VAEConfig(**cfg), kernels=device.type == "cuda" if kernels is None else kernels)
+    vae.load_state_dict(load_file(str(path / "vae.safetensors")), strict=True)
+    return vae.to(device).eval()
+
+
+def load_text_encoder(device: torch.device | str = "cpu"):
+    """The offline caption encoder (all-MiniLM-L6-v2 token states, :mod:`mugv.text`).
+
+    Returns an object with ``name`` (str), ``dim`` (int, 384) and
+    ``encode(list[str]) -> list[float32 [L_i, dim]]`` (padding stripped).
+    """
+    from mugv.text import load_default_text_encoder  # type: ignore[attr-defined]
+
+    return load_default_text_encoder(device)
+
+
+@dataclass
+class VAETrainResult:
+    losses: list[float] = field(default_factory=list)
+    out: str = ""
+    wall_s: float = 0.0
+
+
+class _ClipBank:
+    """Decoded, bucketed videos in memory; draws random training windows."""
+
+    def __init__(self, cfg: VAETrainConfig) -> None:
+        from mugv.data.preprocess import list_videos
+        from mugv.data.video import VideoDecodeError, decode_video, make_buckets
+
+        buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
+        self.videos: list[np.ndarray] = []
+        self.skipped: list[tuple[str, str]] = []
+        for p in list_videos(cfg.videos):
+            try:
+                v = decode_video(p, buckets=buckets, target_fps=cfg.fps)
+            except VideoDecodeError as e:
+                self.skipped.append((str(p), str(e)))
+                continue
+            if len(v.frames) < cfg.num_frames:
+                self.skipped.append((str(p), f"too short ({len(v.frames)} frames)"))
+                continue
+            self.videos.append(v.frames)
+        if not self.videos:
+            raise ValueError(f"train-vae: no usable video (skipped: {self.skipped})")
+        side = min(min(v.shape[1], v.shape[2]) for v in self.videos)
+        self.crop = min(cfg.crop, side) // 8 * 8 if cfg.crop > 0 else 0
+        if cfg.crop == 0 and len({v.shape[1:3] for v in self.videos}) > 1:
+            self.crop = side // 8 * 8  # different buckets cannot share a batch uncropped
+        self.T = cfg.num_frames
+        w = np.array([len(v) - self.T + 1 for v in self.videos], dtype=np.float64)
+        self.weights = w / w.sum()
+
+    def batch(self, n: int, g: np.random.Generator) -> torch.Tensor:
+        """``float32 [n, 3, T, crop, crop]`` in [-1, 1]."""
+        from mugv.data.video import frames_to_tensor
+
+        out = []
+        for _ in range(n):
+            v = self.videos[g.choice(len(self.videos), p=self.weights)]
+            s = g.integers(0, len(v) - self.T + 1)
+            clip = v[s : s + self.T]
+            if self.crop:
+                y = g.integers(0, clip.shape[1] - self.crop + 1)
+                x = g.integers(0, clip.shape[2] - self.crop + 1)
+                clip = clip[:, y : y + self.crop, x : x + self.crop]
+            if g.random() < 0.5:
+                clip = clip[:, :, ::-1]
+            out.append(frames_to_tensor(np.ascontiguousarray(clip)))
+        return torch.stack(out)
+
+    def eval_clips(self) -> list[torch.Tensor]:
+        """Center windows of every video, ``[1, 3, T, H, W]`` each (for latent statistics)."""
+        from mugv.data.video import frames_to_tensor
+
+        out = []
+        for v in self.videos:
+            for s in range(0, len(v) - self.T + 1, self.T):
+                out.append(frames_to_tensor(v[s : s + self.T])[None])
+        return out
+
+
+def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
+    """Train the VAE of ``cfg.preset`` from scratch (see the module docstring).
+
+    Raises:
+        ValueError: ``num_frames`` not ``8k+1``, no usable video, bad options.
+    """
+    from mugv.models.vae import VAEConfig, VideoVAE
+    from mugv.train.logging import MetricsLogger
+    from mugv.train.trainer import lr_at
+
+    if cfg.num_frames < 1 or (cfg.num_frames - 1) % 8:
+        raise ValueError(f"num_frames must be 8k+1, got {cfg.num_frames}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
+    t0 = time.perf_counter()
+    device = pick_device(cfg.device)
+    if cfg.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    bank = _ClipBank(cfg)
+    vae = VideoVAE(VAEConfig.from_preset(cfg.preset), kernels=device.type == "cuda").to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = np.random.default_rng(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    log = MetricsLogger(out, cfg.steps, tensorboard=cfg.tensorboard, log_every=cfg.log_every, name="train_vae",
+                        device=device)
+    losses: list[float] = []
+    try:
+        for step in range(cfg.steps):
+            lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            x = bank.batch(cfg.batch_size, g).to(device)
+            rec, post, _ = vae(x, sample_posterior=True, generator=gen)
+            diff = rec.float() - x
+            mse, l1 = diff.pow(2).mean(), diff.abs().mean()
+            kl = post.kl().sum() / post.mean.numel()
+            loss = cfg.mse_weight * mse + cfg.l1_weight * l1 + cfg.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not (torch.isfinite(loss) and torch.isfinite(gn)):
+                raise FloatingPointError(f"train-vae: non-finite loss/grad at step {step}; lower --lr")
+            opt.step()
+            losses.append(loss.item())
+            log.step(step + 1, losses[-1], lr=lr, grad_norm=gn.item(), tokens=x[:, 0].numel(),
+                     mse=mse.item(), l1=l1.item(), kl=kl.item())
+        # latent statistics over deterministic center windows -> normalization in the config
+        vae.eval()
+        with torch.no_grad():
+            zs = [vae.encode(c.to(device), normalize=False).mean.float() for c in bank.eval_clips()]
+        flat = torch.cat([z.transpose(0, 1).reshape(z.shape[1], -1) for z in zs], dim=1)  # [C, N]
+        mean, std = flat.mean(1), flat.std(1).clamp_min(1e-4)
+        trained = VideoVAE(VAEConfig(**{**vae.config.to_dict(), "latent_mean": mean.tolist(),
+                                        "latent_std": std.tolist()}))
+        trained.load_state_dict(vae.state_dict())
+        save_vae(trained, out, {"train": to_dict(cfg), "losses": losses, "skipped": bank.skipped})
+    finally:
+        log.close()
+    return VAETrainResult(losses, str(out), time.perf_counter() - t0)
