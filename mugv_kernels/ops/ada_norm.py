@@ -124,7 +124,7 @@ def _adaln_bwd_kernel(
     DX, DRES, DGATE_P, DSHIFT_P, DSCALE_P, DW_P, DB_P,
     N, C, G, n_chunks, rows_per_chunk,
     stride_xb, stride_xn, stride_rb, stride_rn,
-    stride_dob, stride_don, stride_drb, stride_drn,
+    stride_dob, stride_don, stride_doc, stride_drb, stride_drn, stride_drc,
     stride_gb, stride_gg, stride_scb, stride_scg, stride_ib, stride_in,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_W: tl.constexpr,
@@ -176,7 +176,8 @@ def _adaln_bwd_kernel(
                 xhat = r * rstd
             else:
                 xhat = tl.where(mask, (r - tl.load(MEAN + row)) * rstd, 0.0)
-            dout = tl.load(DOUT + b * stride_dob + n * stride_don + cols, mask=mask, other=0.0)
+            # upstream grads keep their strides (e.g. expanded ones from a .sum(): stride 0)
+            dout = tl.load(DOUT + b * stride_dob + n * stride_don + cols * stride_doc, mask=mask, other=0.0)
             dout = dout.to(tl.float32)
             if HAS_SHIFT:
                 acc_shift += dout
@@ -204,7 +205,8 @@ def _adaln_bwd_kernel(
                 c2 = tl.sum(dxhat, axis=0) / C
                 dr = (dxhat - xhat * c1 - c2) * rstd
         if HAS_DR:
-            dr += tl.load(DR + b * stride_drb + n * stride_drn + cols, mask=mask, other=0.0).to(tl.float32)
+            dr_up = tl.load(DR + b * stride_drb + n * stride_drn + cols * stride_drc, mask=mask, other=0.0)
+            dr += dr_up.to(tl.float32)
         if HAS_RES:
             tl.store(DRES + row * C + cols, dr.to(DRES.dtype.element_ty), mask=mask)
             if HAS_GATE:
@@ -338,7 +340,7 @@ def _adaln_bwd_launch(dr, dout, x, residual, gate, shift, scale, index, weight, 
             db_p if bias is not None else x,
             N, C, G, n_chunks, rows_per_chunk,
             x.stride(0), x.stride(1), norm_in.stride(0), norm_in.stride(1),
-            *(_strides2(dout) if has_dout else (0, 0)), *(_strides2(dr) if has_dr else (0, 0)),
+            *(dout.stride() if has_dout else (0, 0, 0)), *(dr.stride() if has_dr else (0, 0, 0)),
             *_strides2(gate3), *_strides2(scale3), *_strides2(index),
             HAS_RES=residual is not None, HAS_GATE=gate is not None,
             HAS_SHIFT=has_dout and shift is not None, HAS_SCALE=has_dout and scale is not None,

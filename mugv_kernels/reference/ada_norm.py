@@ -21,6 +21,11 @@ import torch
 from torch import Tensor
 
 
+def _acc(t: Tensor) -> Tensor:
+    """Compute dtype: fp32 for fp32/bf16/fp16 inputs, fp64 stays fp64 (for gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def select_modulation(m: Tensor | None, index: Tensor | None, n_tokens: int) -> Tensor | None:
     """Per-token view of a modulation tensor, in fp32.
 
@@ -34,7 +39,7 @@ def select_modulation(m: Tensor | None, index: Tensor | None, n_tokens: int) -> 
     """
     if m is None:
         return None
-    m = m.float()
+    m = _acc(m)
     if m.dim() == 2:
         return m[:, None, :]
     if index is None:
@@ -45,9 +50,9 @@ def select_modulation(m: Tensor | None, index: Tensor | None, n_tokens: int) -> 
 
 def _normalize(r: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 ``(xhat, mean, rstd)`` of ``r`` over its last dimension."""
-    r = r.float()
+    r = _acc(r)
     if rms:
-        mean = torch.zeros(r.shape[:-1], dtype=torch.float32, device=r.device)
+        mean = torch.zeros(r.shape[:-1], dtype=r.dtype, device=r.device)
         var = r.square().mean(-1)
         xhat_c = r
     else:
@@ -91,8 +96,8 @@ def ada_norm_chain(
     n_tok = x.shape[1]
     if residual is not None:
         g = select_modulation(gate, index, n_tok)
-        branch = x.float() if g is None else x.float() * g
-        r = (residual.float() + branch).to(residual.dtype)
+        branch = _acc(x) if g is None else _acc(x) * g
+        r = (_acc(residual) + branch).to(residual.dtype)
     else:
         r = x
     if not do_norm:
@@ -100,9 +105,9 @@ def ada_norm_chain(
     xhat, _, _ = _normalize(r, eps, rms)
     n = xhat
     if weight is not None:
-        n = n * weight.float()
+        n = n * _acc(weight)
     if bias is not None:
-        n = n + bias.float()
+        n = n + _acc(bias)
     sc = select_modulation(scale, index, n_tok)
     sh = select_modulation(shift, index, n_tok)
     if sc is not None:
@@ -135,7 +140,7 @@ def _reduce_mod(per_token: Tensor, m: Tensor, index: Tensor | None) -> Tensor:
     if m.dim() == 2:
         return per_token.sum(1).to(m.dtype)
     B, G, C = m.shape
-    out = torch.zeros(B, G, C, dtype=torch.float32, device=per_token.device)
+    out = torch.zeros(B, G, C, dtype=per_token.dtype, device=per_token.device)
     idx = (
         torch.zeros(per_token.shape[:2], dtype=torch.long, device=per_token.device)
         if index is None
@@ -153,21 +158,23 @@ def adaln_bwd_ref(dr, dout, x, residual, gate, shift, scale, index, weight, bias
     """
     B, N, C = x.shape
     has_res = residual is not None
-    norm_in = (r if has_res else x).float()
-    dr_total = torch.zeros(B, N, C, dtype=torch.float32, device=x.device)
-    empty = x.new_empty(0)
-    dshift = dscale = dweight = dbias = empty
+    norm_in = _acc(r if has_res else x)
+    dr_total = torch.zeros(B, N, C, dtype=norm_in.dtype, device=x.device)
+    def empty() -> Tensor:  # a fresh one each time: op outputs may not alias
+        return x.new_empty(0)
+
+    dshift, dscale, dweight, dbias = empty(), empty(), empty(), empty()
     if do_norm and dout is not None and dout.numel() > 0:
-        dout = dout.float()
+        dout = _acc(dout)
         if rms:
             xhat = norm_in * rstd[..., None]
         else:
             xhat = (norm_in - mean[..., None]) * rstd[..., None]
         n = xhat
         if weight is not None:
-            n = n * weight.float()
+            n = n * _acc(weight)
         if bias is not None:
-            n = n + bias.float()
+            n = n + _acc(bias)
         if shift is not None:
             dshift = _reduce_mod(dout, shift, index)
         dn = dout
@@ -179,7 +186,7 @@ def adaln_bwd_ref(dr, dout, x, residual, gate, shift, scale, index, weight, bias
         dxhat = dn
         if weight is not None:
             dweight = (dn * xhat).sum((0, 1)).to(weight.dtype)
-            dxhat = dn * weight.float()
+            dxhat = dn * _acc(weight)
         c1 = (dxhat * xhat).mean(-1, keepdim=True)
         if rms:
             dr_total = (dxhat - xhat * c1) * rstd[..., None]
@@ -188,19 +195,19 @@ def adaln_bwd_ref(dr, dout, x, residual, gate, shift, scale, index, weight, bias
             dr_total = (dxhat - xhat * c1 - c2) * rstd[..., None]
     elif do_norm:  # no gradient reaches the norm output: its parameters get zeros
         dshift, dscale, dweight, dbias = (
-            torch.zeros_like(t) if t is not None else empty for t in (shift, scale, weight, bias)
+            torch.zeros_like(t) if t is not None else empty() for t in (shift, scale, weight, bias)
         )
     if has_res and dr is not None and dr.numel() > 0:
-        dr_total = dr_total + dr.float()
-    dgate = empty
+        dr_total = dr_total + _acc(dr)
+    dgate = empty()
     if has_res:
         dresidual = dr_total.to(residual.dtype)
         if gate is not None:
             dx = (dr_total * select_modulation(gate, index, N)).to(x.dtype)
-            dgate = _reduce_mod(dr_total * x.float(), gate, index)
-        else:
-            dx = dr_total.to(x.dtype)
+            dgate = _reduce_mod(dr_total * _acc(x), gate, index)
+        else:  # dx equals dresidual: a separate tensor (op outputs may not alias)
+            dx = dr_total.to(x.dtype, copy=True)
     else:
-        dresidual = empty
+        dresidual = empty()
         dx = dr_total.to(x.dtype)
     return dx, dresidual, dgate, dshift, dscale, dweight, dbias
