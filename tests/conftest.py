@@ -1,22 +1,11 @@
-"""Test setup: run the real Triton kernels on the CPU through Triton's interpreter.
+"""Test helpers: per-dtype tolerances and comparison rules.
 
-``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is created, so it is
-set here, before ``mugv_kernels`` is imported by any test module.
+The environment (``TRITON_INTERPRET=1`` without a GPU, a per-run Inductor cache) is set
+by the repository's root ``conftest.py``, before anything imports ``mugv_kernels``.
 """
 
-import os
-import tempfile
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mugv-inductor-"))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-# Silence the interpreter's numpy deprecation noise (triton 3.6 with numpy >= 1.25).
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0", category=DeprecationWarning)
+import pytest
+import torch
 
 # Per-dtype tolerances against an fp32 reference. bf16/fp16 outputs are one rounding of
 # an fp32 result (the interpreter truncates instead of rounding: up to 1 ulp).

@@ -312,6 +312,23 @@ def test_large_index_math_is_int64():
     assert B * N * C > 2**31
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("C", [1152, 3456])
+def test_cuda_kernels_match_reference(C):
+    """The compiled kernels on a GPU, at the model widths, bf16, T2V and I2V."""
+    B, N, G = 2, 257, 2
+    x, res, gate, shift, scale, index = (
+        t.cuda() if t is not None else None for t in _inputs(B, N, C, G, torch.bfloat16)
+    )
+    _check(
+        lambda res, x, g, sh, sc: mk.gated_residual_ada_layer_norm(res, x, g, sh, sc, index=index),
+        lambda res, x, g, sh, sc: ada_norm_chain(x, res, g, sh, sc, index),
+        (res, x, gate, shift, scale),
+        torch.bfloat16,
+    )
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
