@@ -9,15 +9,19 @@ in :mod:`mugv_kernels.nn`.
 from mugv_kernels.ops.ada_norm import ada_layer_norm, gated_residual, gated_residual_ada_layer_norm
 from mugv_kernels.ops.attention import varlen_attention, varlen_attention_backends
 from mugv_kernels.ops.packing import pack, unpack
+from mugv_kernels.ops.rope import qk_norm_rope3d, rope3d, video_positions
 
 __all__ = [
     "ada_layer_norm",
     "gated_residual",
     "gated_residual_ada_layer_norm",
     "pack",
+    "qk_norm_rope3d",
+    "rope3d",
     "unpack",
     "varlen_attention",
     "varlen_attention_backends",
+    "video_positions",
 ]
 
 __version__ = "0.1.0"

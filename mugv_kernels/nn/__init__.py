@@ -10,3 +10,7 @@ __all__ = [
     "VarlenCrossAttention",
     "VarlenSelfAttention",
 ]
+
+from mugv_kernels.nn.rope import QKNormRoPE3D  # noqa: E402
+
+__all__ += ["QKNormRoPE3D"]

@@ -12,3 +12,13 @@ from mugv_kernels.reference.attention import attention_ref, varlen_attention_ref
 
 __all__ = ["ada_norm_chain", "adaln_bwd_ref", "adaln_fwd_ref", "select_modulation"]
 __all__ += ["attention_ref", "varlen_attention_ref"]
+
+from mugv_kernels.reference.rope import (  # noqa: E402
+    qk_norm_rope3d_ref,
+    rope3d_bwd_ref,
+    rope3d_fwd_ref,
+    rope_tables,
+    video_positions_ref,
+)
+
+__all__ += ["qk_norm_rope3d_ref", "rope3d_bwd_ref", "rope3d_fwd_ref", "rope_tables", "video_positions_ref"]

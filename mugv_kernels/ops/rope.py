@@ -1,0 +1,777 @@
+"""QK-RMSNorm + 3D RoPE family: per-head RMSNorm of Q and K and a 3D rotary embedding, fused.
+
+Before every self-attention MUG-V (arXiv 2510.17519; public code ``mug_v/dit/module.py``,
+``Attention.forward``: ``q_norm``/``k_norm`` then ``apply_rotary_emb`` with the table of
+``MUGDiT.get_freq_cis``) normalizes each head of Q and K over ``head_dim`` and rotates it
+by a 3D RoPE whose three sections follow the (h, w, t) position of the token. The public
+code runs this in fp32 through complex numbers over a materialized ``[B, N, 36]`` complex
+table: several full passes over Q and K. Here one kernel reads Q and K once, computes the
+angles from the integer positions in registers and writes both outputs; the backward
+recomputes the RMS statistics from Q and K (no saved activations beyond the inputs) and
+reduces the norm-weight gradients through deterministic per-program fp32 partials.
+
+Math (reference: :mod:`mugv_kernels.reference.rope`), for one head row ``x [D]``::
+
+    xn        = x * rstd * w,   rstd = rsqrt(mean(x**2) + eps)       (fp32; skipped without w)
+    y[e]      = xn[e] * cos(a_e) + sgn_e * xn[p(e)] * sin(a_e)
+    a_e       = pos[col(e)] * theta ** (-2 j(e) / sections[col(e)])
+
+where ``p(e)`` is the element ``e`` is paired with (``e ^ 1`` interleaved, ``e +- d/2``
+rotate-half; ``e`` itself past ``sum(sections)``), ``sgn`` is -1 for the first element of
+a pair and +1 for the second. Backward (the rotation is orthogonal: its transpose turns
+by ``-a``)::
+
+    dxn[e] = dy[e] * cos(a_e) - sgn_e * dy[p(e)] * sin(a_e)
+    dw    += dxn * xhat                     xhat = x * rstd
+    dx     = rstd * (dxn * w - xhat * mean(dxn * w * xhat))
+
+Non-power-of-two head dims (MUG-V: D = 72). A program holds a ``[BLOCK_H, BLOCK_D]`` tile
+of heads x dims with ``BLOCK_D = next_power_of_2(D)`` (128 for D = 72) and masks the lanes
+``e >= D``. Masked lanes issue no memory requests, so HBM traffic is exactly the useful
+bytes; what they cost is issue slots and registers: at D = 72, 56 of 128 lanes (44%) do
+no useful arithmetic, which is affordable because the kernel does a few FLOPs per byte
+(memory-bound), and the tile is sized so that the useful bytes in flight per SM stay
+high (``BLOCK_H = 512 // BLOCK_D`` heads per step, see :func:`launch_config`). The partner element ``x[p(e)]`` is
+read by a second load of the same row (an L1/L2 hit, no extra HBM traffic), which works
+for both pair layouts and for any section split, instead of a register shuffle.
+
+Layout (top to bottom): Triton kernels, launch helpers, the registered ops
+``mugv::qk_norm_rope3d_fwd`` / ``mugv::qk_norm_rope3d_bwd`` with their autograd, the
+public functions, the AOT cases.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mugv_kernels._registry import launch, mugv_op, register_aot_cases, use_triton
+from mugv_kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, last_dim_contiguous
+from mugv_kernels.reference.rope import rope3d_bwd_ref, rope3d_fwd_ref
+
+__all__ = ["MAX_D", "MAX_POSITION", "qk_norm_rope3d", "rope3d", "video_positions"]
+
+MAX_D = 1024
+"""Largest head dimension (one head row of ``next_power_of_2(D)`` lanes per tile row)."""
+
+MAX_POSITION = 1 << 24
+"""Positions must lie in ``[0, 2**24)``: the kernel converts them to fp32 exactly."""
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+#
+# A program works on [BLOCK_T, BLOCK_H, BLOCK_D] tiles: BLOCK_T tokens x BLOCK_H heads x
+# the (padded) head dim. The per-element tables (partner, sign, frequency, position
+# column) are built once per program, cos/sin once per token block ([BLOCK_T, BLOCK_D],
+# shared by every head of q and of k), then the head blocks of q and k are normalized and
+# rotated. All token offsets are int64.
+# Forward: one program per block of BLOCK_T tokens.
+# Backward: a grid of programs, each looping over a contiguous chunk of token blocks,
+# keeping the norm-weight gradient in a tile-shaped fp32 accumulator; each program stores
+# its own [D] partial (one writer per slot), summed on the host in a fixed order:
+# deterministic.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_tables(e, neg_log2_theta, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Per element ``e`` of a head: ``(partner, sign, inv_freq, column)`` (see module doc)."""
+    in0 = e < S0
+    in1 = (e >= S0) & (e < S0 + S1)
+    rot = e < S0 + S1 + S2
+    off = tl.where(in0, 0, tl.where(in1, S0, S0 + S1))
+    size = tl.where(in0, S0, tl.where(in1, S1, S2))
+    size = tl.where(rot, size, 2)  # a safe divisor for pass-through and padding lanes
+    local = e - off
+    if INTERLEAVED:
+        first = (local % 2) == 0
+        j = local // 2
+        partner = tl.where(first, e + 1, e - 1)
+    else:
+        half = size // 2
+        first = local < half
+        j = tl.where(first, local, local - half)
+        partner = tl.where(first, e + half, e - half)
+    partner = tl.where(rot, partner, e)
+    sign = tl.where(rot, tl.where(first, -1.0, 1.0), 0.0)
+    # theta ** (-2j / d) = exp2(-(2j / d) * log2(theta)); scalars may arrive as fp64 from
+    # Inductor: back to fp32 before the exp2
+    exponent = (2 * j).to(tl.float32) / size.to(tl.float32)
+    inv_freq = tl.where(rot, tl.exp2((exponent * neg_log2_theta).to(tl.float32)), 0.0)
+    column = tl.where(in0, 0, tl.where(in1, 1, 2))
+    return partner, sign, inv_freq, column
+
+
+@triton.jit
+def _cos_sin(a):
+    """``(cos(a), sin(a))`` in fp32 without libdevice: Cody-Waite reduction by pi/2 (three
+    constants; exact quadrant products for ``|a| < 2**15 * pi/2``) and the Cephes ``sinf``/
+    ``cosf`` minimax polynomials on ``[-pi/4, pi/4]`` (max error 8e-8 against fp64 over
+    ``[0, 600]``). libdevice's ``sinf`` carries a Payne-Hanek slow path for huge arguments
+    that spills registers; fp32 angles past ~1e5 rad are already off by more than the
+    reduction error, as in any fp32 table."""
+    k = tl.floor(a * 0.6366197723675814 + 0.5)
+    r = a - k * 1.5703125
+    r = r - k * 4.837512969970703125e-4
+    r = r - k * 7.549789948768648e-8
+    quadrant = k.to(tl.int32) & 3
+    z = r * r
+    s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+    c = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    return cos, sin
+
+
+@triton.jit
+def _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign):
+    """``cos(a)`` and ``sign * sin(a)`` of a token block's angles, ``[BLOCK_T, 1, BLOCK_D]``."""
+    p = POS + b * stride_pb + n * stride_pn
+    p0 = tl.load(p, mask=tmask, other=0).to(tl.float32)[:, None]
+    p1 = tl.load(p + stride_pc, mask=tmask, other=0).to(tl.float32)[:, None]
+    p2 = tl.load(p + 2 * stride_pc, mask=tmask, other=0).to(tl.float32)[:, None]
+    col = column[None, :]
+    pos = tl.where(col == 0, p0, tl.where(col == 1, p1, p2))
+    cos, sin = _cos_sin(pos * inv_freq[None, :])
+    return cos[:, None, :], (sign[None, :] * sin)[:, None, :]
+
+
+@triton.jit
+def _tile_offsets(row_base, heads, stride_h, e3):
+    """Element offsets ``[BLOCK_T, BLOCK_H, BLOCK_D]`` of a tile (int64 rows)."""
+    return row_base[:, None, None] + heads.to(tl.int64)[None, :, None] * stride_h + e3
+
+
+@triton.jit
+def _rope_fwd_tile(X, x_rows, stride_xh, OUT, out_rows, heads, e3, p3, mask, cos, ssin, w, wp, D, eps,
+                   HAS_W: tl.constexpr):  # fmt: skip
+    """Norm + rotate one ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile of q or k."""
+    offs = _tile_offsets(x_rows, heads, stride_xh, 0)
+    x = tl.load(X + offs + e3, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + offs + p3, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W:
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
+        x = x * rstd * w
+        xp = xp * rstd * wp
+    y = x * cos + xp * ssin
+    tl.store(OUT + _tile_offsets(out_rows, heads, D, e3), y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope3d_fwd_kernel(
+    Q, K, POS, QW, KW, QO, KO,
+    N, H, D, n_tokens,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_pb, stride_pn, stride_pc,
+    eps, neg_log2_theta,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < n_tokens
+    b = toks // N
+    n = toks - b * N
+    e = tl.arange(0, BLOCK_D)
+    emask = e < D
+    partner, sign, inv_freq, column = _rope_tables(e, neg_log2_theta, S0, S1, S2, INTERLEAVED)
+    cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
+    e3 = e[None, None, :]
+    p3 = partner[None, None, :]
+    qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
+    qwp = qw
+    kw = qw
+    kwp = qw
+    if HAS_QW:
+        qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
+        qwp = tl.load(QW + p3, mask=e3 < D, other=0.0).to(tl.float32)
+    if HAS_KW:
+        kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
+        kwp = tl.load(KW + p3, mask=e3 < D, other=0.0).to(tl.float32)
+    q_rows = b * stride_qb + n * stride_qn
+    k_rows = b * stride_kb + n * stride_kn
+    out_rows = toks * H * D
+    hs = tl.arange(0, BLOCK_H)
+    for h0 in range(0, H, BLOCK_H):
+        heads = h0 + hs
+        mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
+        _rope_fwd_tile(Q, q_rows, stride_qh, QO, out_rows, heads, e3, p3, mask, cos, ssin, qw, qwp, D, eps, HAS_QW)
+        if HAS_K:
+            _rope_fwd_tile(K, k_rows, stride_kh, KO, out_rows, heads, e3, p3, mask, cos, ssin, kw, kwp, D, eps, HAS_KW)
+
+
+@triton.jit
+def _rope_bwd_tile(DY, dy_rows, stride_dyh, X, x_rows, stride_xh, DX, out_rows, heads, e3, p3, mask, cos, ssin,
+                   w, D, eps, acc_w, HAS_W: tl.constexpr):  # fmt: skip
+    """Gradient of one ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile; returns the updated weight
+    accumulator."""
+    offs = _tile_offsets(dy_rows, heads, stride_dyh, 0)
+    dy = tl.load(DY + offs + e3, mask=mask, other=0.0).to(tl.float32)
+    dyp = tl.load(DY + offs + p3, mask=mask, other=0.0).to(tl.float32)
+    dxn = dy * cos - dyp * ssin
+    if HAS_W:
+        x = tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=mask, other=0.0).to(tl.float32)
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
+        xhat = x * rstd
+        acc_w += dxn * xhat
+        dxhat = dxn * w
+        c = (tl.sum(dxhat * xhat, axis=2) / D)[:, :, None]
+        dx = (dxhat - xhat * c) * rstd
+    else:
+        dx = dxn
+    tl.store(DX + _tile_offsets(out_rows, heads, D, e3), dx.to(DX.dtype.element_ty), mask=mask)
+    return acc_w
+
+
+@triton.jit
+def _rope3d_bwd_kernel(
+    DQO, DKO, Q, K, POS, QW, KW, DQ, DK, DQW_P, DKW_P,
+    N, H, D, n_tokens, tokens_per_program,
+    stride_dqb, stride_dqn, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_pb, stride_pn, stride_pc,
+    eps, neg_log2_theta,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    t_start = pid * tokens_per_program  # a multiple of BLOCK_T
+    t_end = tl.minimum(t_start + tokens_per_program, n_tokens)
+    e = tl.arange(0, BLOCK_D)
+    emask = e < D
+    partner, sign, inv_freq, column = _rope_tables(e, neg_log2_theta, S0, S1, S2, INTERLEAVED)
+    e3 = e[None, None, :]
+    p3 = partner[None, None, :]
+    qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
+    kw = qw
+    if HAS_QW:
+        qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
+    if HAS_KW:
+        kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
+    hs = tl.arange(0, BLOCK_H)
+    acc_q = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        toks = t0 + tl.arange(0, BLOCK_T)
+        tmask = toks < t_end
+        b = toks // N
+        n = toks - b * N
+        cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
+        dq_rows = b * stride_dqb + n * stride_dqn
+        dk_rows = b * stride_dkb + n * stride_dkn
+        q_rows = b * stride_qb + n * stride_qn
+        k_rows = b * stride_kb + n * stride_kn
+        out_rows = toks * H * D
+        for h0 in range(0, H, BLOCK_H):
+            heads = h0 + hs
+            mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
+            acc_q = _rope_bwd_tile(
+                DQO, dq_rows, stride_dqh, Q, q_rows, stride_qh, DQ, out_rows, heads, e3, p3, mask,
+                cos, ssin, qw, D, eps, acc_q, HAS_QW,
+            )  # fmt: skip
+            if HAS_K:
+                acc_k = _rope_bwd_tile(
+                    DKO, dk_rows, stride_dkh, K, k_rows, stride_kh, DK, out_rows, heads, e3, p3, mask,
+                    cos, ssin, kw, D, eps, acc_k, HAS_KW,
+                )  # fmt: skip
+    if HAS_QW:
+        tl.store(DQW_P + pid * D + e, tl.sum(tl.sum(acc_q, axis=0), axis=0), mask=emask)
+    if HAS_KW:
+        tl.store(DKW_P + pid * D + e, tl.sum(tl.sum(acc_k, axis=0), axis=0), mask=emask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile of ``block_t`` tokens x ``block_h`` heads x ``block_d`` dims (``block_d >= D``,
+    a power of two)."""
+
+    block_t: int
+    block_h: int
+    block_d: int
+    num_warps: int
+    num_stages: int = 1
+
+
+def launch_config(H: int, D: int, device: torch.device) -> LaunchConfig:
+    """``BLOCK_D = next_power_of_2(D)``; on a GPU one token and ``512 // BLOCK_D`` heads
+    per tile (4 lanes per thread at 4 warps).
+
+    Small tiles keep the fused q+k variants at 72 (forward) / 96 (backward) registers at
+    the MUG-V shape (sm_90a, ``python -m mugv_kernels.aot --family rope``), i.e. 5-7
+    resident programs per SM to keep HBM requests in flight; 1024-lane tiles needed 121 /
+    151 registers and 2048-lane tiles spilled in the backward. Triton's CPU interpreter
+    pays per operation, not per lane, so there a tile takes 16 tokens (same math, fewer
+    interpreted steps); heads stay in blocks of at most 4 so the head loop and its masks
+    run in the tests.
+    """
+    block_d = max(triton.next_power_of_2(D), 16)
+    if device.type == "cpu":
+        return LaunchConfig(16, min(triton.next_power_of_2(max(H, 1)), 4), block_d, 4)
+    block_h = max(1, min(triton.next_power_of_2(max(H, 1)), 512 // block_d))
+    num_warps = 4 if block_h * block_d >= 512 else 2
+    return LaunchConfig(1, block_h, block_d, num_warps)
+
+
+def bwd_programs(n_tokens: int, block_t: int, device: torch.device) -> tuple[int, int]:
+    """``(n_programs, tokens_per_program)`` of the backward grid (a multiple of
+    ``block_t`` tokens each): ~8 programs per SM on CUDA, each looping over its tokens;
+    one per 32 tokens elsewhere."""
+    if n_tokens == 0:
+        return 0, block_t
+    if device.type == "cuda":
+        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = triton.cdiv(n_tokens, 32)
+    per_program = triton.cdiv(triton.cdiv(n_tokens, min(target, n_tokens)), block_t) * block_t
+    return triton.cdiv(n_tokens, per_program), per_program
+
+
+def _as_bnhd(t: Tensor) -> Tensor:
+    """``[total, H, D]`` as a ``[1, total, H, D]`` view (padded layouts are unchanged)."""
+    return t.unsqueeze(0) if t.dim() == 3 else t
+
+
+def _pos_strides(positions: Tensor, x4: Tensor) -> tuple[int, int, int]:
+    """Strides ``(b, n, column)`` of positions for ``x4 [B, N, H, D]`` (b-stride 0 when shared)."""
+    if positions.dim() == 2:
+        return 0, positions.stride(0), positions.stride(1)
+    sb = positions.stride(0) if positions.shape[0] == x4.shape[0] and x4.shape[0] > 1 else 0
+    return sb, positions.stride(1), positions.stride(2)
+
+
+def _strides3(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else q.new_empty(0)
+    q4 = _as_bnhd(q)
+    B, N, H, D = q4.shape
+    if q4.numel() == 0:
+        return q_out, k_out
+    k4 = _as_bnhd(k) if k is not None else q4
+    cfg = launch_config(H, D, q.device)
+    S0, S1, S2 = (int(s) for s in sections)
+    launch(_rope3d_fwd_kernel, (triton.cdiv(B * N, cfg.block_t),))(
+        q4, k4, positions, q_weight if q_weight is not None else q4, k_weight if k_weight is not None else q4,
+        q_out, k_out if k is not None else q_out,
+        N, H, D, B * N,
+        *_strides3(q4), *_strides3(k4), *_pos_strides(positions, q4),
+        float(eps), -math.log2(theta),
+        S0=S0, S1=S1, S2=S2, INTERLEAVED=bool(interleaved),
+        HAS_K=k is not None, HAS_QW=q_weight is not None, HAS_KW=k is not None and k_weight is not None,
+        BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return q_out, k_out
+
+
+def _rope3d_bwd_launch(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+    dev = q.device
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev) if k is not None else q.new_empty(0)
+    q4 = _as_bnhd(q)
+    B, N, H, D = q4.shape
+    n_tokens = B * N
+    has_k = k is not None
+    has_kw = has_k and k_weight is not None
+    if q4.numel() == 0:
+        dqw = torch.zeros_like(q_weight) if q_weight is not None else q.new_empty(0)
+        dkw = torch.zeros_like(k_weight) if has_kw else q.new_empty(0)
+        return dq, dk, dqw, dkw
+    if dq_out is None:
+        dq_out = torch.zeros_like(q)
+    if has_k and dk_out is None:
+        dk_out = torch.zeros_like(k)
+    k4 = _as_bnhd(k) if has_k else q4
+    dq4 = _as_bnhd(dq_out)
+    dk4 = _as_bnhd(dk_out) if has_k else dq4
+    cfg = launch_config(H, D, dev)
+    n_prog, per_prog = bwd_programs(n_tokens, cfg.block_t, dev)
+    dqw_p = torch.empty((n_prog, D), dtype=torch.float32, device=dev) if q_weight is not None else q.new_empty(0)
+    dkw_p = torch.empty((n_prog, D), dtype=torch.float32, device=dev) if has_kw else q.new_empty(0)
+    S0, S1, S2 = (int(s) for s in sections)
+    launch(_rope3d_bwd_kernel, (n_prog,))(
+        dq4, dk4, q4, k4, positions,
+        q_weight if q_weight is not None else q4, k_weight if has_kw else q4,
+        dq, dk if has_k else dq,
+        dqw_p if q_weight is not None else dq, dkw_p if has_kw else dq,
+        N, H, D, n_tokens, per_prog,
+        *_strides3(dq4), *_strides3(dk4), *_strides3(q4), *_strides3(k4), *_pos_strides(positions, q4),
+        float(eps), -math.log2(theta),
+        S0=S0, S1=S1, S2=S2, INTERLEAVED=bool(interleaved),
+        HAS_K=has_k, HAS_QW=q_weight is not None, HAS_KW=has_kw,
+        BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    dqw = dqw_p.sum(0).to(q_weight.dtype) if q_weight is not None else q.new_empty(0)
+    dkw = dkw_p.sum(0).to(k_weight.dtype) if has_kw else q.new_empty(0)
+    return dq, dk, dqw, dkw
+
+
+# ----------------------------------------------------------------------------------------
+# Registered ops and autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _rope3d_fwd_fake(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+    return q.new_empty(q.shape), (k.new_empty(k.shape) if k is not None else q.new_empty(0))
+
+
+@mugv_op("qk_norm_rope3d_fwd", fake=_rope3d_fwd_fake)
+def _rope3d_fwd(
+    q: Tensor,
+    k: Tensor | None,
+    positions: Tensor,
+    q_weight: Tensor | None,
+    k_weight: Tensor | None,
+    sections: list[int],
+    eps: float,
+    theta: float,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    """``mugv::qk_norm_rope3d_fwd``: ``(q_out, k_out)``, contiguous, in the inputs' dtype;
+    ``k_out`` is empty when ``k`` is None (plain :func:`rope3d`)."""
+    if use_triton(q):
+        return _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+    return rope3d_fwd_ref(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+
+
+def _rope3d_bwd_fake(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+    def like(t: Tensor | None) -> Tensor:
+        return t.new_empty(t.shape) if t is not None else q.new_empty(0)
+
+    return like(q), like(k), like(q_weight), like(k_weight if k is not None else None)
+
+
+@mugv_op("qk_norm_rope3d_bwd", fake=_rope3d_bwd_fake)
+def _rope3d_bwd(
+    dq_out: Tensor | None,
+    dk_out: Tensor | None,
+    q: Tensor,
+    k: Tensor | None,
+    positions: Tensor,
+    q_weight: Tensor | None,
+    k_weight: Tensor | None,
+    sections: list[int],
+    eps: float,
+    theta: float,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``mugv::qk_norm_rope3d_bwd``: ``(dq, dk, dq_weight, dk_weight)``, each empty where
+    the input was None; a None output gradient counts as zeros."""
+    if use_triton(q):
+        return _rope3d_bwd_launch(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+    return rope3d_bwd_ref(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+
+
+def _rope3d_setup_context(ctx, inputs, output):
+    q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, positions, q_weight, k_weight)
+    ctx.sections, ctx.eps, ctx.theta, ctx.interleaved = list(sections), eps, theta, interleaved
+
+
+def _rope3d_backward(ctx, dq_out, dk_out):
+    q, k, positions, q_weight, k_weight = ctx.saved_tensors
+    if dq_out is not None:
+        dq_out = last_dim_contiguous(dq_out)
+    if dk_out is not None and k is not None:
+        dk_out = last_dim_contiguous(dk_out)
+    else:
+        dk_out = None
+    dq, dk, dqw, dkw = torch.ops.mugv.qk_norm_rope3d_bwd(
+        dq_out, dk_out, q, k, positions, q_weight, k_weight, ctx.sections, ctx.eps, ctx.theta, ctx.interleaved
+    )
+    return (
+        dq, dk if k is not None else None, None, dqw if q_weight is not None else None,
+        dkw if k is not None and k_weight is not None else None, None, None, None, None,
+    )  # fmt: skip
+
+
+_rope3d_fwd.register_autograd(_rope3d_backward, setup_context=_rope3d_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------
+
+
+def _check_sections(sections: object, D: int) -> list[int]:
+    if isinstance(sections, (str, bytes)) or not isinstance(sections, Sequence):
+        raise ValueError(f"sections must be a sequence of three even ints, got {sections!r}")
+    try:
+        secs = [operator.index(s) for s in sections if not isinstance(s, bool)]
+    except TypeError:
+        secs = []
+    if len(secs) != 3 or len(sections) != 3:
+        raise ValueError(f"sections must be three ints (one per position column), got {sections!r}")
+    if any(s < 0 or s % 2 for s in secs):
+        raise ValueError(f"sections must be even and non-negative (rotated in pairs), got {tuple(secs)}")
+    if sum(secs) > D:
+        raise ValueError(f"sections must sum to at most head_dim D={D}, got {tuple(secs)} (sum {sum(secs)})")
+    return secs
+
+
+def _check_position_values(positions: Tensor) -> None:
+    """Range check of positions in eager mode (one host sync; skipped while compiling)."""
+    if positions.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(positions))
+    if lo < 0:
+        raise ValueError(f"positions must be non-negative, got a minimum of {lo}")
+    if hi >= MAX_POSITION:
+        raise ValueError(f"positions must be < 2**24 (exact in fp32), got a maximum of {hi}")
+
+
+def _check_positions(positions: object, x: Tensor) -> Tensor:
+    if not isinstance(positions, torch.Tensor):
+        raise ValueError(f"positions must be an integer torch.Tensor, got {type(positions).__name__}")
+    if positions.dtype not in INDEX_DTYPES:
+        raise ValueError(f"positions must have dtype int32/int64, got {positions.dtype}")
+    if positions.device != x.device:
+        raise ValueError(f"positions is on {positions.device} but q is on {x.device}")
+    if x.dim() == 4:
+        B, N = x.shape[:2]
+        ok = tuple(positions.shape) in ((B, N, 3), (1, N, 3), (N, 3))
+        want = f"[B, N, 3] = {(B, N, 3)}, [1, N, 3] or [N, 3]"
+    else:
+        ok = tuple(positions.shape) == (x.shape[0], 3)
+        want = f"[total, 3] = {(x.shape[0], 3)}"
+    if not ok:
+        raise ValueError(f"positions must have shape {want} (one (h, w, t)-style column per section), got {tuple(positions.shape)}")
+    _check_position_values(positions)
+    return positions
+
+
+def _check_weight(name: str, w: Tensor | None, D: int, dev: torch.device) -> Tensor | None:
+    if w is None:
+        return None
+    check_tensor(name, w, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
+    if w.shape[0] != D:
+        raise ValueError(f"{name} must have shape ({D},) (head_dim), got {tuple(w.shape)}")
+    return last_dim_contiguous(w)
+
+
+def _check_x(name: str, x: object) -> Tensor:
+    check_tensor(name, x, ndim=(3, 4), dtypes=FLOAT_DTYPES)
+    D = x.shape[-1]
+    if D == 0 or D > MAX_D:
+        raise ValueError(f"{name} must have 1 <= head_dim <= {MAX_D}, got D={D}")
+    return x
+
+
+def _check_scalars(eps: float, theta: float, interleaved: bool) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ValueError(f"theta must be a positive float, got {theta!r}")
+    if not isinstance(interleaved, bool):
+        raise ValueError(f"interleaved must be a bool, got {interleaved!r}")
+
+
+def qk_norm_rope3d(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    sections: Sequence[int],
+    *,
+    q_weight: Tensor | None = None,
+    k_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    theta: float = 10000.0,
+    interleaved: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-head RMSNorm of Q and K followed by a 3D rotary embedding, in one pass.
+
+    MUG-V's ``q_norm``/``k_norm`` + ``apply_rotary_emb`` (arXiv 2510.17519; public
+    ``mug_v/dit/module.py``), generalized to any section split and both pair layouts.
+    Reads q and k once; angles come from the integer positions in the kernel (no
+    cos/sin table). Differentiable in q, k, q_weight and k_weight.
+
+    Args:
+        q, k: ``[B, N, H, D]`` (padded) or ``[total, H, D]`` (packed variable-length
+            batch), same shape and dtype (fp32/bf16/fp16; fp64 runs the reference). Any
+            strides with unit stride on D are used as they are (e.g. ``qkv[:, :, 0]`` of a
+            fused ``[B, N, 3, H, D]`` projection); other layouts are copied once.
+            ``D <= 1024``; a non-power-of-two D (MUG-V: 72) runs in a
+            ``next_power_of_2(D)``-lane tile with masked lanes (module docstring).
+        positions: int32/int64 ``[B, N, 3]``, ``[1, N, 3]`` or ``[N, 3]`` (shared by the
+            batch) for the padded layout, ``[total, 3]`` for the packed one; column ``i``
+            drives section ``i``; values in ``[0, 2**24)`` (checked in eager mode, one
+            host sync; not checked under ``torch.compile``). See :func:`video_positions`.
+        sections: three even ints, ``sum(sections) <= D``; section ``i`` covers dims
+            ``[sum(sections[:i]), sum(sections[:i+1]))``; dims past the sum pass through
+            unrotated. MUG-V: ``(24, 24, 24)`` for (h, w, t).
+        q_weight, k_weight: ``[D]`` RMSNorm weights (any float dtype); when given, that
+            tensor is RMS-normalized over D (fp32 statistics) and scaled before the
+            rotation; None skips its norm.
+        eps: added to the mean square (default 1e-6, as MUG-V).
+        theta: RoPE base (default 1e4). Section ``i``, pair ``j`` turns by
+            ``positions[..., i] * theta ** (-2j / sections[i])`` (angles in fp32).
+        interleaved: True pairs ``(2j, 2j+1)`` inside each section (MUG-V,
+            ``view_as_complex``); False pairs ``j`` with ``j + d/2`` (rotate-half).
+
+    Returns:
+        ``(q_out, k_out)``: same shapes as q and k, contiguous, in the input dtype.
+
+    Raises:
+        TypeError: q/k/weights not tensors or of an unsupported float dtype, or q/k dtype
+            mismatch.
+        ValueError: wrong ranks, q/k shape mismatch, D out of range, sections not three
+            even non-negative ints or summing past D, positions of the wrong shape, dtype
+            or device, negative or too large positions, weight shape != [D], eps <= 0,
+            theta <= 0.
+    """
+    q = _check_x("q", q)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k dtype {k.dtype} != q dtype {q.dtype}")
+    D = q.shape[-1]
+    secs = _check_sections(sections, D)
+    _check_scalars(eps, theta, interleaved)
+    positions = _check_positions(positions, q)
+    q_weight = _check_weight("q_weight", q_weight, D, q.device)
+    k_weight = _check_weight("k_weight", k_weight, D, q.device)
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
+    return torch.ops.mugv.qk_norm_rope3d_fwd(
+        q, k, positions, q_weight, k_weight, secs, float(eps), float(theta), interleaved
+    )
+
+
+def rope3d(
+    x: Tensor,
+    positions: Tensor,
+    sections: Sequence[int],
+    *,
+    theta: float = 10000.0,
+    interleaved: bool = True,
+) -> Tensor:
+    """3D rotary embedding of one tensor (no norm): :func:`qk_norm_rope3d` for a single
+    input. Differentiable in x.
+
+    Args:
+        x: ``[B, N, H, D]`` or ``[total, H, D]``, fp32/bf16/fp16 (fp64: reference), unit
+            stride on D used without a copy.
+        positions, sections, theta, interleaved: as :func:`qk_norm_rope3d`.
+
+    Returns:
+        Same shape as x, contiguous, in ``x.dtype``.
+
+    Raises:
+        TypeError / ValueError: as :func:`qk_norm_rope3d`.
+    """
+    x = _check_x("x", x)
+    secs = _check_sections(sections, x.shape[-1])
+    _check_scalars(1e-6, theta, interleaved)
+    positions = _check_positions(positions, x)
+    x = last_dim_contiguous(x)
+    return torch.ops.mugv.qk_norm_rope3d_fwd(x, None, positions, None, None, secs, 1e-6, float(theta), interleaved)[0]
+
+
+_AXES = ("t", "h", "w")
+
+
+def video_positions(
+    T: int,
+    H: int,
+    W: int,
+    *,
+    start_end_tokens: bool = True,
+    order: Sequence[str] = ("h", "w", "t"),
+    t_offset: int | None = None,
+    dtype: torch.dtype = torch.int32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Integer 3D positions of a video's tokens, in MUG-V's token order.
+
+    Tokens are frame-major, then row (h), then column (w). With ``start_end_tokens``
+    (MUG-V, public ``MUGDiT.get_freq_cis``) the frames use ``t = 1..T``, a start token at
+    ``(t, h, w) = (0, 0, 0)`` comes first and an end token at ``(T + 1, H - 1, W - 1)``
+    last; without them frames use ``t = t_offset..t_offset + T - 1`` (``t_offset``
+    defaults to 1 with the tokens, 0 without).
+
+    Args:
+        T, H, W: latent frames, patch rows and patch columns (non-negative ints).
+        start_end_tokens: add MUG-V's learned start/end tokens' positions.
+        order: the axis of each output column, a permutation of ``("t", "h", "w")``;
+            MUG-V's sections are ``(h, w, t)``, the default.
+        t_offset: time position of the first frame (see above).
+        dtype: int32 (default) or int64.
+        device: where to build the tensor.
+
+    Returns:
+        ``[T*H*W + 2, 3]`` (``[T*H*W, 3]`` without the start/end tokens; ``[0, 3]``
+        when ``T*H*W == 0``) of ``dtype``, ready as ``positions`` for
+        :func:`qk_norm_rope3d` with ``sections`` in ``order``.
+
+    Raises:
+        ValueError: negative sizes, ``order`` not a permutation of t/h/w, a dtype other
+            than int32/int64, a negative ``t_offset``.
+    """
+    for name, v in (("T", T), ("H", H), ("W", W)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    order = tuple(order)
+    if sorted(order) != sorted(_AXES):
+        raise ValueError(f"order must be a permutation of ('t', 'h', 'w'), got {order!r}")
+    if dtype not in INDEX_DTYPES:
+        raise ValueError(f"dtype must be int32 or int64, got {dtype}")
+    if t_offset is None:
+        t_offset = 1 if start_end_tokens else 0
+    if not isinstance(t_offset, int) or t_offset < 0:
+        raise ValueError(f"t_offset must be a non-negative int, got {t_offset!r}")
+    n = T * H * W
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    hw = max(H * W, 1)
+    axis = {"t": idx // hw + t_offset, "h": (idx // max(W, 1)) % max(H, 1), "w": idx % max(W, 1)}
+    pos = torch.stack([axis[a] for a in order], dim=-1)
+    if start_end_tokens and n > 0:
+        start = {"t": 0, "h": 0, "w": 0}
+        end = {"t": t_offset + T, "h": H - 1, "w": W - 1}
+        first = torch.tensor([[start[a] for a in order]], device=device, dtype=torch.int64)
+        last = torch.tensor([[end[a] for a in order]], device=device, dtype=torch.int64)
+        pos = torch.cat([first, pos, last])
+    return pos.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compile cases: the launches the ops make at the benchmark shapes
+# ----------------------------------------------------------------------------------------
+
+
+@register_aot_cases("rope")
+def _aot_cases() -> None:
+    """MUG-V 10B self-attention (48 heads x 72, sections (24, 24, 24), interleaved) at the
+    5 s and 3 s 720p token counts, bf16: fused QK-norm + RoPE forward/backward and plain
+    RoPE, positions int32 and int64; plus a Wan-style head_dim 128 with uneven sections
+    (44, 42, 42) in both pair layouts."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    cases = [(50402, 48, 72, (24, 24, 24), True), (36002, 48, 72, (24, 24, 24), True)]
+    cases += [(32760, 40, 128, (44, 42, 42), True), (32760, 40, 128, (44, 42, 42), False)]
+    for N, H, D, secs, inter in cases:
+        q = torch.empty(1, N, H, D, **meta)
+        k = torch.empty(1, N, H, D, **meta)
+        w = torch.empty(D, **meta)
+        for pos_dtype in (torch.int32, torch.int64):
+            pos = torch.empty(N, 3, device="meta", dtype=pos_dtype)
+            for qw, kw, kk in ((w, w, k), (None, None, k), (None, None, None)):
+                _rope3d_fwd_launch(q, kk, pos, qw, kw, secs, 1e-6, 10000.0, inter)
+                _rope3d_bwd_launch(q, kk, q, kk, pos, qw, kw, secs, 1e-6, 10000.0, inter)
