@@ -12,7 +12,7 @@ from conftest import assert_close
 import mugv_kernels as mk
 from mugv_kernels.nn import VarlenAttention, VarlenCrossAttention, VarlenSelfAttention
 from mugv_kernels.ops.attention import document_block_mask, select_varlen_backend
-from mugv_kernels.reference import varlen_attention_ref
+from mugv_kernels.reference.attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref, varlen_attention_ref
 
 # Segment lengths: empty query segment with keys, a length-1 segment without keys, a
 # length-1 key segment, odd lengths. Self-attention uses Q_LENS for both.
@@ -21,9 +21,9 @@ K_LENS = [7, 3, 0, 1, 9]
 H = 3
 
 
-def make(lengths, head_dim, dtype, requires_grad=False):
-    """Per-sample ``[N_b, H, D]`` leaves."""
-    return [torch.randn(n, H, head_dim, dtype=dtype, requires_grad=requires_grad) for n in lengths]
+def make(lengths, head_dim, dtype, heads=H):
+    """Per-sample ``[N_b, heads, D]`` tensors."""
+    return [torch.randn(n, heads, head_dim, dtype=dtype) for n in lengths]
 
 
 def per_sample_sdpa(qs, ks, vs):
@@ -40,12 +40,18 @@ def per_sample_sdpa(qs, ks, vs):
 
 
 def cpu_backends(requires_grad):
-    return [n for n, why in mk.varlen_attention_backends("cpu", requires_grad=requires_grad).items() if why is None]
+    """Backends that run on CPU here; the Triton interpreter gets its own, smaller matrix."""
+    avail = mk.varlen_attention_backends("cpu", requires_grad=requires_grad)
+    return [n for n, why in avail.items() if why is None and n != "triton"]
 
 
-def packed_inputs(mode, head_dim, dtype):
-    k_lens = Q_LENS if mode == "self" else K_LENS
-    qs, ks, vs = make(Q_LENS, head_dim, dtype), make(k_lens, head_dim, dtype), make(k_lens, head_dim, dtype)
+TRITON = mk.varlen_attention_backends("cpu")["triton"] is None  # TRITON_INTERPRET=1 (conftest)
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+def packed_inputs(mode, head_dim, dtype, q_lens=Q_LENS, k_lens=K_LENS, heads=H):
+    k_lens = q_lens if mode == "self" else k_lens
+    qs, ks, vs = (make(n, head_dim, dtype, heads) for n in (q_lens, k_lens, k_lens))
     q, cu_q, max_q = mk.pack(qs)
     k, cu_k, max_k = mk.pack(ks)
     v, _, _ = mk.pack(vs)
@@ -62,7 +68,27 @@ def packed_inputs(mode, head_dim, dtype):
 @pytest.mark.parametrize("head_dim", [72, 128])
 @pytest.mark.parametrize("mode", ["self", "cross"])
 def test_matches_per_sample_sdpa_fwd_bwd(backend, dtype, head_dim, mode):
-    (qs, ks, vs), (q, k, v, cu_q, cu_k, max_q, max_k) = packed_inputs(mode, head_dim, dtype)
+    check_against_per_sample_sdpa(backend, dtype, head_dim, mode, Q_LENS, K_LENS)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "dtype, head_dim, mode",
+    [
+        (torch.float32, 72, "cross"),  # split head dim 64 + 16, masked remainder
+        (torch.bfloat16, 72, "self"),
+        (torch.bfloat16, 128, "cross"),  # one power-of-two column block
+    ],
+)
+def test_triton_matches_per_sample_sdpa_fwd_bwd(dtype, head_dim, mode):
+    """The Triton kernels under the interpreter (32-row tiles, one head to keep it quick):
+    segments of 37 and 40 tokens cross a tile boundary in the query and key loops; cross
+    has a segment without queries, one without keys and a length-1 key segment."""
+    check_against_per_sample_sdpa("triton", dtype, head_dim, mode, [0, 1, 37, 2], [3, 0, 40, 1], heads=1)
+
+
+def check_against_per_sample_sdpa(backend, dtype, head_dim, mode, q_lens, k_lens, heads=H):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k) = packed_inputs(mode, head_dim, dtype, q_lens, k_lens, heads)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = mk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype
@@ -71,8 +97,13 @@ def test_matches_per_sample_sdpa_fwd_bwd(backend, dtype, head_dim, mode):
     pieces = [mk.unpack(t, cu) for t, cu in ((q32, cu_q), (k32, cu_k), (v32, cu_k))]
     expected = per_sample_sdpa(*pieces)
     assert_close(out, expected, dtype)
-    zero_key_rows = slice(Q_LENS[0], Q_LENS[0] + Q_LENS[1] + Q_LENS[2]) if mode == "cross" else slice(0, 0)
-    assert torch.all(out[zero_key_rows] == 0)
+    if mode == "cross":  # query rows of segments without keys are exactly zero
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        for b, nk in enumerate(k_lens):
+            if nk == 0:
+                assert torch.all(out[cu[b] : cu[b + 1]] == 0)
 
     dout = torch.randn_like(out)
     out.backward(dout)
@@ -135,8 +166,9 @@ def test_flex_document_mask_across_blocks():
     assert full.any()  # and the fast path is exercised
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["sdpa", "reference"] + (["triton"] if TRITON else []))
 def test_gradcheck_fp64(backend):
+    """fp64 through each backend (the triton backend's ops run their reference path)."""
     cu_q = torch.tensor([0, 2, 2, 3, 5], dtype=torch.int32)
     cu_k = torch.tensor([0, 1, 3, 3, 6], dtype=torch.int32)
     q = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
@@ -144,6 +176,21 @@ def test_gradcheck_fp64(backend):
     v = torch.randn(6, 2, 4, dtype=torch.float64, requires_grad=True)
     fn = lambda q, k, v: mk.varlen_attention(q, k, v, cu_q, cu_k, 2, 3, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_reference_backward_is_autograd_of_reference():
+    """The written-out backward the ops run equals autograd through the forward."""
+    _, (q, k, v, cu_q, cu_k, _, _) = packed_inputs("cross", 24, torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = varlen_attention_ref(*leaves, cu_q, cu_k, scale=0.3)
+    dout = torch.randn_like(out)
+    expected = torch.autograd.grad(out, leaves, dout)
+    got = varlen_attention_bwd_ref(dout, q, k, v, cu_q, cu_k, scale=0.3)
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+    _, lse = varlen_attention_fwd_ref(q, k, v, cu_q, cu_k, scale=0.3)
+    assert torch.isinf(lse[:, 5]).all()  # query row 5 is segment 2, which has no keys
+    assert torch.isfinite(lse[:, :5]).all() and torch.isfinite(lse[:, 6:]).all()
 
 
 @pytest.mark.parametrize("tq, tk", [(0, 4), (3, 0), (0, 0)])
@@ -207,6 +254,43 @@ def test_compile_fullgraph_flex():
     with torch.no_grad():
         out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, cu_q, cu_k)
     assert_close(out, varlen_attention_ref(q, k, v, cu_q, cu_k))
+
+
+@needs_triton
+def test_opcheck_triton_ops():
+    cu_q = torch.tensor([0, 3, 3, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 3, 3], dtype=torch.int64)
+    q = torch.randn(5, 1, 72, requires_grad=True)
+    k = torch.randn(3, 1, 72, requires_grad=True)
+    v = torch.randn(3, 1, 72, requires_grad=True)
+    torch.library.opcheck(torch.ops.mugv.varlen_attn_fwd.default, (q, k, v, cu_q, cu_k, 3, 2, 0.125))
+    out, lse = torch.ops.mugv.varlen_attn_fwd(q, k, v, cu_q, cu_k, 3, 2, 0.125)
+    assert torch.isinf(lse[:, 3:]).all()  # the segment without keys
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.mugv.varlen_attn_bwd.default,
+        (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 3, 2, 0.125),
+    )
+
+
+@needs_triton
+def test_compile_fullgraph_triton_fwd_bwd():
+    """The Triton backend under torch.compile (aot_eager), forward and backward: one graph."""
+    _, (q, k, v, cu_q, cu_k, max_q, max_k) = packed_inputs("cross", 72, torch.float32)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def fn(q, k, v, cu_q, cu_k):
+        return mk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="triton")
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, cu_q, cu_k)
+    out.sum().backward()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = varlen_attention_ref(*leaves, cu_q, cu_k)
+    expected.sum().backward()
+    assert_close(out, expected)
+    for got, want in zip((q, k, v), leaves):
+        assert_close(got.grad, want.grad)
 
 
 # ----------------------------------------------------------------------------------------

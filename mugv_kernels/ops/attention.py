@@ -20,6 +20,9 @@ name            what runs                                                  where
                 ``cu_seqlens`` as a block-sparse ``BlockMask`` (no         CPU: forward only, and
                 ``[Tq, Tk]`` mask is ever materialized)                    only under torch.compile
                                                                            for ``"auto"``
+``"triton"``    our Triton FlashAttention-2 forward/backward               CUDA, fp16/bf16/fp32 (CPU
+                (:mod:`mugv_kernels.ops.varlen`), head_dim split 64 + 16   under TRITON_INTERPRET=1,
+                for D = 72 instead of padding to 128                       never by "auto"); fwd + bwd
 ``"sdpa"``      ``F.scaled_dot_product_attention`` per segment (cuDNN /    any device and dtype;
                 flash / efficient / math as PyTorch picks)                 fwd + bwd; reads
                                                                            ``cu_seqlens`` on the host
@@ -31,6 +34,9 @@ is required. On CPU in eager mode ``"auto"`` skips flex (its unfused eager path
 materializes the whole ``[H, Tq, Tk]`` score matrix) and runs ``"sdpa"``. ``"sdpa"`` and
 ``"reference"`` read the segment offsets on the host, so under ``torch.compile`` they
 break the graph: ``"auto"`` prefers the others while compiling.
+
+The Triton backend comes after flex in ``"auto"`` order until GPU measurements rank it
+(its correctness is tested under the interpreter and its sm_90a build by the AOT check).
 
 head_dim: any D works on every backend. flash and native need D a multiple of 8: other
 D are zero-padded to the next multiple of 8 (one copy of q, k, v and a sliced output;
@@ -50,8 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mugv_kernels._registry import INTERPRET
 from mugv_kernels._validate import FLOAT_DTYPES, check_tensor
 from mugv_kernels.ops.packing import check_cu_seqlens
+from mugv_kernels.ops.varlen import varlen_flash_attention
 from mugv_kernels.reference.attention import varlen_attention_ref
 
 try:  # optional dependency: not installable on our machines, used where present
@@ -77,7 +85,7 @@ __all__ = [
     "varlen_attention_backends",
 ]
 
-BACKENDS: tuple[str, ...] = ("flash", "native", "flex", "sdpa", "reference")
+BACKENDS: tuple[str, ...] = ("flash", "native", "flex", "triton", "sdpa", "reference")
 """Backend names in the order ``backend="auto"`` tries them."""
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -119,6 +127,10 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
             return f"FlexAttention runs on CUDA and CPU, got {device.type}"
         if device.type == "cpu" and needs_grad:
             return "FlexAttention has no backward on CPU (inputs require grad)"
+        return None
+    if name == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and INTERPRET):
+            return "the Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
         return None
     if name in ("sdpa", "reference"):
         return None
@@ -165,6 +177,8 @@ def select_varlen_backend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto"
             continue
         if name == "flex" and q.device.type == "cpu" and not compiling:
             continue  # eager CPU flex materializes [H, Tq, Tk]; per-segment SDPA does not
+        if name == "triton" and q.device.type != "cuda":
+            continue  # the interpreter is for tests, not for running models
         return name
     raise AssertionError("unreachable: 'sdpa' always runs")  # pragma: no cover
 
@@ -306,6 +320,10 @@ def _run_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale, offsets_q, offsets_k):
     return torch.cat(pieces, dim=0)
 
 
+def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, scale, offsets_q, offsets_k):
+    return varlen_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+
 def _run_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, offsets_q, offsets_k):
     return varlen_attention_ref(q, k, v, cu_q, cu_k, scale)
 
@@ -314,6 +332,7 @@ _RUN: dict[str, Callable[..., Tensor]] = {
     "flash": _run_flash,
     "native": _run_native,
     "flex": _run_flex,
+    "triton": _run_triton,
     "sdpa": _run_sdpa,
     "reference": _run_reference,
 }
@@ -368,8 +387,8 @@ def varlen_attention(
             (flash and native size their grids with them; never a tensor, so compiled
             code has no device-to-host sync).
         scale: multiplies ``q k^T``; default ``1 / sqrt(D)``.
-        backend: ``"auto"`` or one of ``"flash"``, ``"native"``, ``"flex"``, ``"sdpa"``,
-            ``"reference"`` (see the module docstring for where each runs).
+        backend: ``"auto"`` or one of ``"flash"``, ``"native"``, ``"flex"``, ``"triton"``,
+            ``"sdpa"``, ``"reference"`` (see the module docstring for where each runs).
         validate: in eager mode, read both offset tensors on the host (one sync) and check
             their values and the max_seqlen bounds. Value checks are always skipped under
             ``torch.compile`` (they would need the values on the host); the structural

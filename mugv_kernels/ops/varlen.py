@@ -1,0 +1,544 @@
+"""Varlen flash attention in Triton: the ``"triton"`` backend of
+:func:`mugv_kernels.varlen_attention`.
+
+FlashAttention-2 (Dao 2023, arXiv 2307.08691, Algorithms 1 and 2) over packed segments
+(``cu_seqlens``), non-causal, forward and backward, written for MUG-V's head_dim 72:
+instead of padding D to the next power of two (128, what FlexAttention's kernels do),
+the head dim is split into a power-of-two part and a small remainder (72 = 64 + 16, of
+which 8 are padding), so the matmuls run 80 lanes for 72 useful (90%) instead of 128
+(56%).
+
+Layout (top to bottom): Triton kernels, launch helpers, the registered ops
+``mugv::varlen_attn_fwd`` / ``mugv::varlen_attn_bwd`` with their autograd, the public
+function, the AOT cases. The reference is :mod:`mugv_kernels.reference.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mugv_kernels._registry import INTERPRET, launch, mugv_op, register_aot_cases, use_triton
+from mugv_kernels._validate import last_dim_contiguous
+from mugv_kernels.reference.attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref
+
+__all__ = ["attn_launch_config", "head_dim_split", "varlen_flash_attention"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+MAX_SEGMENTS = 65535
+"""Largest segment count B (it is the grid's second axis, limited to 65535 by CUDA)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+#
+# One program per (block of BLOCK_M queries | keys, segment b, head h). Block base
+# pointers are computed in int64 from cu_seqlens[b]; offsets inside a block are int32
+# (BLOCK x token stride). Scores in the log2 domain, s2 = (q . k) * scale * log2(e).
+# Forward (online softmax, FA2 Alg. 1), over the key blocks of segment b:
+#   m' = max(m, rowmax(s2));  p = exp2(s2 - m');  l = l * exp2(m - m') + rowsum(p)
+#   acc = acc * exp2(m - m') + p @ v;             out = acc / l,  lse = (m + log2 l) * ln 2
+# A segment without keys runs no iteration: l = 0, out = 0, lse = +inf.
+# Backward (FA2 Alg. 2, dK/dV and dQ in two kernels, no atomics):
+#   p = exp2(s2 - lse * log2(e));  dp = do @ v^T;  ds = p * (dp - delta),
+#   delta = rowsum(do * out);  dv = p^T @ do;  dk = scale * ds^T @ q;  dq = scale * ds @ k
+# head_dim D is covered by two column blocks [0, BLOCK_D1) and [BLOCK_D1, BLOCK_D1 +
+# BLOCK_D2) (the second only when SPLIT_D): every dot is the sum of the two parts, every
+# D-wide tile is two tiles. Columns >= D load as 0 and are never stored.
+# UPCAST (the interpreter only) converts tiles to fp32 after loading; compiled kernels
+# feed fp16/bf16 tiles to the tensor cores and accumulate in fp32.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, offs, n_valid, stride_t, cols, D, MASK_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``offs`` (< ``n_valid``) and columns ``cols`` (< D when MASK_COLS) of the
+    row block starting at pointer ``base``; 0 outside. In-block offsets are int32."""
+    mask = offs[:, None] < n_valid
+    if MASK_COLS:
+        mask = mask & (cols[None, :] < D)
+    x = tl.load(base + offs[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(base, offs, n_valid, stride_t, cols, D, x, MASK_COLS: tl.constexpr):
+    mask = offs[:, None] < n_valid
+    if MASK_COLS:
+        mask = mask & (cols[None, :] < D)
+    tl.store(base + offs[:, None] * stride_t + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(
+    Q, K, V, CU_Q, CU_K, OUT, LSE,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    total_q, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(CU_Q + b).to(tl.int64)
+    q_len = tl.load(CU_Q + b + 1).to(tl.int64) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    k_len = tl.load(CU_K + b + 1).to(tl.int64) - k_start
+    row0 = q_start + pid_m * BLOCK_M  # first query row of this block (int64)
+    m_valid = (q_len - pid_m * BLOCK_M).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, BLOCK_D1)
+    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+    Qb = Q + h * stride_qh + row0 * stride_qt
+    q1 = _load_tile(Qb, offs_m, m_valid, stride_qt, d1, D, MASK_D1, UPCAST)
+    if SPLIT_D:
+        q2 = _load_tile(Qb, offs_m, m_valid, stride_qt, d2, D, MASK_D2, UPCAST)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    Kb = K + h * stride_kh + k_start * stride_kt
+    Vb = V + h * stride_vh + k_start * stride_vt
+    for start_n in range(0, k_len, BLOCK_N):
+        n_valid = (k_len - start_n).to(tl.int32)
+        k1 = _load_tile(Kb, offs_n, n_valid, stride_kt, d1, D, MASK_D1, UPCAST)
+        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            k2 = _load_tile(Kb, offs_n, n_valid, stride_kt, d2, D, MASK_D2, UPCAST)
+            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        s = tl.where(offs_n[None, :] < n_valid, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has >= 1 valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v1 = _load_tile(Vb, offs_n, n_valid, stride_vt, d1, D, MASK_D1, UPCAST)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            v2 = _load_tile(Vb, offs_n, n_valid, stride_vt, d2, D, MASK_D2, UPCAST)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=DOT_PRECISION)
+        m_i = m_new
+        Kb += BLOCK_N * stride_kt
+        Vb += BLOCK_N * stride_vt
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    Ob = OUT + h * stride_oh + row0 * stride_ot
+    _store_tile(Ob, offs_m, m_valid, stride_ot, d1, D, acc1 / l_safe[:, None], MASK_D1)
+    if SPLIT_D:
+        _store_tile(Ob, offs_m, m_valid, stride_ot, d2, D, acc2 / l_safe[:, None], MASK_D2)
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + h * total_q + row0 + offs_m, lse, mask=offs_m < m_valid)
+
+
+@triton.jit
+def _varlen_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    total_q, D, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    k_len = tl.load(CU_K + b + 1).to(tl.int64) - k_start
+    if pid_n * BLOCK_N >= k_len:
+        return
+    q_start = tl.load(CU_Q + b).to(tl.int64)
+    q_len = tl.load(CU_Q + b + 1).to(tl.int64) - q_start
+    row0 = k_start + pid_n * BLOCK_N
+    n_valid = (k_len - pid_n * BLOCK_N).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, BLOCK_D1)
+    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+    Kb = K + h * stride_kh + row0 * stride_kt
+    Vb = V + h * stride_vh + row0 * stride_vt
+    k1 = _load_tile(Kb, offs_n, n_valid, stride_kt, d1, D, MASK_D1, UPCAST)
+    v1 = _load_tile(Vb, offs_n, n_valid, stride_vt, d1, D, MASK_D1, UPCAST)
+    if SPLIT_D:
+        k2 = _load_tile(Kb, offs_n, n_valid, stride_kt, d2, D, MASK_D2, UPCAST)
+        v2 = _load_tile(Vb, offs_n, n_valid, stride_vt, d2, D, MASK_D2, UPCAST)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    Qb = Q + h * stride_qh + q_start * stride_qt
+    DOb = DO + h * stride_doh + q_start * stride_dot
+    Lb = LSE + h * total_q + q_start
+    Db = DELTA + h * total_q + q_start
+    for start_m in range(0, q_len, BLOCK_M):
+        m_valid = (q_len - start_m).to(tl.int32)
+        q1 = _load_tile(Qb, offs_m, m_valid, stride_qt, d1, D, MASK_D1, UPCAST)
+        do1 = _load_tile(DOb, offs_m, m_valid, stride_dot, d1, D, MASK_D1, UPCAST)
+        s_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        dp_t = tl.dot(v1, tl.trans(do1), input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            q2 = _load_tile(Qb, offs_m, m_valid, stride_qt, d2, D, MASK_D2, UPCAST)
+            do2 = _load_tile(DOb, offs_m, m_valid, stride_dot, d2, D, MASK_D2, UPCAST)
+            s_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
+            dp_t += tl.dot(v2, tl.trans(do2), input_precision=DOT_PRECISION)
+        m_mask = offs_m < m_valid
+        lse = tl.load(Lb + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(Db + offs_m, mask=m_mask, other=0.0)
+        p_t = tl.where(m_mask[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dv1 += tl.dot(p_t.to(do1.dtype), do1, input_precision=DOT_PRECISION)
+        dk1 += tl.dot(ds_t.to(q1.dtype), q1, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            dv2 += tl.dot(p_t.to(do2.dtype), do2, input_precision=DOT_PRECISION)
+            dk2 += tl.dot(ds_t.to(q2.dtype), q2, input_precision=DOT_PRECISION)
+        Qb += BLOCK_M * stride_qt
+        DOb += BLOCK_M * stride_dot
+        Lb += BLOCK_M
+        Db += BLOCK_M
+    DKb = DK + h * stride_dkh + row0 * stride_dkt
+    DVb = DV + h * stride_dvh + row0 * stride_dvt
+    _store_tile(DKb, offs_n, n_valid, stride_dkt, d1, D, dk1 * sm_scale, MASK_D1)
+    _store_tile(DVb, offs_n, n_valid, stride_dvt, d1, D, dv1, MASK_D1)
+    if SPLIT_D:
+        _store_tile(DKb, offs_n, n_valid, stride_dkt, d2, D, dk2 * sm_scale, MASK_D2)
+        _store_tile(DVb, offs_n, n_valid, stride_dvt, d2, D, dv2, MASK_D2)
+
+
+@triton.jit
+def _varlen_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    total_q, D, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(CU_Q + b).to(tl.int64)
+    q_len = tl.load(CU_Q + b + 1).to(tl.int64) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    k_len = tl.load(CU_K + b + 1).to(tl.int64) - k_start
+    row0 = q_start + pid_m * BLOCK_M
+    m_valid = (q_len - pid_m * BLOCK_M).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < m_valid
+    d1 = tl.arange(0, BLOCK_D1)
+    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+    Qb = Q + h * stride_qh + row0 * stride_qt
+    DOb = DO + h * stride_doh + row0 * stride_dot
+    q1 = _load_tile(Qb, offs_m, m_valid, stride_qt, d1, D, MASK_D1, UPCAST)
+    do1 = _load_tile(DOb, offs_m, m_valid, stride_dot, d1, D, MASK_D1, UPCAST)
+    if SPLIT_D:
+        q2 = _load_tile(Qb, offs_m, m_valid, stride_qt, d2, D, MASK_D2, UPCAST)
+        do2 = _load_tile(DOb, offs_m, m_valid, stride_dot, d2, D, MASK_D2, UPCAST)
+    lse = tl.load(LSE + h * total_q + row0 + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + h * total_q + row0 + offs_m, mask=m_mask, other=0.0)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    Kb = K + h * stride_kh + k_start * stride_kt
+    Vb = V + h * stride_vh + k_start * stride_vt
+    for start_n in range(0, k_len, BLOCK_N):
+        n_valid = (k_len - start_n).to(tl.int32)
+        k1 = _load_tile(Kb, offs_n, n_valid, stride_kt, d1, D, MASK_D1, UPCAST)
+        v1 = _load_tile(Vb, offs_n, n_valid, stride_vt, d1, D, MASK_D1, UPCAST)
+        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        dp = tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            k2 = _load_tile(Kb, offs_n, n_valid, stride_kt, d2, D, MASK_D2, UPCAST)
+            v2 = _load_tile(Vb, offs_n, n_valid, stride_vt, d2, D, MASK_D2, UPCAST)
+            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+            dp += tl.dot(do2, tl.trans(v2), input_precision=DOT_PRECISION)
+        p = tl.where(offs_n[None, :] < n_valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=DOT_PRECISION)
+        Kb += BLOCK_N * stride_kt
+        Vb += BLOCK_N * stride_vt
+    DQb = DQ + h * stride_dqh + row0 * stride_dqt
+    _store_tile(DQb, offs_m, m_valid, stride_dqt, d1, D, dq1 * sm_scale, MASK_D1)
+    if SPLIT_D:
+        _store_tile(DQb, offs_m, m_valid, stride_dqt, d2, D, dq2 * sm_scale, MASK_D2)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _col_masks(D: int) -> dict:
+    """Block sizes of head_dim D and whether each column block needs a ``< D`` mask."""
+    d1, d2, split = head_dim_split(D)
+    return dict(BLOCK_D1=d1, BLOCK_D2=d2, SPLIT_D=split, MASK_D1=d1 > D, MASK_D2=split and d1 + d2 > D)
+
+
+def head_dim_split(D: int) -> tuple[int, int, bool]:
+    """``(BLOCK_D1, BLOCK_D2, SPLIT_D)``: the column blocks covering head_dim D.
+
+    Power-of-two blocks of at least 16 (``tl.dot``'s minimum). A D that is not a power of
+    two is split into its largest power of two below and the remainder's block when that
+    covers fewer lanes than the next power of two: 72 -> 64 + 16 (80 lanes, not 128),
+    96 -> 64 + 32, 40 -> 32 + 16; 120 -> 128 (64 + 64 saves nothing).
+    """
+    full = max(triton.next_power_of_2(D), 16)
+    if D <= 16 or full == D:
+        return full, 16, False
+    d1 = full // 2
+    d2 = max(triton.next_power_of_2(D - d1), 16)
+    if d1 + d2 >= full:
+        return full, 16, False
+    return d1, d2, True
+
+
+@dataclass(frozen=True)
+class AttnLaunchConfig:
+    """Tile sizes and warps of one kernel (no autotuning: one explicit choice)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchConfig:
+    """Tiles for ``kernel`` in ``("fwd", "dkdv", "dq")`` (``block_m`` query rows x
+    ``block_n`` key rows per step).
+
+    CUDA: the largest tiles that compile for sm_90a without register spills at the
+    benchmark shapes (``python -m mugv_kernels.aot --family varlen_attention``), by the
+    lanes the head dim occupies (80 for D = 72): forward 128 x 32 (8 warps, 2 stages);
+    dK/dV 32 x 64 and dQ 64 x 64 up to 80 lanes, 32 x 32 up to 128, 16 x 32 beyond. The
+    interpreter: 32 x 32 tiles (each program costs Python time; tests cross a tile
+    boundary with segments longer than 32).
+    """
+    if device.type != "cuda" and _capture_free():
+        return AttnLaunchConfig(32, 32, 4, 1)
+    d1, d2, split = head_dim_split(D)
+    lanes = d1 + (d2 if split else 0)
+    if kernel == "fwd":
+        return AttnLaunchConfig(128 if lanes <= 128 else 64, 32, 8, 2)
+    if kernel == "dkdv":
+        return AttnLaunchConfig(32, 64, 8, 1) if lanes <= 128 else AttnLaunchConfig(16, 32, 8, 1)
+    if lanes <= 80:
+        return AttnLaunchConfig(64, 64, 8, 1)
+    return AttnLaunchConfig(32, 32, 8, 1) if lanes <= 128 else AttnLaunchConfig(16, 32, 8, 1)
+
+
+def _capture_free() -> bool:
+    """True unless the AOT check is recording launches (then the CUDA tiles apply)."""
+    from mugv_kernels import _registry
+
+    return _registry._capture is None
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee"), not TF32; fp16/bf16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _varlen_attn_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    Tq, H, D = q.shape
+    B = cu_q.shape[0] - 1
+    out = torch.empty((Tq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, Tq), dtype=torch.float32, device=q.device)
+    cfg = attn_launch_config("fwd", D, q.device)
+    grid = (triton.cdiv(max_q, cfg.block_m), B, H)
+    if min(grid) == 0 or Tq == 0:
+        return out, lse
+    launch(_varlen_attn_fwd_kernel, grid)(
+        q, k, v, cu_q, cu_k, out, lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        Tq, D, float(scale) * _LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_col_masks(D),
+        UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _varlen_attn_bwd_launch(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    Tq, H, D = q.shape
+    B = cu_q.shape[0] - 1
+    dq = torch.empty((Tq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # delta = rowsum(dout * out) in fp32, [H, Tq] like lse (a memory-bound pass)
+    delta = (dout.float() * out.float()).sum(-1).t().contiguous()
+    common = dict(**_col_masks(D), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype))
+    strides_in = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1)
+    )  # fmt: skip
+    cfg = attn_launch_config("dkdv", D, q.device)
+    grid = (triton.cdiv(max_k, cfg.block_n), B, H)
+    if min(grid) > 0 and k.shape[0] > 0:
+        launch(_varlen_attn_bwd_dkdv_kernel, grid)(
+            q, k, v, dout, lse, delta, cu_q, cu_k, dk, dv,
+            *strides_in, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            Tq, D, float(scale) * _LOG2E, float(scale),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    cfg = attn_launch_config("dq", D, q.device)
+    grid = (triton.cdiv(max_q, cfg.block_m), B, H)
+    if min(grid) > 0 and Tq > 0:
+        launch(_varlen_attn_bwd_dq_kernel, grid)(
+            q, k, v, dout, lse, delta, cu_q, cu_k, dq,
+            *strides_in, dq.stride(0), dq.stride(1),
+            Tq, D, float(scale) * _LOG2E, float(scale),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# Registered ops and autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _varlen_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    Tq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((H, Tq), dtype=torch.float32)
+
+
+@mugv_op("varlen_attn_fwd", fake=_varlen_attn_fwd_fake)
+def _varlen_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``mugv::varlen_attn_fwd``: ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``."""
+    if use_triton(q):
+        return _varlen_attn_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    out, lse = varlen_attention_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+    return out.contiguous(), lse
+
+
+def _varlen_attn_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    def like(t: Tensor) -> Tensor:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return like(q), like(k), like(v)
+
+
+@mugv_op("varlen_attn_bwd", fake=_varlen_attn_bwd_fake)
+def _varlen_attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mugv::varlen_attn_bwd``: ``(dq, dk, dv)`` in the inputs' shapes and dtypes."""
+    if use_triton(q):
+        return _varlen_attn_bwd_launch(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale
+        )
+    dq, dk, dv = varlen_attention_bwd_ref(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _varlen_attn_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+
+
+def _varlen_attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mugv.varlen_attn_bwd(
+        last_dim_contiguous(dout), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_varlen_attn_fwd.register_autograd(_varlen_attn_backward, setup_context=_varlen_attn_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------
+
+
+def varlen_flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Packed attention with the Triton FlashAttention-2 kernels (forward and backward).
+
+    The ``"triton"`` backend of :func:`mugv_kernels.varlen_attention`, which validates
+    the arguments; call that. Math: FlashAttention-2 (arXiv 2307.08691, Alg. 1 and 2),
+    non-causal, per packed segment; see the kernels' comment.
+
+    Args:
+        q: ``[Tq, H, D]``; k, v: ``[Tk, H, D]``: fp16/bf16/fp32 CUDA tensors (or CPU
+            under ``TRITON_INTERPRET=1``; fp64 runs the reference); unit stride on D.
+        cu_seqlens_q, cu_seqlens_k: ``[B + 1]`` int32/int64 offsets, B <= 65535.
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest segments (grid size).
+        scale: default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[Tq, H, D]`` in ``q.dtype``, contiguous; zero rows for segments without keys.
+
+    Raises:
+        ValueError: more than 65535 segments.
+    """
+    if cu_seqlens_q.shape[0] - 1 > MAX_SEGMENTS:
+        raise ValueError(f"the triton backend handles at most {MAX_SEGMENTS} segments, got {cu_seqlens_q.shape[0] - 1}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return torch.ops.mugv.varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compile cases: the launches the ops make at the benchmark shapes
+# ----------------------------------------------------------------------------------------
+
+
+@register_aot_cases("varlen_attention")
+def _aot_cases() -> None:
+    """Issue 4's benchmark: four clips (36002, 18002, 9002, 4502 tokens), 48 heads,
+    head_dim 72 (MUG-V 10B), bf16, forward and backward; plus head_dim 128 and 64."""
+    lengths = [36002, 18002, 9002, 4502]
+    T, B = sum(lengths), len(lengths)
+    cu = torch.empty(B + 1, device="meta", dtype=torch.int32)
+    for H, D in ((48, 72), (16, 128), (16, 64)):
+        q, k, v = (torch.empty(T, H, D, device="meta", dtype=torch.bfloat16) for _ in range(3))
+        out, lse = _varlen_attn_fwd_launch(q, k, v, cu, cu, max(lengths), max(lengths), D**-0.5)
+        _varlen_attn_bwd_launch(torch.empty_like(out), q, k, v, out, lse, cu, cu, max(lengths), max(lengths), D**-0.5)
