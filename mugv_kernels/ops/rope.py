@@ -25,15 +25,19 @@ by ``-a``)::
     dw    += dxn * xhat                     xhat = x * rstd
     dx     = rstd * (dxn * w - xhat * mean(dxn * w * xhat))
 
-Non-power-of-two head dims (MUG-V: D = 72). A program holds a ``[BLOCK_H, BLOCK_D]`` tile
-of heads x dims with ``BLOCK_D = next_power_of_2(D)`` (128 for D = 72) and masks the lanes
-``e >= D``. Masked lanes issue no memory requests, so HBM traffic is exactly the useful
-bytes; what they cost is issue slots and registers: at D = 72, 56 of 128 lanes (44%) do
-no useful arithmetic, which is affordable because the kernel does a few FLOPs per byte
-(memory-bound), and the tile is sized so that the useful bytes in flight per SM stay
-high (``BLOCK_H = 512 // BLOCK_D`` heads per step, see :func:`launch_config`). The partner element ``x[p(e)]`` is
-read by a second load of the same row (an L1/L2 hit, no extra HBM traffic), which works
-for both pair layouts and for any section split, instead of a register shuffle.
+Non-power-of-two head dims (MUG-V: D = 72). A program holds ``[BLOCK_T, BLOCK_H,
+BLOCK_D]`` tiles of tokens x heads x dims with ``BLOCK_D = next_power_of_2(D)`` (128 for
+D = 72) and masks the lanes ``e >= D``. Masked lanes issue no memory requests, so HBM
+traffic is exactly the useful bytes; what they cost is issue slots and registers: at
+D = 72, 56 of 128 lanes (44%) do no useful arithmetic. That is affordable because the
+kernel does a few FLOPs per byte (memory-bound) and cos/sin are computed once per token
+(shared by all heads of q and k), not per element; the tile is kept small (one token x
+4 heads on a GPU, :func:`launch_config`) so registers stay low (72 forward / 96 backward
+for the fused q+k variant at sm_90a) and many programs stay resident per SM to keep HBM
+requests in flight. The partner element ``x[p(e)]`` is read by a second load of the
+same row (an L1/L2 hit, no extra HBM traffic), which works for both pair layouts and any
+section split, instead of a register shuffle. Angles are ``fp32(pos) * fp32(inv_freq)``
+as in the public table; cos/sin use :func:`_cos_sin` (no libdevice slow path).
 
 Layout (top to bottom): Triton kernels, launch helpers, the registered ops
 ``mugv::qk_norm_rope3d_fwd`` / ``mugv::qk_norm_rope3d_bwd`` with their autograd, the
@@ -476,7 +480,9 @@ def _rope3d_bwd(
     """``mugv::qk_norm_rope3d_bwd``: ``(dq, dk, dq_weight, dk_weight)``, each empty where
     the input was None; a None output gradient counts as zeros."""
     if use_triton(q):
-        return _rope3d_bwd_launch(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+        return _rope3d_bwd_launch(
+            dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved
+        )
     return rope3d_bwd_ref(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
 
 
@@ -554,7 +560,9 @@ def _check_positions(positions: object, x: Tensor) -> Tensor:
         ok = tuple(positions.shape) == (x.shape[0], 3)
         want = f"[total, 3] = {(x.shape[0], 3)}"
     if not ok:
-        raise ValueError(f"positions must have shape {want} (one (h, w, t)-style column per section), got {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must have shape {want} (one column per section), got {tuple(positions.shape)}"
+        )
     _check_position_values(positions)
     return positions
 
