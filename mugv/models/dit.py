@@ -208,6 +208,8 @@ class MUGDiT(nn.Module):
         kernels: run the fused :mod:`mugv_kernels` ops (True) or the plain PyTorch
             reference path (False); both give the same result within rounding. Can be
             changed later through the ``kernels`` attribute.
+        attn_backend: ``backend`` of ``mugv_kernels.varlen_attention`` when ``kernels``
+            (default ``"auto"``); attribute ``attn_backend``.
 
     Parameters (public names): ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``,
     ``fps_embedder.mlp.{0,2}``, ``t_block.1``, ``y_embedder.y_proj.fc{1,2}``,
@@ -217,7 +219,7 @@ class MUGDiT(nn.Module):
     ``final_layer.linear``, ``final_layer.scale_shift_table``. No buffers.
     """
 
-    def __init__(self, cfg: DiTConfig | str | None = None, kernels: bool = True):
+    def __init__(self, cfg: DiTConfig | str | None = None, kernels: bool = True, *, attn_backend: str = "auto"):
         super().__init__()
         if cfg is None:
             cfg = DiTConfig()
@@ -227,6 +229,7 @@ class MUGDiT(nn.Module):
             raise TypeError(f"cfg must be a DiTConfig or a flavor name, got {type(cfg).__name__}")
         self.cfg = cfg
         self.kernels = bool(kernels)
+        self.attn_backend = attn_backend
         C = cfg.hidden_size
         self.x_embedder = PatchEmbed3D(cfg.patch_size, cfg.in_channels, C)
         self.t_embedder = TimestepEmbedder(C, cfg.frequency_embedding_size)
@@ -425,7 +428,7 @@ class MUGDiT(nn.Module):
             positions=torch.cat(positions),  # [N, 3]
             cu_seqlens=cu, seqlens=tuple(seqlens), max_seqlen=max(seqlens),
             text=text, text_cu_seqlens=text_cu, text_seqlens=tuple(text_seqlens), text_max_seqlen=max(text_seqlens),
-            kernels=self.kernels,
+            kernels=self.kernels, attn_backend=self.attn_backend,
         )  # fmt: skip
         for block in self.blocks:
             x = block(x, batch)  # [1, N, C]

@@ -82,6 +82,8 @@ class PackedBatch:
         text_cu_seqlens, text_seqlens, text_max_seqlen: the same segmentation for ``text``
             (caption ``i`` belongs to clip ``i``).
         kernels: run the fused :mod:`mugv_kernels` ops (True) or the plain PyTorch path.
+        attn_backend: ``backend`` of ``mugv_kernels.varlen_attention`` on the kernel path
+            (``"auto"``: flash-attn / PyTorch native / FlexAttention / SDPA, whichever runs here).
     """
 
     t_mlp: Tensor
@@ -95,6 +97,7 @@ class PackedBatch:
     text_seqlens: tuple[int, ...]
     text_max_seqlen: int
     kernels: bool = True
+    attn_backend: str = "auto"
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,6 +292,7 @@ def attention(
     *,
     scale: float,
     kernels: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Variable-length (block-diagonal) attention: query segment ``b`` attends to key segment ``b``.
 
@@ -297,14 +301,17 @@ def attention(
         cu_seqlens_q, cu_seqlens_k: ``[n + 1]`` int32 segment offsets; ``seqlens_q/k`` the
             segment lengths as Python ints; ``max_seqlen_q/k`` their maxima.
         scale: softmax scale (``head_dim ** -0.5`` in MUG-V).
-        kernels: use ``mugv_kernels.varlen_attention``.
+        kernels: use ``mugv_kernels.varlen_attention`` with ``backend`` (the offsets are
+            built by the model, so its host-side value check is skipped).
 
     Returns:
         ``[Tq, H, D]`` in ``q.dtype``.
     """
     op = _kernel("varlen_attention") if kernels else None
     if op is not None:
-        return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale)
+        return op(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, backend=backend, validate=False
+        )
     outs = []
     for qi, ki, vi in zip(q.split(list(seqlens_q)), k.split(list(seqlens_k)), v.split(list(seqlens_k))):
         # [1, H, L, D] per segment
@@ -456,7 +463,7 @@ class SelfAttention(nn.Module):
         )  # fmt: skip
         o = attention(
             q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.seqlens, batch.seqlens,
-            batch.max_seqlen, batch.max_seqlen, scale=D**-0.5, kernels=batch.kernels,
+            batch.max_seqlen, batch.max_seqlen, scale=D**-0.5, kernels=batch.kernels, backend=batch.attn_backend,
         )  # fmt: skip  # [N, H, D]
         return self.proj(o.reshape(1, N, C))
 
@@ -486,7 +493,7 @@ class CrossAttention(nn.Module):
         k = rms_norm(k, self.k_norm.weight, eps=self.k_norm.eps, kernels=batch.kernels)
         o = attention(
             q, k, v, batch.cu_seqlens, batch.text_cu_seqlens, batch.seqlens, batch.text_seqlens,
-            batch.max_seqlen, batch.text_max_seqlen, scale=D**-0.5, kernels=batch.kernels,
+            batch.max_seqlen, batch.text_max_seqlen, scale=D**-0.5, kernels=batch.kernels, backend=batch.attn_backend,
         )  # fmt: skip  # [N, H, D]
         return self.proj(o.reshape(1, N, C))
 
