@@ -50,7 +50,7 @@ from mugv_kernels.reference.conv3d import (
     time_pads,
 )
 
-__all__ = ["BACKENDS", "causal_conv3d", "cuda_extension"]
+__all__ = ["BACKENDS", "causal_conv3d", "check_backend", "check_dtype", "cuda_extension"]
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 """``backend=`` values of :func:`causal_conv3d` and :func:`mugv_kernels.group_norm_silu`."""
@@ -391,11 +391,14 @@ def _dw_launch(dy, x, context, weight_shape, stride, dilation, front, replicate)
     T_out, H_out, W_out = dy.shape[2:]
     M = B * T_out * H_out * W_out
     taps = kT * kH * kW
-    # tiles: [C_out block, C_in block] per program, K steps over output positions
+    # tiles: [C_out block, C_in block] per program, K steps over output positions. Both
+    # operands are gathered through 2-D int64 pointer tiles, so on GPU the tiles stay at
+    # 64 x 64 x 32 with two stages (128-row tiles or 64-wide K steps spill on sm_90a).
     cfg = gemm_config(C_out, C_in, M, dy.dtype)
-    block_co = min(max(triton.next_power_of_2(C_out), 16), 64 if INTERPRET else 128)
+    block_co = min(max(triton.next_power_of_2(C_out), 16), 64)
     block_ci = min(max(triton.next_power_of_2(C_in), 16), 64)
-    block_k = cfg.block_k if INTERPRET else (64 if dy.dtype != torch.float32 else 32)
+    block_k = cfg.block_k if INTERPRET else 32
+    cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, 4 if INTERPRET else 8, 1 if INTERPRET else 2)
     n_co, n_ci = triton.cdiv(C_out, block_co), triton.cdiv(C_in, block_ci)
     splits, m_per_split = dw_splits(M, taps * n_co * n_ci, block_k, x.device) if M > 0 else (1, 1)
     dw_p = torch.zeros((splits, taps, C_out, C_in), dtype=torch.float32, device=x.device)
@@ -417,8 +420,7 @@ def _conv3d_bwd_launch(dy, x, context, weight, stride, dilation, front, back, re
     need_dx, need_dctx, need_dw, need_db = need
     B, C_in, T, H, W = x.shape
     C_out, _, kT, kH, kW = weight.shape
-    empty = x.new_empty(0)
-    dx, dctx, dw, db = empty, empty, empty, empty
+    dx, dctx, dw, db = (x.new_empty(0) for _ in range(4))  # distinct: outputs must not alias
     if need_dx or need_dctx:
         wt = weight.permute(2, 3, 4, 0, 1).reshape(kT * kH * kW, C_out, C_in).to(dy.dtype).contiguous()
         ks = (kT, kH, kW)
@@ -440,7 +442,7 @@ def _conv3d_bwd_launch(dy, x, context, weight, stride, dilation, front, back, re
         dctx = torch.empty_like(context, memory_format=memory_format_of(context))
         _dx_launch(dy, wt, dctx, -context.shape[2], context.shape[2], x.shape, stride, dilation, front, ks)
     if need_dw:
-        dw = _dw_launch(dy, x, context, weight.shape, stride, dilation, front, replicate).to(weight.dtype)
+        dw = torch.empty_like(weight).copy_(_dw_launch(dy, x, context, weight.shape, stride, dilation, front, replicate))
     if need_db:
         db = torch.sum(dy, dim=(0, 2, 3, 4), dtype=torch.float32).to(weight.dtype)
     return dx, dctx, dw, db
@@ -517,7 +519,7 @@ _conv3d_fwd_cuda.register_fake(_conv3d_fwd_fake)
 
 def _conv3d_bwd_fake(dy, x, context, weight, stride, dilation, front, back, replicate, need):
     dx = torch.empty_like(x, memory_format=memory_format_of(x)) if need[0] else x.new_empty(0)
-    dctx = torch.empty_like(context) if need[1] and context is not None else x.new_empty(0)
+    dctx = torch.empty_like(context, memory_format=memory_format_of(context)) if need[1] and context is not None else x.new_empty(0)
     dw = torch.empty_like(weight) if need[2] else x.new_empty(0)
     db = weight.new_empty(weight.shape[0]) if need[3] else x.new_empty(0)
     return dx, dctx, dw, db
@@ -541,12 +543,13 @@ def _conv3d_bwd(
     if use_triton(x):
         return _conv3d_bwd_launch(dy, x, context, weight, stride, dilation, front, back, replicate, need)
     dx, dctx, dw, db = conv3d_bwd_ref(dy, x, context, weight, need[3], stride, dilation, front, back, replicate)
-    empty = x.new_empty(0)
+    # fresh outputs with the fake implementation's layouts
+    dx_out, dctx_out, dw_out, db_out = _conv3d_bwd_fake(dy, x, context, weight, stride, dilation, front, back, replicate, need)
     return (
-        dx if need[0] else empty,
-        dctx if need[1] and dctx is not None else empty,
-        dw if need[2] else empty,
-        db if need[3] and db is not None else empty,
+        dx_out.copy_(dx) if need[0] else dx_out,
+        dctx_out.copy_(dctx) if need[1] and dctx is not None else dctx_out,
+        dw_out.copy_(dw) if need[2] else dw_out,
+        db_out.copy_(db) if need[3] and db is not None else db_out,
     )
 
 
@@ -589,6 +592,14 @@ def _triple(name: str, v) -> tuple[int, int, int]:
     if min(v) < 1:
         raise ValueError(f"{name} must be positive, got {tuple(v)}")
     return tuple(v)
+
+
+def check_dtype(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> None:
+    """``ValueError`` (the issue's contract for these ops) when tensor ``t`` has a dtype
+    outside ``dtypes``; non-tensors are left to :func:`check_tensor` (``TypeError``)."""
+    if isinstance(t, torch.Tensor) and t.dtype not in dtypes:
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype {names}, got {t.dtype}")
 
 
 def check_backend(backend: str, x: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)) -> str:
@@ -676,15 +687,17 @@ def causal_conv3d(
         ``T_out = (T - 1) // stride_t + 1``; ``T = 0`` gives an empty result.
 
     Raises:
-        TypeError: a non-tensor or an unsupported dtype.
-        ValueError: wrong rank; even ``kH``/``kW``; ``C_in`` mismatch between x, weight
+        TypeError: a non-tensor; context dtype different from x.
+        ValueError: unsupported dtype; wrong rank; even ``kH``/``kW``; ``C_in`` mismatch between x, weight
             and context; bias not ``[C_out]``; non-positive stride or dilation; unknown
             ``time_padding``/``pad_mode``/``backend``; context of the wrong shape, or with
             ``"symmetric"``; mixed devices.
     """
-    check_tensor("x", x, ndim=5, dtypes=CONV_DTYPES)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("context", context)):
+        check_dtype(name, t, CONV_DTYPES)
+    check_tensor("x", x, ndim=5)
     dev = x.device
-    check_tensor("weight", weight, ndim=5, dtypes=CONV_DTYPES, device=dev)
+    check_tensor("weight", weight, ndim=5, device=dev)
     stride, dilation = _triple("stride", stride), _triple("dilation", dilation)
     if time_padding not in TIME_PADDINGS:
         raise ValueError(f"time_padding must be one of {TIME_PADDINGS}, got {time_padding!r}")

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mugv_kernels._registry import INTERPRET, launch, mugv_op, register_aot_cases, use_triton
 from mugv_kernels._validate import FLOAT_DTYPES, check_tensor
-from mugv_kernels.ops.conv3d import check_backend, cuda_extension
+from mugv_kernels.ops.conv3d import check_backend, check_dtype, cuda_extension
 from mugv_kernels.reference.conv3d import group_norm_silu_bwd_ref, group_norm_silu_ref, group_norm_stats_ref
 
 __all__ = ["group_norm_silu"]
@@ -295,7 +295,7 @@ def _gn_bwd_launch(dy, x, weight, bias, mean, rstd, num_groups, silu):
     dx = torch.empty_like(x)
     if x.numel() == 0:
         zeros = torch.zeros(C, dtype=torch.float32, device=dev)
-        return dx, zeros, zeros
+        return dx, zeros, zeros.clone()
     sx, sd, so = bcs_strides(x), bcs_strides(dy), bcs_strides(dx)
     block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, dev, backward=True)
     n_chunks = triton.cdiv(S, s_per_chunk)
@@ -370,9 +370,14 @@ def _gn_fwd_cuda(
 _gn_fwd_cuda.register_fake(_gn_fwd_fake)
 
 
+def _param_grad_dtype(x: Tensor) -> torch.dtype:
+    """dweight/dbias of the bwd op: fp32 partial sums (fp64 for the fp64 reference)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _gn_bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, silu):
-    C = x.shape[1]
-    return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
+    C, dt = x.shape[1], _param_grad_dtype(x)
+    return torch.empty_like(x), x.new_empty(C, dtype=dt), x.new_empty(C, dtype=dt)
 
 
 @mugv_op("group_norm_silu_bwd", fake=_gn_bwd_fake)
@@ -388,16 +393,16 @@ def _gn_bwd(
     silu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``mugv::group_norm_silu_bwd``: ``(dx, dweight, dbias)``, the parameter gradients
-    in fp32 ``[C]`` (cast by the autograd wrapper)."""
+    ``[C]`` in fp32 (fp64 for fp64 x), cast to the parameters' dtype by the autograd wrapper."""
     if use_triton(x):
         return _gn_bwd_launch(dy, x, weight, bias, mean, rstd, num_groups, silu)
     dx, dw, db = group_norm_silu_bwd_ref(dy, x, weight, bias, num_groups, eps, silu)
-    C = x.shape[1]
-    zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+    dt = _param_grad_dtype(x)
+    zeros = torch.zeros(x.shape[1], dtype=dt, device=x.device)
     return (
         torch.empty_like(x).copy_(dx),
-        dw.float() if dw is not None else zeros,
-        db.float() if db is not None else zeros.clone(),
+        dw.to(dt) if dw is not None else zeros,
+        db.to(dt) if db is not None else zeros.clone(),
     )
 
 
@@ -459,11 +464,13 @@ def group_norm_silu(
         ``weight`` and ``bias``.
 
     Raises:
-        TypeError: a non-tensor or an unsupported dtype.
-        ValueError: ``x`` with fewer than 2 dimensions; ``num_groups`` not a positive
+        TypeError: a non-tensor.
+        ValueError: unsupported dtype; ``x`` with fewer than 2 dimensions; ``num_groups`` not a positive
             divisor of C; weight/bias not ``[C]``; eps <= 0; unknown backend; mixed devices.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must be [B, C, *spatial] (at least 2-D), got shape {tuple(x.shape)}")
     C = x.shape[1]
@@ -473,7 +480,7 @@ def group_norm_silu(
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
-            check_tensor(name, p, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+            check_tensor(name, p, ndim=1, device=x.device)
             if p.shape[0] != C:
                 raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
     backend = check_backend(backend, x, (torch.float32, torch.bfloat16, torch.float16))

@@ -163,24 +163,42 @@ def conv3d_bwd_ref(
     front: int,
     back: int,
     replicate: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
-    """``(dx, dcontext, dweight, dbias)`` of :func:`conv3d_padded_ref` by autograd
-    (dcontext is None without context, dbias None without bias)."""
-    with torch.enable_grad():
-        xs = x.detach().requires_grad_()
-        cs = context.detach().requires_grad_() if context is not None else None
-        ws = weight.detach().requires_grad_()
-        bs = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device, requires_grad=True) if has_bias else None
-        y = conv3d_padded_ref(xs, cs, ws, bs, stride, dilation, front, back, replicate)
-        inputs = [t for t in (xs, cs, ws, bs) if t is not None]
-        grads = torch.autograd.grad(y, inputs, dy.to(y.dtype), allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
-    it = iter(grads)
-    dx = next(it)
-    dctx = next(it) if context is not None else None
-    dw = next(it)
-    db = next(it) if has_bias else None
-    return dx, dctx, dw, db
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """``(dx, dcontext, dweight, dbias)`` of :func:`conv3d_padded_ref` (dcontext None
+    without context, dbias None without bias).
+
+    ``aten.convolution_backward`` on the explicitly padded input, then the padding's
+    gradient is undone: spatial borders dropped; front frames -> ``dcontext``, or summed
+    onto frame 0 (replicate), or dropped (zeros); back frames likewise onto frame T-1.
+    Explicit (no autograd), so it also runs inside the custom op's backward.
+    """
+    B, C_in, T, H, W = x.shape
+    C_out, _, kT, kH, kW = weight.shape
+    ph, pw = dilation[1] * (kH // 2), dilation[2] * (kW // 2)
+    dx = torch.zeros_like(x)
+    dctx = torch.zeros_like(context) if context is not None else None
+    db = torch.sum(dy, dim=(0, 2, 3, 4), dtype=torch.float32 if dy.dtype != torch.float64 else dy.dtype)
+    db = db.to(weight.dtype) if has_bias else None
+    if dy.numel() == 0:
+        return dx, dctx, torch.zeros_like(weight), db
+    xp = F.pad(_pad_time(x, front, back, replicate, context), (pw, pw, ph, ph, 0, 0))
+    dxp, dw, _ = torch.ops.aten.convolution_backward(
+        dy.to(x.dtype), xp, weight.to(x.dtype), None, list(stride), [0, 0, 0], list(dilation),
+        False, [0, 0, 0], 1, [True, True, False],
+    )  # fmt: skip
+    dxp = dxp[:, :, :, ph : ph + H, pw : pw + W]
+    n_front, n_back = max(front, 0), max(back, 0)
+    x_lo, x_hi = max(-front, 0), T - max(-back, 0)
+    if x_hi > x_lo:
+        dx[:, :, x_lo:x_hi] = dxp[:, :, n_front : n_front + x_hi - x_lo]
+    if n_front:
+        if context is not None:
+            dctx = dxp[:, :, :n_front].to(context.dtype)
+        elif replicate:
+            dx[:, :, 0] += dxp[:, :, :n_front].sum(2)
+    if n_back and replicate:
+        dx[:, :, T - 1] += dxp[:, :, dxp.shape[2] - n_back :].sum(2)
+    return dx, dctx, dw.to(weight.dtype), db
 
 
 def group_norm_silu_ref(
@@ -193,15 +211,16 @@ def group_norm_silu_ref(
     silu: bool = True,
 ) -> Tensor:
     """``silu(group_norm(x))`` with fp32 statistics (``F.group_norm`` + ``F.silu`` on an
-    fp32 copy), returned in ``x.dtype`` and ``x``'s memory format.
+    fp32 copy; fp64 for fp64 x), returned in ``x.dtype`` and ``x``'s memory format.
 
     Args:
         x: ``[B, C, *spatial]``; weight, bias: ``[C]`` or None; num_groups divides C.
     """
     fmt = memory_format_of(x)
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
-    y = F.group_norm(x.float(), num_groups, w, b, eps)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = weight.to(ct) if weight is not None else None
+    b = bias.to(ct) if bias is not None else None
+    y = F.group_norm(x.to(ct), num_groups, w, b, eps)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=fmt)
@@ -212,22 +231,33 @@ def group_norm_stats_ref(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor
     B = x.shape[0]
     xg = x.float().reshape(B, num_groups, -1)
     var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
-    return mean, torch.rsqrt(var + eps)
+    return mean, torch.rsqrt(var + eps)  # fp32 even for fp64 x: the op's declared dtype
 
 
 def group_norm_silu_bwd_ref(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(dx, dweight, dbias)`` of :func:`group_norm_silu_ref` by autograd."""
-    with torch.enable_grad():
-        xs = x.detach().requires_grad_()
-        ws = weight.detach().requires_grad_() if weight is not None else None
-        bs = bias.detach().requires_grad_() if bias is not None else None
-        y = group_norm_silu_ref(xs, num_groups, ws, bs, eps=eps, silu=silu)
-        inputs = [t for t in (xs, ws, bs) if t is not None]
-        grads = torch.autograd.grad(y, inputs, dy.to(y.dtype))
-    it = iter(grads)
-    dx = next(it)
-    dw = next(it) if weight is not None else None
-    db = next(it) if bias is not None else None
-    return dx, dw, db
+    """``(dx, dweight, dbias)`` of :func:`group_norm_silu_ref`, explicit (no autograd):
+    ``dz = dy * s * (1 + z * (1 - s))`` with ``s = sigmoid(z)``; ``dweight = sum dz * xhat``;
+    ``dbias = sum dz``; ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``
+    per group, ``dxhat = dz * weight``. fp32 math (fp64 for fp64 inputs)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    B, C = x.shape[:2]
+    G = num_groups
+    xg = x.to(ct).reshape(B, G, -1)
+    var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = ((xg - mean) * rstd).reshape(B, C, -1)
+    w = weight.to(ct)[None, :, None] if weight is not None else torch.ones((), dtype=ct, device=x.device)
+    b = bias.to(ct)[None, :, None] if bias is not None else torch.zeros((), dtype=ct, device=x.device)
+    dz = dy.to(ct).reshape(B, C, -1)
+    if silu:
+        z = xhat * w + b
+        s = torch.sigmoid(z)
+        dz = dz * s * (1 + z * (1 - s))
+    dw = (dz * xhat).sum((0, 2)).to(weight.dtype) if weight is not None else None
+    db = dz.sum((0, 2)).to(bias.dtype) if bias is not None else None
+    dxhat = (dz * w).reshape(B, G, -1)
+    xh = xhat.reshape(B, G, -1)
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xh * (dxhat * xh).mean(-1, keepdim=True))
+    return dx.reshape(x.shape).to(x.dtype), dw, db
