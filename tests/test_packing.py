@@ -56,6 +56,7 @@ def test_gradients_flow_through_pack_and_unpack():
         ([torch.tensor(1.0)], "0-d"),
         ([torch.randn(2, 4), torch.randn(2, 5)], "trailing shape"),
         ([torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64)], "dtype"),
+        ([torch.randn(2, 4), torch.empty(2, 4, device="meta")], "is on meta"),
     ],
 )
 def test_pack_errors(tensors, match):

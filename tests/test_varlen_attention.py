@@ -12,6 +12,7 @@ from conftest import assert_close
 import mugv_kernels as mk
 from mugv_kernels.nn import VarlenAttention, VarlenCrossAttention, VarlenSelfAttention
 from mugv_kernels.ops.attention import document_block_mask, select_varlen_backend
+from mugv_kernels.ops.varlen import MAX_SEGMENTS, attn_launch_config, head_dim_split, varlen_flash_attention
 from mugv_kernels.reference.attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref, varlen_attention_ref
 
 # Segment lengths: empty query segment with keys, a length-1 segment without keys, a
@@ -193,6 +194,12 @@ def test_reference_backward_is_autograd_of_reference():
     assert torch.isfinite(lse[:, :5]).all() and torch.isfinite(lse[:, 6:]).all()
 
 
+def test_reference_of_nothing():
+    q = torch.randn(0, 2, 8)
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    assert varlen_attention_ref(q, q, q, cu, cu).shape == (0, 2, 8)
+
+
 @pytest.mark.parametrize("tq, tk", [(0, 4), (3, 0), (0, 0)])
 def test_nothing_to_attend(tq, tk):
     q = torch.randn(tq, H, 8, requires_grad=True)
@@ -274,9 +281,36 @@ def test_opcheck_triton_ops():
 
 
 @needs_triton
+def test_triton_op_edges():
+    """Empty packs launch nothing; too many segments for the grid is a ValueError."""
+    empty = torch.randn(0, 2, 72)
+    cu = torch.zeros(3, dtype=torch.int32)
+    out, lse = torch.ops.mugv.varlen_attn_fwd(empty, empty, empty, cu, cu, 0, 0, 0.1)
+    assert out.shape == (0, 2, 72) and lse.shape == (2, 0)
+    many = torch.zeros(MAX_SEGMENTS + 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most 65535 segments"):
+        varlen_flash_attention(empty, empty, empty, many, many, 0, 0)
+
+
+def test_head_dim_split_and_cuda_tiles():
+    """Column blocks cover D with power-of-two blocks >= 16, split only when it saves lanes."""
+    for D in range(1, 257):
+        d1, d2, split = head_dim_split(D)
+        lanes = d1 + d2 if split else d1
+        assert lanes >= D and d1 >= 16 and d2 >= 16 and d1 & (d1 - 1) == 0 and d2 & (d2 - 1) == 0
+        assert lanes <= max(16, 1 << (D - 1).bit_length())
+        assert not split or lanes < (1 << (D - 1).bit_length())
+    assert head_dim_split(72) == (64, 16, True) and head_dim_split(120) == (128, 16, False)
+    for D in (64, 72, 128, 256):
+        for kernel in ("fwd", "dkdv", "dq"):
+            cfg = attn_launch_config(kernel, D, torch.device("cuda"))
+            assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.num_warps in (4, 8)
+
+
+@needs_triton
 def test_compile_fullgraph_triton_fwd_bwd():
     """The Triton backend under torch.compile (aot_eager), forward and backward: one graph."""
-    _, (q, k, v, cu_q, cu_k, max_q, max_k) = packed_inputs("cross", 72, torch.float32)
+    _, (q, k, v, cu_q, cu_k, max_q, max_k) = packed_inputs("cross", 72, torch.float32, heads=1)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
 
     def fn(q, k, v, cu_q, cu_k):

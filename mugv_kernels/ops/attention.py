@@ -279,7 +279,7 @@ def _flex_fn(device: torch.device) -> Callable:
     if torch.compiler.is_compiling() or device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:  # pragma: no cover - CUDA only
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)  # dynamic after a shape change: no recompile storm
     return _compiled_flex  # pragma: no cover - CUDA only
 
 
