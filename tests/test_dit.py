@@ -167,15 +167,18 @@ def test_compat_i2v_matches_public(pair, kernels):
     fps = torch.tensor([30.0, 12.0])
     fi = torch.stack([torch.arange(T + 2), torch.arange(T + 2) * 2 + 3])
     fi[1, -1] = 600  # clamped to 479 like the public table
+    L = y.shape[2]
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[0, L - 1 :] = 0  # a padded caption
     with torch.no_grad():
-        ref = pub(x, t, y, None, x_mask, fps, fi)
-        out = ours(x, t, y, x_mask=x_mask, fps=fps, frame_indice=fi)
-        out_float_mask = ours(x, t, y, x_mask=x_mask.float(), fps=fps, frame_indice=fi)
+        ref = pub(x, t, y, mask, x_mask, fps, fi)
+        out = ours(x, t, y, mask=mask, x_mask=x_mask, fps=fps, frame_indice=fi)
+        out_float_mask = ours(x, t, y, mask=mask.bool(), x_mask=x_mask.float(), fps=fps, frame_indice=fi)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out_float_mask, out, atol=0, rtol=0)
     # the conditioning frames really change the result (t0 modulation is used)
     with torch.no_grad():
-        t2v = ours(x, t, y, fps=fps, frame_indice=fi)
+        t2v = ours(x, t, y, mask=mask, fps=fps, frame_indice=fi)
     assert (t2v - out).abs().max() > 1e-3
 
 

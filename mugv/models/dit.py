@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mugv.models.dit_layers import (
@@ -169,6 +168,7 @@ class DiTConfig:
 
 
 def _tensor(name: str, t: object, ndim: int | tuple[int, ...] | None = None) -> Tensor:
+    """``t`` if it is a tensor of an allowed rank; TypeError / ValueError naming ``name`` otherwise."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
@@ -180,13 +180,14 @@ def _tensor(name: str, t: object, ndim: int | tuple[int, ...] | None = None) -> 
 
 
 def _int_tensor(name: str, t: Tensor) -> Tensor:
+    """``t`` if it has an integer dtype; TypeError naming ``name`` otherwise."""
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer frame indices, got dtype {t.dtype}")
     return t
 
 
 def _per_sample(name: str, t: Tensor, B: int) -> Tensor:
-    """Repeat a ``[B', ...]`` tensor to ``B`` rows when ``B' `` divides ``B`` (the public code
+    """Repeat a ``[B', ...]`` tensor to ``B`` rows when ``B'`` divides ``B`` (the public code
     does this for classifier-free guidance, where cond and uncond share one ``fps``/``frame_indice``)."""
     if t.shape[0] == B:
         return t
@@ -366,7 +367,6 @@ class MUGDiT(nn.Module):
     def _embed_time(self, timestep: Tensor, fps: Tensor) -> Tensor:
         """``[n]`` timesteps and fps -> ``t_emb [2n, C]``: rows ``:n`` for the timesteps,
         rows ``n:`` for timestep 0 (``t0``), both plus the fps embedding."""
-        n = timestep.shape[0]
         t = self.t_embedder(torch.cat([timestep, torch.zeros_like(timestep)]))  # [2n, C]
         return t + self.fps_embedder(fps).repeat(2, 1)  # [2n, C]
 
@@ -519,8 +519,8 @@ class MUGDiT(nn.Module):
         y = y.to(device=dev, dtype=dtype)
         if mask is not None:
             _tensor("mask", mask, (2, 3, 4))
-            mask = mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask
-            if mask.shape[-1] != L or (mask.dim() > 2 and mask.numel() != mask.shape[0] * L):
+            mask = mask.reshape(mask.shape[0], -1)  # [B', 1, 1, L] / [B', 1, L] -> [B', L]
+            if mask.shape[-1] != L:
                 raise ValueError(f"mask must be [B, L] with L={L} caption tokens, got {tuple(mask.shape)}")
             keep = _per_sample("mask", mask.to(dev), B) != 0  # [B, L]
             text_seqlens = keep.sum(1).tolist()
