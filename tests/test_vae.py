@@ -290,3 +290,29 @@ def test_bad_inputs_raise_clear_errors(compact):
         next(comp.encode_stream([torch.randn(1, 6, 8, 2, 2)]))
     with pytest.raises(TypeError, match="VAEConfig"):
         VideoVAE({"arch": "compact"})
+
+
+def test_load_released_pipeline_checkpoint(compat_pair, tmp_path):
+    """The released vae.pt holds the whole pipeline: temporal_vae.*, spatial_vae.*, shift/scale."""
+    pub, _ = compat_pair
+    sd = {f"temporal_vae.{k}": v for k, v in pub.state_dict().items()}
+    sd["spatial_vae.module.encoder.conv_in.weight"] = torch.zeros(1)
+    sd["logvar"] = torch.tensor(4.0)
+    sd["shift"] = torch.arange(4.0)
+    sd["scale"] = torch.full((4,), 2.0)
+    torch.save(sd, tmp_path / "vae.pt")
+    vae = VideoVAE(VAEConfig.from_preset("mugv-compat", micro_frame_size=None, first_frame="zeros", **TINY_COMPAT),
+                   kernels=False)
+    info = vae.load_public_state_dict(str(tmp_path / "vae.pt"))
+    assert info["ignored"] == ["logvar", "spatial_vae.module.encoder.conv_in.weight"]
+    assert info["latent_mean"].tolist() == [0.0, 1.0, 2.0, 3.0] and info["latent_std"].tolist() == [2.0] * 4
+    x = torch.randn(1, 6, 8, 2, 2)
+    with torch.no_grad():
+        assert_close(vae.encode(x).mean, (pub.encode(x).mean - sd["shift"].view(1, -1, 1, 1, 1)) / 2.0)
+    bad = dict(sd)
+    del bad["temporal_vae.quant_conv.conv.bias"]
+    with pytest.raises(RuntimeError, match="quant_conv.conv.bias"):
+        vae.load_public_state_dict(bad)
+    fixed = VideoVAE(VAEConfig.from_preset("mugv-compat", latent_mean=(0.5,) * 4, **TINY_COMPAT), kernels=False)
+    with pytest.raises(ValueError, match="differs from config.latent_mean"):
+        fixed.load_public_state_dict(sd)

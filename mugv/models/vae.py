@@ -22,7 +22,9 @@
 
 ``"compact"``
     An all-3D, truly causal VAE from pixels (8x8x8 compression, 24 latent channels), small
-    enough to train from scratch on a laptop CPU. Every conv pads only the past
+    enough to train from scratch on a laptop CPU. The pixels are first folded 2x2 into
+    channels (space-to-depth; the decoder unfolds them at the end), so no conv runs at full
+    resolution. Every conv pads only the past
     (``dilation*(kT-1)`` frames before), every GroupNorm normalizes each frame on its own,
     downsampling is a stride-(2,2,2) causal conv and upsampling a causal conv followed by
     depth-to-space, so latent ``j`` depends only on frames ``<= 8j`` and frame ``t`` of the
@@ -95,6 +97,10 @@ class VAEConfig:
         temporal_downsample: per level transition, halve time (compact: ``len ==
             len(channel_multipliers) - 1``; compat: the public encoder pattern).
         spatial_downsample: compact only, per transition, halve height and width.
+        patch_size: compact only, space-to-depth factor applied to the pixels before the
+            first conv (and depth-to-space after the last): the convs then run at
+            ``1/patch_size`` resolution on ``3 * patch_size**2`` channels, which is what keeps
+            the model cheap on a CPU (full-resolution 3D convs with few channels are slow).
         num_groups: GroupNorm groups (divides every width).
         activation_fn: ``"swish"`` (SiLU) or ``"relu"``.
         latent_mean, latent_std: per-channel latent statistics (``None``: 0 and 1).
@@ -117,7 +123,8 @@ class VAEConfig:
     num_res_blocks: int = 1
     channel_multipliers: tuple[int, ...] = (1, 2, 4, 8)
     temporal_downsample: tuple[bool, ...] = (True, True, True)
-    spatial_downsample: tuple[bool, ...] = (True, True, True)
+    spatial_downsample: tuple[bool, ...] = (False, True, True)
+    patch_size: int = 2
     num_groups: int = 4
     activation_fn: str = "swish"
     latent_mean: tuple[float, ...] | None = None
@@ -138,7 +145,8 @@ class VAEConfig:
             set_("embed_dim", self.latent_embed_dim)
         if self.arch not in _ARCHS:
             raise ValueError(f"arch must be one of {_ARCHS}, got {self.arch!r}")
-        for name in ("in_out_channels", "latent_embed_dim", "embed_dim", "filters", "num_res_blocks", "num_groups"):
+        for name in ("in_out_channels", "latent_embed_dim", "embed_dim", "filters", "num_res_blocks", "num_groups",
+                     "patch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "num_res_blocks" else 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -162,6 +170,8 @@ class VAEConfig:
                                      f"got {getattr(self, name)}")
             if self.micro_frame_size is not None:
                 raise ValueError("micro_frame_size is a mugv-compat option (compact streams exactly instead)")
+        elif self.patch_size != 1:
+            raise ValueError("patch_size is a compact option; mugv-compat needs patch_size=1")
         else:
             if len(self.temporal_downsample) < n_trans or n_trans > len(_COMPAT_DECODER_TEMPORAL):
                 raise ValueError(f"mugv-compat: need len(temporal_downsample) >= len(channel_multipliers)-1 and at "
@@ -199,7 +209,7 @@ class VAEConfig:
         """Pixels per latent pixel along H and W (compat: 1, the SDXL stage is outside)."""
         if self.arch == "mugv-compat":
             return 1
-        return 2 ** sum(bool(s) for s in self.spatial_downsample)
+        return self.patch_size * 2 ** sum(bool(s) for s in self.spatial_downsample)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VAEConfig:
@@ -210,9 +220,10 @@ class VAEConfig:
         latent_embed_dim=24, embed_dim=24, filters=128, num_res_blocks=4,
         channel_multipliers=(1, 2, 2, 4), temporal_downsample=(True, True, True),
         num_groups=32``, ``micro_frame_size=48``, the released latent mean/std.
-        ``"compact"``: 3 -> 24 channels, ``filters=8, channel_multipliers=(1, 2, 4, 8)`` (widths
-        8/16/32/64), one ResBlock per level, 4 GroupNorm groups, 8x8x8, 1.8 M parameters
-        (a training step on two 9x64x64 clips takes about a second on 2 CPU cores).
+        ``"compact"``: 3 -> 24 channels, 2x2 space-to-depth then ``filters=8,
+        channel_multipliers=(1, 2, 4, 8)`` (widths 8/16/32/64), time halved at every
+        transition and space at the last two (8x8x8 in all), one ResBlock per level, 4
+        GroupNorm groups, 1.8 M parameters.
 
         Raises:
             ValueError: unknown preset, unknown override field, or an inconsistent result.
@@ -221,7 +232,7 @@ class VAEConfig:
             base: dict[str, Any] = dict(
                 arch="mugv-compat", in_out_channels=512, latent_embed_dim=24, embed_dim=24, filters=128,
                 num_res_blocks=4, channel_multipliers=(1, 2, 2, 4), temporal_downsample=(True, True, True),
-                spatial_downsample=(False, False, False), num_groups=32, micro_frame_size=48,
+                spatial_downsample=(False, False, False), patch_size=1, num_groups=32, micro_frame_size=48,
                 latent_mean=MUGV_LATENT_MEAN, latent_std=MUGV_LATENT_STD, first_frame="replicate")
         elif name == "compact":
             base = dict(arch="compact")
@@ -381,6 +392,24 @@ def _frame_norm_act(norm: nn.GroupNorm, x: Tensor, activation: str, kernels: boo
     return y.reshape(B, T, C, H, W).transpose(1, 2).contiguous()
 
 
+def _space_to_depth(x: Tensor, p: int) -> Tensor:
+    """``[B, C, T, H, W] -> [B, C p^2, T, H/p, W/p]``, channel ``(c*p + a)*p + b`` <- pixel ``(p h + a, p w + b)``."""
+    if p == 1:
+        return x
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T, H // p, p, W // p, p).permute(0, 1, 4, 6, 2, 3, 5)
+    return x.reshape(B, C * p * p, T, H // p, W // p)
+
+
+def _depth_to_space(x: Tensor, p: int) -> Tensor:
+    """Inverse of :func:`_space_to_depth`."""
+    if p == 1:
+        return x
+    B, Cp, T, h, w = x.shape
+    x = x.reshape(B, Cp // (p * p), p, p, T, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return x.reshape(B, Cp // (p * p), T, h * p, w * p)
+
+
 class _CausalResBlock(nn.Module):
     """``x + conv2(act(gn2(conv1(act(gn1(x))))))`` with causal 3x3x3 convs and per-frame
     GroupNorm; 1x1x1 shortcut when the width changes. ``[B, cin, T, H, W] -> [B, cout, T, H, W]``."""
@@ -435,7 +464,8 @@ class CompactEncoder(nn.Module):
         act, g = cfg.activation_fn, cfg.num_groups
         self.activation = act
         self.kernels = True
-        self.conv_in = CausalConv3d(cfg.in_out_channels, widths[0], 3, time_padding="causal")
+        self.patch_size = cfg.patch_size
+        self.conv_in = CausalConv3d(cfg.in_out_channels * cfg.patch_size ** 2, widths[0], 3, time_padding="causal")
         self.levels = nn.ModuleList()
         self.downs = nn.ModuleList()
         prev = widths[0]
@@ -453,7 +483,7 @@ class CompactEncoder(nn.Module):
         self.conv_out = CausalConv3d(prev, 2 * cfg.latent_embed_dim, 3, time_padding="causal")
 
     def forward(self, x: Tensor, stream: _Stream | None = None) -> Tensor:
-        x = _stream_conv(self.conv_in, x, stream)
+        x = _stream_conv(self.conv_in, _space_to_depth(x, self.patch_size), stream)
         for i, level in enumerate(self.levels):
             for block in level:
                 x = block(x, stream)
@@ -490,7 +520,8 @@ class CompactDecoder(nn.Module):
         self.levels = nn.ModuleList(levels)  # deepest first
         self.ups = nn.ModuleList(ups)
         self.norm_out = nn.GroupNorm(g, prev, eps=1e-6)
-        self.conv_out = CausalConv3d(prev, cfg.in_out_channels, 3, time_padding="causal")
+        self.patch_size = cfg.patch_size
+        self.conv_out = CausalConv3d(prev, cfg.in_out_channels * cfg.patch_size ** 2, 3, time_padding="causal")
 
     def forward(self, z: Tensor, stream: _Stream | None = None) -> Tensor:
         x = _stream_conv(self.conv_in, z, stream)
@@ -501,7 +532,8 @@ class CompactDecoder(nn.Module):
                 x = block(x, stream)
             if i < len(self.ups):
                 x = self.ups[i](x, stream)
-        return _stream_conv(self.conv_out, _frame_norm_act(self.norm_out, x, self.activation, self.kernels), stream)
+        x = _stream_conv(self.conv_out, _frame_norm_act(self.norm_out, x, self.activation, self.kernels), stream)
+        return _depth_to_space(x, self.patch_size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -815,6 +847,55 @@ class VideoVAE(nn.Module):
             outs.append(self._decode_compat_chunk(part, min(mf, remaining)))
             remaining -= mf
         return torch.cat(outs, dim=2)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_public_state_dict(self, state_dict: dict[str, Tensor] | str) -> dict[str, Any]:
+        """Load released MUG-V VAE weights into a ``"mugv-compat"`` model, strictly.
+
+        Accepts either a ``MUGVAETemporal`` state dict (keys ``encoder.*``, ``quant_conv.*``,
+        ...) or the whole released pipeline checkpoint (``MUGAutoencoderPipeline``: keys
+        ``temporal_vae.*``, ``spatial_vae.*``, ``scale``, ``shift``, ``logvar``), or a path
+        to either (``.pt``/``.pth``/``.safetensors``). From a pipeline checkpoint the
+        temporal part is loaded, ``shift``/``scale`` must match the config's
+        ``latent_mean``/``latent_std`` (when those are set; else they are adopted), and the
+        ``spatial_vae.*`` keys (the SDXL image VAE, not part of this model) are reported.
+
+        Returns:
+            ``{"ignored": [keys not loaded], "latent_mean": ..., "latent_std": ...}``.
+
+        Raises:
+            ValueError: not a compat model, or latent statistics that disagree with the
+                config. RuntimeError: missing/unexpected temporal keys (all listed, by
+                ``load_state_dict(strict=True)``).
+        """
+        if self.config.arch != "mugv-compat":
+            raise ValueError("load_public_state_dict needs a 'mugv-compat' VideoVAE")
+        if isinstance(state_dict, (str, bytes)) or hasattr(state_dict, "__fspath__"):
+            from mugv.models.checkpoint import read_state_dict
+
+            state_dict = read_state_dict(state_dict)
+        ignored: list[str] = []
+        if any(k.startswith("temporal_vae.") for k in state_dict):
+            temporal = {k[len("temporal_vae."):]: v for k, v in state_dict.items() if k.startswith("temporal_vae.")}
+            ignored = sorted(k for k in state_dict if not k.startswith("temporal_vae.") and k not in ("scale", "shift"))
+            for key, buf, field_name in (("shift", self.latent_mean, "latent_mean"),
+                                         ("scale", self.latent_std, "latent_std")):
+                if key not in state_dict:
+                    continue
+                val = state_dict[key].detach().float().reshape(-1)
+                val = val.expand(buf.numel()) if val.numel() == 1 else val
+                if val.numel() != buf.numel():
+                    raise ValueError(f"checkpoint {key} has {val.numel()} entries, expected {buf.numel()}")
+                if getattr(self.config, field_name) is None:
+                    buf.copy_(val.view_as(buf))
+                elif not torch.allclose(val.to(buf), buf.reshape(-1), rtol=1e-3, atol=1e-4):
+                    raise ValueError(f"checkpoint {key} differs from config.{field_name}; build the config with "
+                                     f"{field_name}=None to adopt the checkpoint's statistics")
+        else:
+            temporal = dict(state_dict)
+        self.load_state_dict(temporal, strict=True)
+        return {"ignored": ignored, "latent_mean": self.latent_mean.reshape(-1).clone(),
+                "latent_std": self.latent_std.reshape(-1).clone()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
