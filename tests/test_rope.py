@@ -302,6 +302,48 @@ def test_one_output_unused_and_deterministic_weight_grads():
     assert_close(qw.grad, ref_qw.grad, scale=4)
 
 
+def test_empty_section_and_unused_q_output():
+    """A zero-size section (column 0 unused) and a backward where only k_out is used."""
+    D, sections = 16, (0, 8, 4)
+    q, k = _leaves(torch.randn(5, 3, D), torch.randn(5, 3, D))
+    kw = torch.randn(D, requires_grad=True)
+    pos = _positions((5,))
+    pos[:, 0] = 1000  # drives no dims
+    q_out, k_out = mk.qk_norm_rope3d(q, k, pos, sections, k_weight=kw, interleaved=False)
+    assert_close(q_out, qk_norm_rope3d_ref(q, pos, sections, interleaved=False))
+    assert torch.equal(q_out[..., 12:], q[..., 12:].detach())  # past the sections: unrotated
+    k_out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    k2, kw2 = _leaves(k, kw)
+    qk_norm_rope3d_ref(k2, pos, sections, kw2, interleaved=False).sum().backward()
+    assert_close(k.grad, k2.grad)
+    assert_close(kw.grad, kw2.grad, scale=4)
+
+
+def test_gpu_tiling_under_interpreter(monkeypatch):
+    """The GPU launch choice (one token per tile, 512 // BLOCK_D heads) and a backward
+    split over several programs with a ragged last chunk, run by the interpreter."""
+    from mugv_kernels.ops import rope as rope_ops
+
+    gpu_config = rope_ops.launch_config
+    monkeypatch.setattr(rope_ops, "launch_config", lambda H, D, device: gpu_config(H, D, torch.device("meta")))
+    monkeypatch.setattr(rope_ops, "bwd_programs", lambda n, block_t, device: (3, 2))  # 2 + 2 + 1 tokens
+    assert rope_ops.launch_config(6, 72, torch.device("cpu")).block_t == 1
+    D, sections = MUGV
+    q, k, pos, qw, kw = _case_inputs("packed", 1, 5, 6, D, torch.float32, "both")
+    leaves = _leaves(q, k, qw, kw)
+    refs = _leaves(q, k, qw, kw)
+    outs = mk.qk_norm_rope3d(leaves[0], leaves[1], pos, sections, q_weight=leaves[2], k_weight=leaves[3])
+    outs_ref = [qk_norm_rope3d_ref(refs[i], pos, sections, refs[i + 2]) for i in (0, 1)]
+    for o, r in zip(outs, outs_ref):
+        assert_close(o, r)
+    g = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, g)
+    torch.autograd.backward(outs_ref, g)
+    for t, r in zip(leaves, refs):
+        assert_close(t.grad, r.grad, scale=4)
+
+
 # ----------------------------------------------------------------------------------------
 # torch.library / compile / gradcheck / module
 # ----------------------------------------------------------------------------------------
@@ -407,6 +449,7 @@ _POS = torch.zeros(1, 4, 3, dtype=torch.int64)
         ((_Q, _Q, _POS, (24, 24, 23)), {}, "even"),
         ((_Q, _Q, _POS, (24, 24, 26)), {}, "sum to at most"),
         ((_Q, _Q, _POS, (24, 24)), {}, "three"),
+        ((_Q, _Q, _POS, (24.0, 24, 24)), {}, "three"),
         ((_Q, _Q, _POS, (24, -2, 24)), {}, "non-negative"),
         ((_Q, _Q, _POS, "abc"), {}, "sections"),
         ((_Q, _Q, _POS[..., :2], (24, 24, 24)), {}, "positions must have shape"),

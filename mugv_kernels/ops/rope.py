@@ -32,9 +32,11 @@ traffic is exactly the useful bytes; what they cost is issue slots and registers
 D = 72, 56 of 128 lanes (44%) do no useful arithmetic. That is affordable because the
 kernel does a few FLOPs per byte (memory-bound) and cos/sin are computed once per token
 (shared by all heads of q and k), not per element; the tile is kept small (one token x
-4 heads on a GPU, :func:`launch_config`) so registers stay low (72 forward / 96 backward
-for the fused q+k variant at sm_90a) and many programs stay resident per SM to keep HBM
-requests in flight. The partner element ``x[p(e)]`` is read by a second load of the
+4 heads on a GPU, :func:`launch_config`) so registers stay low (96 forward / 93 backward
+for the fused q+k variant at sm_90a) and several programs stay resident per SM; the
+forward loads the next head block of q and k before finishing the current one (two
+blocks of loads in flight per thread), the backward issues all loads of a step (dy and x
+of q and k) before its math, to keep enough HBM requests in flight. The partner element ``x[p(e)]`` is read by a second load of the
 same row (an L1/L2 hit, no extra HBM traffic), which works for both pair layouts and any
 section split, instead of a register shuffle. Angles are ``fp32(pos) * fp32(inv_freq)``
 as in the public table; cos/sin use :func:`_cos_sin` (no libdevice slow path).
@@ -155,12 +157,17 @@ def _tile_offsets(row_base, heads, stride_h, e3):
 
 
 @triton.jit
-def _rope_fwd_tile(X, x_rows, stride_xh, OUT, out_rows, heads, e3, p3, mask, cos, ssin, w, wp, D, eps,
-                   HAS_W: tl.constexpr):  # fmt: skip
-    """Norm + rotate one ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile of q or k."""
+def _load_pair(X, x_rows, stride_xh, heads, e3, p3, mask):
+    """A ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile and its pair partners, fp32."""
     offs = _tile_offsets(x_rows, heads, stride_xh, 0)
     x = tl.load(X + offs + e3, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(X + offs + p3, mask=mask, other=0.0).to(tl.float32)
+    return x, xp
+
+
+@triton.jit
+def _rope_fwd_finish(x, xp, OUT, out_rows, heads, e3, mask, cos, ssin, w, wp, D, eps, HAS_W: tl.constexpr):
+    """Norm + rotate a loaded tile and store it."""
     if HAS_W:
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
         x = x * rstd * w
@@ -187,9 +194,21 @@ def _rope3d_fwd_kernel(
     e = tl.arange(0, BLOCK_D)
     emask = e < D
     partner, sign, inv_freq, column = _rope_tables(e, neg_log2_theta, S0, S1, S2, INTERLEAVED)
-    cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
     e3 = e[None, None, :]
     p3 = partner[None, None, :]
+    q_rows = b * stride_qb + n * stride_qn
+    k_rows = b * stride_kb + n * stride_kn
+    out_rows = toks * H * D
+    hs = tl.arange(0, BLOCK_H)
+    tmask3 = tmask[:, None, None] & emask[None, None, :]
+    # issue the first head block's loads before the position math and weights
+    heads = hs
+    mask = tmask3 & (heads < H)[None, :, None]
+    xq, xqp = _load_pair(Q, q_rows, stride_qh, heads, e3, p3, mask)
+    xk, xkp = xq, xqp
+    if HAS_K:
+        xk, xkp = _load_pair(K, k_rows, stride_kh, heads, e3, p3, mask)
+    cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
     qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
     qwp = qw
     kw = qw
@@ -200,29 +219,28 @@ def _rope3d_fwd_kernel(
     if HAS_KW:
         kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
         kwp = tl.load(KW + p3, mask=e3 < D, other=0.0).to(tl.float32)
-    q_rows = b * stride_qb + n * stride_qn
-    k_rows = b * stride_kb + n * stride_kn
-    out_rows = toks * H * D
-    hs = tl.arange(0, BLOCK_H)
-    for h0 in range(0, H, BLOCK_H):
-        heads = h0 + hs
-        mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-        _rope_fwd_tile(Q, q_rows, stride_qh, QO, out_rows, heads, e3, p3, mask, cos, ssin, qw, qwp, D, eps, HAS_QW)
+    # software pipeline over head blocks: load block i + 1 (q and k) before finishing
+    # block i, so two blocks of loads are in flight; the last prefetch is fully masked
+    for h0 in range(BLOCK_H, H + BLOCK_H, BLOCK_H):
+        next_heads = h0 + hs
+        next_mask = tmask3 & (next_heads < H)[None, :, None]
+        nq, nqp = _load_pair(Q, q_rows, stride_qh, next_heads, e3, p3, next_mask)
+        nk, nkp = nq, nqp
         if HAS_K:
-            _rope_fwd_tile(K, k_rows, stride_kh, KO, out_rows, heads, e3, p3, mask, cos, ssin, kw, kwp, D, eps, HAS_KW)
+            nk, nkp = _load_pair(K, k_rows, stride_kh, next_heads, e3, p3, next_mask)
+        _rope_fwd_finish(xq, xqp, QO, out_rows, heads, e3, mask, cos, ssin, qw, qwp, D, eps, HAS_QW)
+        if HAS_K:
+            _rope_fwd_finish(xk, xkp, KO, out_rows, heads, e3, mask, cos, ssin, kw, kwp, D, eps, HAS_KW)
+        xq, xqp, xk, xkp = nq, nqp, nk, nkp
+        heads, mask = next_heads, next_mask
 
 
 @triton.jit
-def _rope_bwd_tile(DY, dy_rows, stride_dyh, X, x_rows, stride_xh, DX, out_rows, heads, e3, p3, mask, cos, ssin,
-                   w, D, eps, acc_w, HAS_W: tl.constexpr):  # fmt: skip
-    """Gradient of one ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile; returns the updated weight
-    accumulator."""
-    offs = _tile_offsets(dy_rows, heads, stride_dyh, 0)
-    dy = tl.load(DY + offs + e3, mask=mask, other=0.0).to(tl.float32)
-    dyp = tl.load(DY + offs + p3, mask=mask, other=0.0).to(tl.float32)
+def _rope_bwd_finish(dy, dyp, x, DX, out_rows, heads, e3, mask, cos, ssin, w, D, eps, acc_w, HAS_W: tl.constexpr):
+    """Gradient of one loaded ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile, stored; returns the
+    updated weight accumulator."""
     dxn = dy * cos - dyp * ssin
     if HAS_W:
-        x = tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=mask, other=0.0).to(tl.float32)
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
         xhat = x * rstd
         acc_w += dxn * xhat
@@ -278,15 +296,22 @@ def _rope3d_bwd_kernel(
         for h0 in range(0, H, BLOCK_H):
             heads = h0 + hs
             mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-            acc_q = _rope_bwd_tile(
-                DQO, dq_rows, stride_dqh, Q, q_rows, stride_qh, DQ, out_rows, heads, e3, p3, mask,
-                cos, ssin, qw, D, eps, acc_q, HAS_QW,
-            )  # fmt: skip
+            # every load of the step (q and k) is issued before the math
+            dyq, dyqp = _load_pair(DQO, dq_rows, stride_dqh, heads, e3, p3, mask)
+            xq = dyq
+            if HAS_QW:
+                xq = tl.load(Q + _tile_offsets(q_rows, heads, stride_qh, e3), mask=mask, other=0.0).to(tl.float32)
+            dyk, dykp, xk = dyq, dyqp, xq
             if HAS_K:
-                acc_k = _rope_bwd_tile(
-                    DKO, dk_rows, stride_dkh, K, k_rows, stride_kh, DK, out_rows, heads, e3, p3, mask,
-                    cos, ssin, kw, D, eps, acc_k, HAS_KW,
-                )  # fmt: skip
+                dyk, dykp = _load_pair(DKO, dk_rows, stride_dkh, heads, e3, p3, mask)
+                if HAS_KW:
+                    xk = tl.load(K + _tile_offsets(k_rows, heads, stride_kh, e3), mask=mask, other=0.0)
+                    xk = xk.to(tl.float32)
+            acc_q = _rope_bwd_finish(dyq, dyqp, xq, DQ, out_rows, heads, e3, mask, cos, ssin, qw, D, eps, acc_q, HAS_QW)
+            if HAS_K:
+                acc_k = _rope_bwd_finish(
+                    dyk, dykp, xk, DK, out_rows, heads, e3, mask, cos, ssin, kw, D, eps, acc_k, HAS_KW
+                )
     if HAS_QW:
         tl.store(DQW_P + pid * D + e, tl.sum(tl.sum(acc_q, axis=0), axis=0), mask=emask)
     if HAS_KW:
@@ -314,10 +339,10 @@ def launch_config(H: int, D: int, device: torch.device) -> LaunchConfig:
     """``BLOCK_D = next_power_of_2(D)``; on a GPU one token and ``512 // BLOCK_D`` heads
     per tile (4 lanes per thread at 4 warps).
 
-    Small tiles keep the fused q+k variants at 72 (forward) / 96 (backward) registers at
-    the MUG-V shape (sm_90a, ``python -m mugv_kernels.aot --family rope``), i.e. 5-7
-    resident programs per SM to keep HBM requests in flight; 1024-lane tiles needed 121 /
-    151 registers and 2048-lane tiles spilled in the backward. Triton's CPU interpreter
+    Small tiles keep the fused q+k variants at 96 (forward, with its one-block prefetch) /
+    93 (backward) registers at the MUG-V shape (sm_90a, ``python -m mugv_kernels.aot
+    --family rope``), i.e. 5 resident programs per SM; without the prefetch, 1024-lane
+    tiles needed 121 / 151 registers and 2048-lane tiles spilled in the backward. Triton's CPU interpreter
     pays per operation, not per lane, so there a tile takes 16 tokens (same math, fewer
     interpreted steps); heads stay in blocks of at most 4 so the head loop and its masks
     run in the tests.
