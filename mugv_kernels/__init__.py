@@ -7,14 +7,18 @@ in :mod:`mugv_kernels.nn`.
 """
 
 from mugv_kernels.ops.ada_norm import ada_layer_norm, gated_residual, gated_residual_ada_layer_norm
+from mugv_kernels.ops.conv3d import causal_conv3d
+from mugv_kernels.ops.group_norm import group_norm_silu
 from mugv_kernels.ops.attention import varlen_attention, varlen_attention_backends
 from mugv_kernels.ops.packing import pack, unpack
 from mugv_kernels.ops.rope import qk_norm_rope3d, rope3d, video_positions
 
 __all__ = [
     "ada_layer_norm",
+    "causal_conv3d",
     "gated_residual",
     "gated_residual_ada_layer_norm",
+    "group_norm_silu",
     "pack",
     "qk_norm_rope3d",
     "rope3d",

@@ -14,3 +14,7 @@ __all__ = [
 from mugv_kernels.nn.rope import QKNormRoPE3D  # noqa: E402
 
 __all__ += ["QKNormRoPE3D"]
+
+from mugv_kernels.nn.conv import CausalConv3d, GroupNormSiLU  # noqa: E402
+
+__all__ += ["CausalConv3d", "GroupNormSiLU"]

@@ -22,3 +22,11 @@ from mugv_kernels.reference.rope import (  # noqa: E402
 )
 
 __all__ += ["qk_norm_rope3d_ref", "rope3d_bwd_ref", "rope3d_fwd_ref", "rope_tables", "video_positions_ref"]
+
+from mugv_kernels.reference.conv3d import (  # noqa: E402
+    causal_conv3d_ref,
+    conv3d_padded_ref,
+    group_norm_silu_ref,
+)
+
+__all__ += ["causal_conv3d_ref", "conv3d_padded_ref", "group_norm_silu_ref"]
