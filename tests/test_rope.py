@@ -474,6 +474,14 @@ def test_bad_input_value_errors(args, kwargs, match):
         mk.qk_norm_rope3d(*args, **kwargs)
 
 
+def test_check_positions_can_be_skipped():
+    # the range check is a host sync: a model may check once and skip it in every block
+    out = mk.rope3d(_Q, _POS + (1 << 20), (24, 24, 24), check_positions=False)
+    assert out.shape == _Q.shape
+    with pytest.raises(ValueError, match="non-negative"):
+        QKNormRoPE3D(72)(_Q, _Q, _POS - 1)
+
+
 def test_bad_input_type_errors():
     with pytest.raises(TypeError, match="k dtype"):
         mk.qk_norm_rope3d(_Q, _Q.bfloat16(), _POS, (24, 24, 24))

@@ -30,9 +30,11 @@ class QKNormRoPE3D(nn.Module):
             the rotation (no parameters).
 
     Shapes:
-        ``forward(q, k, positions)`` with q, k ``[B, N, H, D]`` or ``[total, H, D]`` and
-        positions ``[B, N, 3]`` / ``[N, 3]`` / ``[total, 3]`` (int32/int64); returns
-        ``(q_out, k_out)`` of the shapes and dtype of q and k.
+        ``forward(q, k, positions, *, check_positions=True)`` with q, k ``[B, N, H, D]``
+        or ``[total, H, D]`` and positions ``[B, N, 3]`` / ``[N, 3]`` / ``[total, 3]``
+        (int32/int64); returns ``(q_out, k_out)`` of the shapes and dtype of q and k.
+        ``check_positions=False`` skips the range check's host sync (check once per
+        model forward instead of once per block).
 
     Raises:
         ValueError: bad ``head_dim``/``sections`` at construction; as
@@ -65,10 +67,12 @@ class QKNormRoPE3D(nn.Module):
             self.register_parameter("q_weight", None)
             self.register_parameter("k_weight", None)
 
-    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, positions: Tensor, *, check_positions: bool = True
+    ) -> tuple[Tensor, Tensor]:
         return qk_norm_rope3d(
             q, k, positions, self.sections, q_weight=self.q_weight, k_weight=self.k_weight,
-            eps=self.eps, theta=self.theta, interleaved=self.interleaved,
+            eps=self.eps, theta=self.theta, interleaved=self.interleaved, check_positions=check_positions,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -570,7 +570,7 @@ def _check_position_values(positions: Tensor) -> None:
         raise ValueError(f"positions must be < 2**24 (exact in fp32), got a maximum of {hi}")
 
 
-def _check_positions(positions: object, x: Tensor) -> Tensor:
+def _check_positions(positions: object, x: Tensor, check_values: bool = True) -> Tensor:
     if not isinstance(positions, torch.Tensor):
         raise ValueError(f"positions must be an integer torch.Tensor, got {type(positions).__name__}")
     if positions.dtype not in INDEX_DTYPES:
@@ -588,7 +588,8 @@ def _check_positions(positions: object, x: Tensor) -> Tensor:
         raise ValueError(
             f"positions must have shape {want} (one column per section), got {tuple(positions.shape)}"
         )
-    _check_position_values(positions)
+    if check_values:
+        _check_position_values(positions)
     return positions
 
 
@@ -629,6 +630,7 @@ def qk_norm_rope3d(
     eps: float = 1e-6,
     theta: float = 10000.0,
     interleaved: bool = True,
+    check_positions: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-head RMSNorm of Q and K followed by a 3D rotary embedding, in one pass.
 
@@ -659,6 +661,9 @@ def qk_norm_rope3d(
             ``positions[..., i] * theta ** (-2j / sections[i])`` (angles in fp32).
         interleaved: True pairs ``(2j, 2j+1)`` inside each section (MUG-V,
             ``view_as_complex``); False pairs ``j`` with ``j + d/2`` (rotate-half).
+        check_positions: range-check the position values (one host sync per call in
+            eager mode). A model that calls this in every block with the same positions
+            can check them once and pass False to the blocks.
 
     Returns:
         ``(q_out, k_out)``: same shapes as q and k, contiguous, in the input dtype.
@@ -680,7 +685,7 @@ def qk_norm_rope3d(
     D = q.shape[-1]
     secs = _check_sections(sections, D)
     _check_scalars(eps, theta, interleaved)
-    positions = _check_positions(positions, q)
+    positions = _check_positions(positions, q, check_positions)
     q_weight = _check_weight("q_weight", q_weight, D, q.device)
     k_weight = _check_weight("k_weight", k_weight, D, q.device)
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
@@ -696,6 +701,7 @@ def rope3d(
     *,
     theta: float = 10000.0,
     interleaved: bool = True,
+    check_positions: bool = True,
 ) -> Tensor:
     """3D rotary embedding of one tensor (no norm): :func:`qk_norm_rope3d` for a single
     input. Differentiable in x.
@@ -703,7 +709,8 @@ def rope3d(
     Args:
         x: ``[B, N, H, D]`` or ``[total, H, D]``, fp32/bf16/fp16 (fp64: reference), unit
             stride on D used without a copy.
-        positions, sections, theta, interleaved: as :func:`qk_norm_rope3d`.
+        positions, sections, theta, interleaved, check_positions: as
+            :func:`qk_norm_rope3d`.
 
     Returns:
         Same shape as x, contiguous, in ``x.dtype``.
@@ -714,7 +721,7 @@ def rope3d(
     x = _check_x("x", x)
     secs = _check_sections(sections, x.shape[-1])
     _check_scalars(1e-6, theta, interleaved)
-    positions = _check_positions(positions, x)
+    positions = _check_positions(positions, x, check_positions)
     x = last_dim_contiguous(x)
     return torch.ops.mugv.qk_norm_rope3d_fwd(x, None, positions, None, None, secs, 1e-6, float(theta), interleaved)[0]
 
