@@ -123,7 +123,7 @@ def test_every_backend_forward_matches_reference(backend, mode):
     assert_close(out, varlen_attention_ref(q, k, v, cu_q, cu_k, scale=0.3))
 
 
-@pytest.mark.parametrize("backend", cpu_backends(requires_grad=False))
+@pytest.mark.parametrize("backend", cpu_backends(requires_grad=False) + (["triton"] if TRITON else []))
 def test_non_contiguous_inputs(backend):
     """q, k, v as strided views of one fused qkv tensor, as the modules produce them."""
     qkv = torch.randn(sum(Q_LENS), 3, H, 40)

@@ -48,6 +48,7 @@ score unchanged and padded v columns are dropped, so padding never changes the r
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -205,10 +206,26 @@ def _run_flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, offsets_q, offsets_k): 
     return out[..., :D]
 
 
+def _native_takes_scale() -> bool:
+    """torch 2.10's ``varlen_attn`` has no ``scale`` (it always uses ``1 / sqrt(D)``);
+    later versions take it as a keyword. Read once, at import."""
+    try:
+        return _native_varlen_attn is not None and "scale" in inspect.signature(_native_varlen_attn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a signature-less wrapper
+        return False
+
+
+_NATIVE_TAKES_SCALE = _native_takes_scale()
+
+
 def _run_native(q, k, v, cu_q, cu_k, max_q, max_k, scale, offsets_q, offsets_k):  # pragma: no cover - CUDA only
     D = q.shape[-1]
     qp, kp, vp = (_pad_head_dim(t, 8) for t in (q, k, v))
-    out = _native_varlen_attn(qp, kp, vp, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale)
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    if _NATIVE_TAKES_SCALE:
+        out = _native_varlen_attn(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale=scale)
+    else:  # fold the scale into q: the kernel multiplies by 1 / sqrt(padded D)
+        out = _native_varlen_attn(qp * (scale * math.sqrt(qp.shape[-1])), kp, vp, cu_q, cu_k, max_q, max_k)
     return out[..., :D]
 
 

@@ -38,9 +38,12 @@ MAX_SEGMENTS = 65535
 # ----------------------------------------------------------------------------------------
 # Kernels
 #
-# One program per (block of BLOCK_M queries | keys, segment b, head h). Block base
+# One program per (block of BLOCK_M queries | keys, segment b, head h). Segment base
 # pointers are computed in int64 from cu_seqlens[b]; offsets inside a block are int32
-# (BLOCK x token stride). Scores in the log2 domain, s2 = (q . k) * scale * log2(e).
+# (BLOCK x token stride). The forward walks the segment with block pointers (bounds-
+# checked against the segment length and D, zero fill: fewer live pointer registers, so
+# a 128 x 64 tile fits at D = 72 without spills); the backward kernels use masked pointer
+# tiles (_load_tile / _store_tile). Scores in the log2 domain, s2 = (q . k) * scale * log2(e).
 # Forward (online softmax, FA2 Alg. 1), over the key blocks of segment b:
 #   m' = max(m, rowmax(s2));  p = exp2(s2 - m');  l = l * exp2(m - m') + rowsum(p)
 #   acc = acc * exp2(m - m') + p @ v;             out = acc / l,  lse = (m + log2 l) * ln 2
@@ -86,6 +89,9 @@ def _varlen_attn_fwd_kernel(
     SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # Block pointers over this segment's [rows, D] slab (bounds-checked against the
+    # segment length and D, zero padding): fewer live pointer registers than pointer
+    # tiles, which lets the key tile grow to 64 without spills. MASK_D* are unused here.
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -95,50 +101,68 @@ def _varlen_attn_fwd_kernel(
         return
     k_start = tl.load(CU_K + b).to(tl.int64)
     k_len = tl.load(CU_K + b + 1).to(tl.int64) - k_start
-    row0 = q_start + pid_m * BLOCK_M  # first query row of this block (int64)
-    m_valid = (q_len - pid_m * BLOCK_M).to(tl.int32)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    d1 = tl.arange(0, BLOCK_D1)
-    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
-    Qb = Q + h * stride_qh + row0 * stride_qt
-    q1 = _load_tile(Qb, offs_m, m_valid, stride_qt, d1, D, MASK_D1, UPCAST)
+    Qs = Q + h * stride_qh + q_start * stride_qt
+    Ks = K + h * stride_kh + k_start * stride_kt
+    Vs = V + h * stride_vh + k_start * stride_vt
+    m0 = pid_m * BLOCK_M
+    q1 = tl.load(tl.make_block_ptr(Qs, (q_len, D), (stride_qt, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0)),
+                 boundary_check=(0, 1), padding_option="zero")  # fmt: skip
+    k1_ptr = tl.make_block_ptr(Ks, (D, k_len), (1, stride_kt), (0, 0), (BLOCK_D1, BLOCK_N), (0, 1))  # K^T
+    v1_ptr = tl.make_block_ptr(Vs, (k_len, D), (stride_vt, 1), (0, 0), (BLOCK_N, BLOCK_D1), (1, 0))
+    if UPCAST:
+        q1 = q1.to(tl.float32)
     if SPLIT_D:
-        q2 = _load_tile(Qb, offs_m, m_valid, stride_qt, d2, D, MASK_D2, UPCAST)
+        q2 = tl.load(tl.make_block_ptr(Qs, (q_len, D), (stride_qt, 1), (m0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0)),
+                     boundary_check=(0, 1), padding_option="zero")  # fmt: skip
+        k2_ptr = tl.make_block_ptr(Ks, (D, k_len), (1, stride_kt), (BLOCK_D1, 0), (BLOCK_D2, BLOCK_N), (0, 1))
+        v2_ptr = tl.make_block_ptr(Vs, (k_len, D), (stride_vt, 1), (0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0))
+        if UPCAST:
+            q2 = q2.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-    Kb = K + h * stride_kh + k_start * stride_kt
-    Vb = V + h * stride_vh + k_start * stride_vt
     for start_n in range(0, k_len, BLOCK_N):
-        n_valid = (k_len - start_n).to(tl.int32)
-        k1 = _load_tile(Kb, offs_n, n_valid, stride_kt, d1, D, MASK_D1, UPCAST)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        k1_t = tl.load(k1_ptr, boundary_check=(0, 1), padding_option="zero")
+        if UPCAST:
+            k1_t = k1_t.to(tl.float32)
+        s = tl.dot(q1, k1_t, input_precision=DOT_PRECISION)
         if SPLIT_D:
-            k2 = _load_tile(Kb, offs_n, n_valid, stride_kt, d2, D, MASK_D2, UPCAST)
-            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
-        s = tl.where(offs_n[None, :] < n_valid, s * qk_scale, float("-inf"))
+            k2_t = tl.load(k2_ptr, boundary_check=(0, 1), padding_option="zero")
+            if UPCAST:
+                k2_t = k2_t.to(tl.float32)
+            s += tl.dot(q2, k2_t, input_precision=DOT_PRECISION)
+        s = tl.where((start_n + offs_n)[None, :] < k_len, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has >= 1 valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v1 = _load_tile(Vb, offs_n, n_valid, stride_vt, d1, D, MASK_D1, UPCAST)
+        v1 = tl.load(v1_ptr, boundary_check=(0, 1), padding_option="zero")
+        if UPCAST:
+            v1 = v1.to(tl.float32)
         acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PRECISION)
         if SPLIT_D:
-            v2 = _load_tile(Vb, offs_n, n_valid, stride_vt, d2, D, MASK_D2, UPCAST)
+            v2 = tl.load(v2_ptr, boundary_check=(0, 1), padding_option="zero")
+            if UPCAST:
+                v2 = v2.to(tl.float32)
             acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=DOT_PRECISION)
+            k2_ptr = tl.advance(k2_ptr, (0, BLOCK_N))
+            v2_ptr = tl.advance(v2_ptr, (BLOCK_N, 0))
         m_i = m_new
-        Kb += BLOCK_N * stride_kt
-        Vb += BLOCK_N * stride_vt
+        k1_ptr = tl.advance(k1_ptr, (0, BLOCK_N))
+        v1_ptr = tl.advance(v1_ptr, (BLOCK_N, 0))
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
-    Ob = OUT + h * stride_oh + row0 * stride_ot
-    _store_tile(Ob, offs_m, m_valid, stride_ot, d1, D, acc1 / l_safe[:, None], MASK_D1)
+    Os = OUT + h * stride_oh + q_start * stride_ot
+    o1_ptr = tl.make_block_ptr(Os, (q_len, D), (stride_ot, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0))
+    tl.store(o1_ptr, (acc1 / l_safe[:, None]).to(OUT.dtype.element_ty), boundary_check=(0, 1))
     if SPLIT_D:
-        _store_tile(Ob, offs_m, m_valid, stride_ot, d2, D, acc2 / l_safe[:, None], MASK_D2)
+        o2_ptr = tl.make_block_ptr(Os, (q_len, D), (stride_ot, 1), (m0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0))
+        tl.store(o2_ptr, (acc2 / l_safe[:, None]).to(OUT.dtype.element_ty), boundary_check=(0, 1))
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    tl.store(LSE + h * total_q + row0 + offs_m, lse, mask=offs_m < m_valid)
+    tl.store(LSE + h * total_q + q_start + offs_m, lse, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -323,7 +347,8 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
 
     CUDA: the largest tiles that compile for sm_90a without register spills at the
     benchmark shapes (``python -m mugv_kernels.aot --family varlen_attention``), by the
-    lanes the head dim occupies (80 for D = 72): forward 128 x 32 (8 warps, 2 stages);
+    lanes the head dim occupies (80 for D = 72): forward 128 x 64 up to 80 lanes, 128 x 32
+    up to 128, 64 x 32 beyond (8 warps, 2 stages);
     dK/dV 32 x 64 and dQ 64 x 64 up to 80 lanes, 32 x 32 up to 128, 16 x 32 beyond. The
     interpreter: 32 x 32 tiles (each program costs Python time; tests cross a tile
     boundary with segments longer than 32).
@@ -333,7 +358,9 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
     d1, d2, split = head_dim_split(D)
     lanes = d1 + (d2 if split else 0)
     if kernel == "fwd":
-        return AttnLaunchConfig(128 if lanes <= 128 else 64, 32, 8, 2)
+        if lanes <= 80:
+            return AttnLaunchConfig(128, 64, 8, 2)
+        return AttnLaunchConfig(128, 32, 8, 2) if lanes <= 128 else AttnLaunchConfig(64, 32, 8, 2)
     if kernel == "dkdv":
         return AttnLaunchConfig(32, 64, 8, 1) if lanes <= 128 else AttnLaunchConfig(16, 32, 8, 1)
     if lanes <= 80:
