@@ -99,6 +99,7 @@ def _settings(cfg: PreprocessConfig, vae_dir: str) -> dict:
         "clip_stride": cfg.clip_stride,
         "max_clips_per_video": cfg.max_clips_per_video,
         "latent_dtype": cfg.latent_dtype,
+        "text_encoder": cfg.text_encoder,
     }
 
 
@@ -109,7 +110,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
         cfg: the :class:`PreprocessConfig` (``cfg.vae`` must name a VAE checkpoint unless
             ``vae`` is given).
         vae: an already loaded :class:`~mugv.models.VideoVAE` (skips loading ``cfg.vae``).
-        text_encoder: an already loaded caption encoder (see :func:`mugv.train.vae_trainer.load_text_encoder`).
+        text_encoder: an already loaded :class:`mugv.text.TextEncoder` (default: ``cfg.text_encoder``).
         progress: show a tqdm bar.
 
     Returns:
@@ -121,7 +122,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
             directory preprocessed with other settings.
         FileNotFoundError: missing videos/captions/VAE checkpoint.
     """
-    from mugv.train.vae_trainer import load_text_encoder, load_vae, pick_device
+    from mugv.train.vae_trainer import encode_caption, load_text_encoder, load_vae, pick_device
 
     t_start = time.perf_counter()
     for n in cfg.num_frames:
@@ -137,7 +138,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
     vae_dir = str(Path(cfg.vae).resolve()) if cfg.vae else ""
     vae.eval()
     if text_encoder is None:
-        text_encoder = load_text_encoder(device)
+        text_encoder = load_text_encoder(cfg.text_encoder, device)
     videos = list_videos(cfg.videos)
     captions = read_captions(cfg.captions)
     buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
@@ -163,7 +164,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
             "shards": [],
         }
     if not (out / NULL_TEXT).exists():
-        write_shard(out / NULL_TEXT, {"text": text_encoder.encode([""])[0].float()})
+        write_shard(out / NULL_TEXT, {"text": encode_caption(text_encoder, "")})
     done = {s["source"]: s for s in index["shards"] if (out / s["file"]).exists()}
     index["shards"] = list(done.values())
     report: dict = {"processed": [], "skipped": [], "resumed": [], "num_clips": 0}
@@ -202,7 +203,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
                 bar.write(f"skipped {src.name}: {reason}")
                 bar.update(1)
             continue
-        text = text_encoder.encode([caption])[0].float()  # [L, D]
+        text = encode_caption(text_encoder, caption)  # [L, D]
         tensors: dict[str, torch.Tensor] = {}
         clips_meta = []
         for length in cfg.num_frames:
@@ -211,11 +212,11 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
                 group = starts[b : b + max(1, cfg.encode_batch)]
                 x = torch.stack([frames_to_tensor(vid.frames[s : s + length]) for s in group]).to(device)
                 with torch.no_grad():
-                    z = vae.encode(x, chunk_frames=None).mode()  # [B, C, L, h, w], normalized
+                    z = vae.encode(x, chunk_frames=cfg.encode_chunk_frames or None).mode()  # [B, C, L, h, w]
                 for s, zi in zip(group, z):
                     k = str(len(clips_meta))
                     tensors[f"{k}.latent"] = zi.to(dtype)
-                    tensors[f"{k}.text"] = text.to(dtype)
+                    tensors[f"{k}.text"] = text.to(dtype).clone()
                     clips_meta.append({
                         "key": k, "latent_shape": list(zi.shape), "num_frames": length,
                         "height": vid.bucket.height, "width": vid.bucket.width, "fps": vid.fps,

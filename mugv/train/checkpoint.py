@@ -17,10 +17,12 @@ Without an initialized process group every call works single-process (DCP's no-d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +51,15 @@ _STEP = re.compile(r"^step_(\d{8})$")
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes a single process when no group exists: that is our intent."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -125,7 +136,8 @@ def save_checkpoint(
         state = {"model": get_model_state_dict(model)}
     if ema is not None:
         state["ema"] = ema.state_dict()
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))
     torch.save({"step": step, **(extra or {})}, tmp / f"extra_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -162,7 +174,8 @@ def load_checkpoint(
         state = {"model": get_model_state_dict(model)}
     if ema is not None:
         state["ema"] = ema.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -184,5 +197,6 @@ def load_ema_weights(path: str | Path, model: nn.Module, use_ema: bool = True) -
     has_ema = any(k.startswith("ema.") for k in meta.state_dict_metadata)
     key = "ema" if use_ema and has_ema else "model"
     state = {key: {k: v for k, v in sd.items()}}
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state[key], strict=True)

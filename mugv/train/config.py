@@ -55,7 +55,9 @@ class PreprocessConfig:
     num_frames: list[int] = _f([17, 9], "clip lengths in frames, each 8k+1; a video yields clips of each length")
     clip_stride: int = _f(0, "frames between clip starts (0 = the clip length: no overlap)")
     max_clips_per_video: int = _f(8, "at most this many clips per video and length (spread evenly)")
-    encode_batch: int = _f(2, "clips per VAE encode call (chunking bounds memory)")
+    encode_batch: int = _f(2, "clips per VAE encode call (bounds memory)")
+    encode_chunk_frames: int = _f(0, "stream each clip through the VAE this many frames at a time (multiple of 8; 0 = one pass)")
+    text_encoder: str = _f("minilm", "caption encoder: minilm (offline, 384-d) | t5 (local files, $MUGV_T5_PATH)")
     latent_dtype: str = _f("float32", "dtype of stored latents: float32 | bfloat16")
     device: str = _f("auto", "auto | cpu | cuda")
 
@@ -94,7 +96,7 @@ class TrainConfig:
     """``mugv train``: rectified-flow training of the DiT on preprocessed shards."""
 
     data: str = _f("outputs/shards", "directory written by `mugv preprocess`")
-    out: str = _f("outputs/dit", "run directory: checkpoints/, tb/, config.json, losses.jsonl")
+    out: str = _f("outputs/dit", "run directory: checkpoints/, tb/, config.json, train.jsonl")
     flavor: str = _f("tiny", "DiTConfig flavor (debug, tiny, 1b, 4b, 10b, ...)")
     depth: int = _f(0, "override the flavor's depth (0 = keep)")
     hidden_size: int = _f(0, "override the flavor's width (0 = keep)")
@@ -110,6 +112,7 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay (0 = no EMA)")
     i2v_ratio: float = _f(0.25, "fraction of clips trained image-to-video (first latent frame clean)")
     caption_dropout: float = _f(0.1, "probability of replacing a caption with the empty one (for CFG)")
+    timestep_shift: bool = _f(True, "shift training times by sqrt(H*W/512^2)*sqrt(T_latent) (MUG-V); sampling follows")
     seed: int = _f(0, "seed of init, sampler, noise and timesteps")
     param_dtype: str = _f("auto", "FSDP/compute param dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32")
     reduce_dtype: str = _f("float32", "gradient reduce-scatter dtype")
@@ -133,12 +136,13 @@ class DemoConfig:
     """``mugv demo``: the main job end to end on the embedded clips."""
 
     out: str = _f("outputs/demo", "output directory (sample.mp4, loss.png, summary.json, work dirs)")
-    vae_steps: int = _f(150, "VAE training steps")
-    dit_steps: int = _f(300, "DiT training steps")
+    vae_steps: int = _f(300, "VAE training steps")
+    dit_steps: int = _f(600, "DiT training steps")
     flavor: str = _f("tiny", "DiT flavor")
     base_resolution: int = _f(96, "bucket base side for every stage")
     fps: float = _f(8.0, "target frame rate")
     token_budget: int = _f(1024, "DiT token budget per step")
+    dit_lr: float = _f(1e-3, "DiT peak learning rate")
     sample_frames: int = _f(17, "frames of the sampled clip (8k+1)")
     sample_height: int = _f(64, "height of the sampled clip (multiple of 16)")
     sample_width: int = _f(128, "width of the sampled clip (multiple of 16)")
@@ -147,7 +151,7 @@ class DemoConfig:
     prompt: str = _f("", "prompt of the sample ('' = the first caption of the dataset)")
     seed: int = _f(0, "seed of every stage")
     device: str = _f("auto", "auto | cpu | cuda")
-    threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    threads: int = _f(1, "torch CPU threads (0 = torch default); 1 is fastest for these tiny models, and on shared cores")
 
 
 def repo_config_path(stage: str) -> Path | None:

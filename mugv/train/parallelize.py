@@ -141,6 +141,7 @@ def parallelize_dit(
     compile: bool = False,
     mesh=None,
     reshard_after_forward: bool = True,
+    forward_methods: tuple[str, ...] = ("forward_packed",),
 ) -> nn.Module:
     """Apply activation checkpointing, per-block compile and FSDP2 to a model with ``.blocks``.
 
@@ -154,6 +155,8 @@ def parallelize_dit(
         mesh: a 1-D ``DeviceMesh`` (default: the whole world).
         reshard_after_forward: free unsharded block parameters after the forward (ZeRO-3);
             the root is never resharded (it is used again right away in the backward).
+        forward_methods: methods of the root other than ``forward`` that run the model
+            (``MUGDiT.forward_packed``); registered with ``register_fsdp_forward_method``.
 
     Returns:
         The same ``model`` object, modified in place.
@@ -176,10 +179,13 @@ def parallelize_dit(
     if fsdp:
         if not dist.is_initialized():
             raise RuntimeError("parallelize_dit: fsdp=True needs torch.distributed initialized (run under torchrun)")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         for blk in blocks:
             fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        for name in forward_methods:  # entry points other than forward() need FSDP's hooks too
+            if hasattr(model, name):
+                register_fsdp_forward_method(model, name)
     return model

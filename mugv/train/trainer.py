@@ -7,7 +7,7 @@ One step, per rank (the recipe of MUG-V, arXiv 2510.17519 Sec. 4, and its public
 2. Per clip (randomness drawn from ``(seed, step, clip index)``, so it does not depend on
    which rank holds the clip, and a resumed run draws the same numbers):
    ``t`` ~ shifted logistic-normal, ``eps ~ N(0, I)``, ``x_t = (1 - t) x_0 + t eps``, velocity
-   target ``eps - x_0``; with probability ``i2v_ratio`` the first latent frame stays clean
+   target ``eps - x_0`` (the pieces of :mod:`mugv.diffusion`, applied per packed clip); with probability ``i2v_ratio`` the first latent frame stays clean
    (image-to-video conditioning, ``x_mask``) and is left out of the loss; with probability
    ``caption_dropout`` the caption becomes the empty caption (for classifier-free guidance).
 3. One packed forward (:meth:`MUGDiT.forward_packed`, ``cu_seqlens``) over the rank's clips.
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from mugv.data.sampler import PackedStep, PackingSampler
+from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shift, velocity_target
 from mugv.data.shards import LatentDataset
 from mugv.train import checkpoint as ckpt
 from mugv.train.config import TrainConfig, to_dict
@@ -76,28 +77,23 @@ class ClipDraw:
     drop_caption: bool
 
 
-def clip_randomness(seed: int, step: int, clip: int, shape: tuple[int, ...], *, shift: float,
+def clip_randomness(seed: int, step: int, clip: int, shape: tuple[int, ...], *, shift: float | None,
                     i2v_ratio: float, caption_dropout: float) -> ClipDraw:
-    """Draw ``t``, the noise ``[C, T, h, w]``, the I2V flag and caption dropout of one clip.
+    """Draw ``t``, the noise ``[C, T, h, w]``, the I2V flag and caption dropout of one clip,
+    from a generator seeded by ``(seed, step, clip)`` only.
 
-    ``t = sigmoid(n) `` with ``n ~ N(0, 1)`` (logistic-normal, SD3 Sec. 3.1), then shifted
-    ``t <- s t / (1 + (s - 1) t)`` by ``shift`` (the resolution/length-dependent shift of
-    MUG-V and SD3 Eq. 23), from a generator seeded by ``(seed, step, clip)``.
+    ``t`` is logistic-normal (:func:`mugv.diffusion.logistic_normal`, SD3 Sec. 3.1), then
+    shifted by the ratio ``shift`` (:func:`mugv.diffusion.timestep_shift`; None = no shift).
+    Image-to-video needs at least two latent frames.
     """
     g = torch.Generator().manual_seed(_seed_of(seed, step, clip))
-    u = torch.rand(3, generator=g)
-    n = torch.randn(1, generator=g).item()
-    t = 1.0 / (1.0 + math.exp(-n))
-    t = shift * t / (1.0 + (shift - 1.0) * t)
+    u = torch.rand(2, generator=g)
+    t = logistic_normal(1, generator=g)
+    if shift is not None:
+        t = timestep_shift(t, shift)
     noise = torch.randn(shape, generator=g)
-    return ClipDraw(t=min(max(t, 1e-5), 1.0 - 1e-5), noise=noise, i2v=bool(u[0] < i2v_ratio) and shape[1] > 1,
+    return ClipDraw(t=float(t.clamp(1e-5, 1 - 1e-5)), noise=noise, i2v=bool(u[0] < i2v_ratio) and shape[1] > 1,
                     drop_caption=bool(u[1] < caption_dropout))
-
-
-def timestep_shift(num_latent_frames: int, height: int, width: int) -> float:
-    """MUG-V's timestep shift ``sqrt(H*W / 512^2) * sqrt(T_latent)`` for pixel size ``H x W``
-    (clamped to >= 1 so small demo clips are not trained mostly near clean latents)."""
-    return max(1.0, math.sqrt(height * width / 512**2) * math.sqrt(num_latent_frames))
 
 
 @dataclass
@@ -203,16 +199,16 @@ class Trainer:
             clip = self.data[i]
             x0 = clip.latent
             C, T, h, w = x0.shape
-            shift = timestep_shift(T, clip.meta["height"], clip.meta["width"])
+            shift = shift_ratio(clip.meta["height"], clip.meta["width"], T) if cfg.timestep_shift else None
             d = clip_randomness(cfg.seed, step, i, tuple(x0.shape), shift=shift, i2v_ratio=cfg.i2v_ratio,
                                 caption_dropout=cfg.caption_dropout)
-            x_t = (1.0 - d.t) * x0 + d.t * d.noise
+            x_t = add_noise(x0, d.noise, d.t)
             mask = torch.ones(T, dtype=torch.bool)
             if d.i2v:
                 x_t[:, 0] = x0[:, 0]
                 mask[0] = False
             lat.append(x_t.to(dev))
-            tgt.append((d.noise - x0).to(dev))
+            tgt.append(velocity_target(x0, d.noise).to(dev))
             masks.append(mask.to(dev))
             text = self.null_text if d.drop_caption else clip.text
             texts.append(text.to(dev))

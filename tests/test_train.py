@@ -1,0 +1,201 @@
+"""Training stack: resume is bitwise-identical on CPU, two gloo ranks with FSDP2 match one
+process on the same global batch, NaN steps are skipped then stop the run, checkpoints are
+atomic and rotated, the LR schedule and EMA behave, the config files match the defaults."""
+
+import dataclasses
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mugv.data.sampler import PackingSampler
+from mugv.data.shards import atomic_write_json, write_shard
+from mugv.train import checkpoint as ckpt
+from mugv.train.config import (
+    DemoConfig,
+    PreprocessConfig,
+    TrainConfig,
+    VAETrainConfig,
+    load_config,
+    repo_config_path,
+)
+from mugv.train.ema import EMA
+from mugv.train.trainer import NonFiniteLossError, Trainer, lr_at
+
+C, D = 24, 384
+
+
+def make_shards(root: Path, n: int = 8, seed: int = 0) -> Path:
+    """A tiny preprocessed dataset of random latents/captions with mixed shapes."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4, 8), (2, 6, 6), (3, 4, 4), (1, 4, 8), (2, 4, 10)]
+    tensors, clips = {}, []
+    for i in range(n):
+        T, h, w = shapes[i % len(shapes)]
+        L = 3 + i % 5
+        tensors[f"{i}.latent"] = torch.randn(C, T, h, w, generator=g)
+        tensors[f"{i}.text"] = torch.randn(L, D, generator=g)
+        clips.append({"key": str(i), "latent_shape": [C, T, h, w], "num_frames": 8 * (T - 1) + 1,
+                      "height": 8 * h, "width": 8 * w, "fps": 8.0, "start_frame": 0, "caption": f"clip {i}",
+                      "text_len": L, "source": "synthetic"})  # fmt: skip
+    write_shard(root / "shard_0.safetensors", tensors)
+    write_shard(root / "null_text.safetensors", {"text": torch.randn(2, D, generator=g)})
+    atomic_write_json(root / "index.json", {
+        "version": 1, "latent_channels": C, "text_dim": D, "text_encoder": "synthetic", "vae": "",
+        "shards": [{"file": "shard_0.safetensors", "source": "synthetic", "clips": clips}],
+    })  # fmt: skip
+    return root
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), steps=4, token_budget=160, progress=False, tensorboard=False,
+                depth=1, hidden_size=48, num_heads=1, warmup_steps=2, lr=1e-3, ema_decay=0.9, device="cpu", i2v_ratio=0.5, caption_dropout=0.2)
+    base.update(kw)
+    return load_config(TrainConfig, overrides=base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add overhead (and oversubscribe `pytest -n 2`)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_resume_is_bitwise_identical(shards, tmp_path):
+    full = Trainer(_cfg(shards, tmp_path / "a")).fit()
+    part = Trainer(_cfg(shards, tmp_path / "b", checkpoint_every=2, keep_last=2)).fit(stop_after=2)
+    assert part.step == 2 and len(part.losses) == 2
+    resumed = Trainer(_cfg(shards, tmp_path / "b", checkpoint_every=2, keep_last=2)).fit()
+    assert resumed.step == 4
+    assert resumed.losses == full.losses  # exact float equality
+    assert all(math.isfinite(v) for v in full.losses)
+    dirs = ckpt.checkpoint_dirs(tmp_path / "b")
+    assert [d.name for d in dirs] == ["step_00000002", "step_00000004"]  # keep_last=2
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
+    # the EMA / raw weights of the final checkpoint load into a plain model
+    from mugv.models import MUGDiT
+
+    tr = Trainer(_cfg(shards, tmp_path / "b"))
+    model = MUGDiT(tr.dit_cfg, kernels=False)
+    ckpt.load_ema_weights(dirs[-1], model, use_ema=True)
+    ema = {k: v for k, v in tr.ema.state_dict().items()}
+    tr.resume()
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v, tr.ema.state_dict()[k], rtol=0, atol=0)
+    assert ema.keys() == tr.ema.state_dict().keys()
+
+
+def test_nan_steps_are_skipped_then_stop(shards, tmp_path):
+    tr = Trainer(_cfg(shards, tmp_path / "n", max_bad_steps=2))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.data[0].latent  # load
+    tr.data._shards["shard_0.safetensors"] = {
+        k: (torch.full_like(v, float("nan")) if k.endswith(".latent") else v)
+        for k, v in tr.data._shards["shard_0.safetensors"].items()
+    }
+    assert tr.train_step(tr.sampler.next_step().indices) is None
+    assert tr.skipped == 1 and tr.step == 1
+    for p, q in zip(tr.model.parameters(), before):
+        assert torch.equal(p, q)  # no update
+    with pytest.raises(NonFiniteLossError, match="2 consecutive"):
+        tr.train_step(tr.sampler.next_step().indices)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_worker(rank, world, port, data, out, steps, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        tr = Trainer(_cfg(data, out, fsdp="on", activation_checkpointing=rank == 0))
+        assert tr.use_fsdp
+        losses = [tr.train_step(tr.sampler.next_step().indices) for _ in range(steps)]
+        if rank == 0:
+            q.put(losses)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp_two_ranks_match_one_process(shards, tmp_path):
+    steps, world = 3, 2
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    mp.start_processes(_fsdp_worker, args=(world, _free_port(), str(shards), str(tmp_path / "f"), steps, q),
+                       nprocs=world, join=True, start_method="spawn")
+    fsdp_losses = q.get(timeout=5)
+    # one process, same global batches (the union of the two ranks' clips), no FSDP
+    tr = Trainer(_cfg(shards, tmp_path / "s"))
+    plan = PackingSampler(tr.clip_tokens, 160, num_replicas=world, seed=0)
+    single = []
+    for _ in range(steps):
+        st = plan.next_step()
+        single.append(tr.train_step(tuple(c for b in st.per_rank for c in b)))
+    torch.testing.assert_close(torch.tensor(fsdp_losses), torch.tensor(single), rtol=1e-4, atol=1e-5)
+
+
+def test_lr_schedule():
+    kw = dict(lr=1.0, warmup=4, total=20, min_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.25)
+    assert lr_at(3, **kw) == pytest.approx(1.0)
+    assert lr_at(20, **kw) == pytest.approx(0.1)
+    vals = [lr_at(s, **kw) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_ema_update_and_errors():
+    m = torch.nn.Linear(3, 2)
+    e = EMA(m, 0.5)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    w0 = e.shadow["weight"].clone()
+    e.update(m, step=100)  # decay min(0.5, 101/110) = 0.5
+    torch.testing.assert_close(e.shadow["weight"], 0.5 * w0 + 0.5 * m.weight.detach())
+    assert e.decay_at(0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(m, 1.0)
+
+
+@pytest.mark.parametrize("stage,cls", [("preprocess", PreprocessConfig), ("train_vae", VAETrainConfig),
+                                       ("train", TrainConfig), ("demo", DemoConfig)])
+def test_config_files_document_every_default(stage, cls):
+    import tomllib
+
+    path = repo_config_path(stage)
+    assert path is not None, f"configs/{stage}.toml missing"
+    data = tomllib.loads(path.read_text())
+    names = {f.name for f in dataclasses.fields(cls)}
+    assert set(data) == names, f"configs/{stage}.toml keys differ from {cls.__name__}"
+    assert load_config(cls, path) == cls()  # the file states exactly the defaults
+    text = path.read_text()
+    for name in names:  # every key has a comment line above it
+        i = text.index(f"\n{name} =")
+        assert text[:i].rstrip().splitlines()[-1].lstrip().startswith("#"), name
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = 1e-3\nlearning_rate = 2\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config(TrainConfig, bad)
+    with pytest.raises(TypeError, match="steps"):
+        load_config(TrainConfig, overrides={"steps": "many"})
+    assert load_config(TrainConfig, overrides={"lr": 2, "steps": None}).lr == 2.0
