@@ -71,8 +71,12 @@ def _positions(shape, hi=17):
     return torch.randint(0, hi, (*shape, 3))
 
 
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in ts]
+def _leaves(*ts, keep_strides=False):
+    """Fresh autograd leaves; ``keep_strides`` keeps views (e.g. qkv slices) as they are."""
+    return [
+        (t.detach() if keep_strides else t.detach().clone()).requires_grad_(True) if t is not None else None
+        for t in ts
+    ]
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,7 +173,8 @@ def test_fwd_bwd_matches_reference(layout, B, N, H, dsec, interleaved, dtype, no
         )
 
     inputs = (q, k, qw, kw)
-    got, lowp = _leaves(*inputs), _leaves(*inputs)
+    got, lowp = _leaves(*inputs, keep_strides=True), _leaves(*inputs)
+    assert not got[0].is_contiguous() and got[0].stride(-1) == 1  # qkv slices reach the op
     fp32 = _leaves(*[t.float() if t is not None else None for t in inputs])
     outs = fused(*got)
     outs_lowp, outs32 = ref(*lowp), ref(*fp32)
@@ -195,9 +200,9 @@ def test_fwd_bwd_matches_reference(layout, B, N, H, dsec, interleaved, dtype, no
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope3d_matches_reference(interleaved):
     D, sections = WAN
-    x = torch.randn(2, 3, 3, D)[..., :D]
+    x = torch.randn(2, 3, 3, D + 8)[..., :D]  # rows strided by D + 8
     pos = _positions((3,))  # [N, 3] shared by the batch
-    (xg,) = _leaves(x)
+    (xg,) = _leaves(x, keep_strides=True)
     out = mk.rope3d(xg, pos, sections, interleaved=interleaved)
     assert_close(out, qk_norm_rope3d_ref(x, pos, sections, interleaved=interleaved))
     g = torch.randn_like(out)
@@ -331,7 +336,7 @@ def test_gpu_tiling_under_interpreter(monkeypatch):
     assert rope_ops.launch_config(6, 72, torch.device("cpu")).block_t == 1
     D, sections = MUGV
     q, k, pos, qw, kw = _case_inputs("packed", 1, 5, 6, D, torch.float32, "both")
-    leaves = _leaves(q, k, qw, kw)
+    leaves = _leaves(q, k, qw, kw, keep_strides=True)
     refs = _leaves(q, k, qw, kw)
     outs = mk.qk_norm_rope3d(leaves[0], leaves[1], pos, sections, q_weight=leaves[2], k_weight=leaves[3])
     outs_ref = [qk_norm_rope3d_ref(refs[i], pos, sections, refs[i + 2]) for i in (0, 1)]

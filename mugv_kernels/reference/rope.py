@@ -137,12 +137,12 @@ def qk_norm_rope3d_ref(
 
 
 def rope3d_fwd_ref(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
-    """Explicit forward with the outputs of ``mugv::qk_norm_rope3d_fwd``: ``(q_out, k_out)``
-    (``k_out`` empty when ``k`` is None)."""
-    q_out = qk_norm_rope3d_ref(q, positions, sections, q_weight, eps, theta, interleaved)
+    """Explicit forward with the outputs of ``mugv::qk_norm_rope3d_fwd``: ``(q_out, k_out)``,
+    contiguous (``k_out`` empty when ``k`` is None)."""
+    q_out = qk_norm_rope3d_ref(q, positions, sections, q_weight, eps, theta, interleaved).contiguous()
     if k is None:
         return q_out, q.new_empty(0)
-    return q_out, qk_norm_rope3d_ref(k, positions, sections, k_weight, eps, theta, interleaved)
+    return q_out, qk_norm_rope3d_ref(k, positions, sections, k_weight, eps, theta, interleaved).contiguous()
 
 
 def _bwd_one(dy: Tensor, x: Tensor, positions: Tensor, weight, sections, eps, theta, interleaved):
@@ -160,14 +160,14 @@ def _bwd_one(dy: Tensor, x: Tensor, positions: Tensor, weight, sections, eps, th
     # inverse rotation: the pair (e, partner) turned by -a
     dxn = dy * torch.cos(a) - dy[..., partner] * (sign * torch.sin(a))
     if weight is None:
-        return dxn.to(x.dtype), x.new_empty(0)
+        return dxn.to(x.dtype).contiguous(), x.new_empty(0)
     xf = x.to(cd)
     rstd = _rms(xf, eps)
     xhat = xf * rstd
     dweight = (dxn * xhat).reshape(-1, D).sum(0).to(weight.dtype)
     dxhat = dxn * weight.to(cd)
     dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
-    return dx.to(x.dtype), dweight
+    return dx.to(x.dtype).contiguous(), dweight
 
 
 def rope3d_bwd_ref(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
