@@ -259,3 +259,30 @@ def test_gpu_bf16(backend):
         y = mk.causal_conv3d(x, w, b, context=ctx if k[0] > 1 else None, backend=backend)
         yr = padded_conv(x.float(), w.float(), b.float(), (1, 1, 1), (1, 1, 1), "causal", "zeros", ctx.float() if k[0] > 1 else None)
         assert_close(y, yr, scale=2)
+
+
+def test_gpu_tiles_under_interpreter(monkeypatch):
+    """The GPU tile shapes (128-row blocks, several N blocks, K loops over channels,
+    split-K dw) through the interpreter: masks and loop bounds as the H100 runs them."""
+    from mugv_kernels.ops import conv3d
+
+    monkeypatch.setattr(conv3d, "SMALL_TILES", False)
+    dtype = torch.bfloat16  # the shipped 128 x 128 x 64 tiles
+    x = torch.randn(1, 72, 3, 6, 8).to(dtype).contiguous(memory_format=CL).requires_grad_()
+    w = (torch.randn(136, 72, 2, 1, 1) / 8).to(dtype).requires_grad_()
+    b = torch.randn(136).to(dtype).requires_grad_()
+    y = mk.causal_conv3d(x, w, b, pad_mode="replicate")
+    leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    yr = padded_conv(*leaves, (1, 1, 1), (1, 1, 1), "causal", "replicate")
+    assert_close(y, yr, scale=4)
+    dy = torch.randn_like(yr)
+    for g, r in zip(torch.autograd.grad(y, (x, w, b), dy.to(dtype)), torch.autograd.grad(yr, leaves, dy)):
+        assert_close(g, r, scale=8)
+    # split-K of dw: one tile of channels, 1024 positions -> 4 splits
+    x = torch.randn(1, 4, 4, 16, 16, requires_grad=True)
+    w = torch.randn(4, 4, 1, 1, 1, requires_grad=True)
+    y = mk.causal_conv3d(x, w)
+    (gw,) = torch.autograd.grad(y, w, torch.ones_like(y))
+    assert conv3d.dw_splits(1024, 1, 32, x.device)[0] == 4
+    (rw,) = torch.autograd.grad(F.conv3d(x, w), w, torch.ones_like(y))
+    assert_close(gw, rw, scale=8)

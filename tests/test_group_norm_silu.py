@@ -162,3 +162,27 @@ def test_gpu(backend):
         y = mk.group_norm_silu(x, 32, w, b, backend=backend)
         assert y.stride() == x.stride()
         assert_close(y, reference(x, 32, w, b))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_many_tiles_and_chunks(monkeypatch, cl):
+    """Small tiles and many programs: several tiles per chunk and several chunks per group,
+    so the in-kernel Welford merge and the host-side Chan merge of chunks both run."""
+    from mugv_kernels.ops import group_norm
+
+    monkeypatch.setattr(group_norm, "INTERPRET_TILE_ELEMS", 32)
+    monkeypatch.setattr(group_norm, "CPU_PROGRAMS", 12)
+    x = torch.randn(1, 8, 2, 5, 7) * 3 + 5
+    if cl:
+        x = x.contiguous(memory_format=CL)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    block_s, _, s_per_chunk, _ = group_norm.gn_config(70, 2, 4, x.device)
+    assert s_per_chunk > block_s and 70 > s_per_chunk  # >1 tile per chunk, >1 chunk
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    y = mk.group_norm_silu(x, 4, w, b)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    yr = reference(*ref_leaves[:1], 4, *ref_leaves[1:])
+    assert_close(y, yr)
+    dy = torch.randn_like(yr)
+    for g, r in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, ref_leaves, dy)):
+        assert_close(g, r, scale=4)

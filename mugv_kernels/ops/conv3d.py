@@ -293,13 +293,18 @@ class GemmConfig:
     num_stages: int
 
 
+SMALL_TILES: bool = INTERPRET
+"""Interpreter tiles (the smallest that cover the problem). Tests set it to False to run
+the GPU tile shapes (multiple M/N blocks, K loops, split-K) through the interpreter."""
+
+
 def gemm_config(M: int, N: int, K: int, dtype: torch.dtype) -> GemmConfig:
     """Tiles for rows ``M``, columns ``N`` (output channels) and per-tap reduction ``K``
     (input channels). GPU: 128 x up-to-128 tiles, K steps of 64 (bf16/fp16) or 32 (fp32),
     three stages. Interpreter: the smallest tiles that cover the problem (each program
     runs in Python)."""
     pow2 = triton.next_power_of_2
-    if INTERPRET:
+    if SMALL_TILES:
         return GemmConfig(
             min(max(pow2(M), 16), 256), min(max(pow2(N), 16), 64), min(max(pow2(K), 16), 256), 4, 1
         )
@@ -378,8 +383,12 @@ def _dx_launch(dy, wt, out, v0, n_frames, x_shape, stride, dilation, front, kern
 
 def dw_splits(M: int, n_tiles: int, block_k: int, device: torch.device) -> tuple[int, int]:
     """``(splits, m_per_split)`` of the dw reduction over ``M`` output positions: about
-    four programs per SM on CUDA (one under the interpreter), each at least 8 K-steps."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    four programs per SM on CUDA (one with the interpreter's small tiles, four with GPU
+    tiles on CPU), each at least 8 K-steps."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 1 if SMALL_TILES else 4
     splits = max(1, min(triton.cdiv(target, max(n_tiles, 1)), triton.cdiv(M, 8 * block_k)))
     m_per_split = triton.cdiv(triton.cdiv(M, splits), block_k) * block_k
     return triton.cdiv(M, m_per_split), m_per_split
@@ -397,8 +406,8 @@ def _dw_launch(dy, x, context, weight_shape, stride, dilation, front, replicate)
     cfg = gemm_config(C_out, C_in, M, dy.dtype)
     block_co = min(max(triton.next_power_of_2(C_out), 16), 64)
     block_ci = min(max(triton.next_power_of_2(C_in), 16), 64)
-    block_k = cfg.block_k if INTERPRET else 32
-    cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, 4 if INTERPRET else 8, 1 if INTERPRET else 2)
+    block_k = cfg.block_k if SMALL_TILES else 32
+    cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, 4 if SMALL_TILES else 8, 1 if SMALL_TILES else 2)
     n_co, n_ci = triton.cdiv(C_out, block_co), triton.cdiv(C_in, block_ci)
     splits, m_per_split = dw_splits(M, taps * n_co * n_ci, block_k, x.device) if M > 0 else (1, 1)
     dw_p = torch.zeros((splits, taps, C_out, C_in), dtype=torch.float32, device=x.device)

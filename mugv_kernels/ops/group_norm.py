@@ -237,18 +237,24 @@ def _dense(t: Tensor) -> Tensor:
     return t if bcs_strides(t) is not None else t.contiguous()
 
 
+INTERPRET_TILE_ELEMS = 16384
+"""Tile size (elements) under the interpreter; tests shrink it to run many tiles and chunks."""
+CPU_PROGRAMS = 2
+"""Programs to aim for on CPU (the interpreter); tests raise it to split groups into chunks."""
+
+
 def gn_config(S: int, Cg: int, BG: int, device: torch.device, *, backward: bool = False) -> tuple[int, int, int, int]:
     """``(BLOCK_S, BLOCK_C, s_per_chunk, num_warps)``: tiles of ~4K elements (2K in the
     backward, which holds two inputs), ~4 programs per SM over ``(b, g, chunk)``; the
     interpreter takes bigger tiles and few chunks."""
     block_c = triton.next_power_of_2(max(Cg, 1))
-    elems = 16384 if INTERPRET else (2048 if backward else 4096)
+    elems = INTERPRET_TILE_ELEMS if INTERPRET else (2048 if backward else 4096)
     block_s = max(1, elems // block_c)
     block_s = min(block_s, triton.next_power_of_2(max(S, 1)))
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = 2
+        target = CPU_PROGRAMS
     chunks = max(1, min(triton.cdiv(target, max(BG, 1)), triton.cdiv(S, block_s)))
     s_per_chunk = triton.cdiv(triton.cdiv(max(S, 1), chunks), block_s) * block_s
     return block_s, block_c, s_per_chunk, 4
