@@ -359,10 +359,13 @@ class RectifiedFlow:
     def sample(
         self,
         model: Callable[..., Tensor],
-        noise: Tensor,
+        noise: Tensor | tuple[int, ...],
         y: Any,
         y_null: Any = None,
         *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
         mask: Tensor | None = None,
         mask_null: Tensor | None = None,
         fps: Tensor | None = None,
@@ -379,8 +382,9 @@ class RectifiedFlow:
 
         Args:
             model: ``model(x, timestep, y, mask=..., x_mask=..., fps=..., **model_kwargs)``.
-            noise: ``[B, C, T, H, W]`` the starting noise (seed it for determinism:
-                ``torch.randn(shape, generator=torch.Generator().manual_seed(s))``).
+            noise: ``[B, C, T, H, W]`` the starting noise, or its shape (a tuple): then it
+                is drawn as ``torch.randn(shape, generator=generator, device=device,
+                dtype=dtype)`` (seed the generator for determinism).
             y, mask: condition text for the model (a tensor ``[B, (1,) L, D]`` + ``[B, L]``
                 mask, or any object the model takes, e.g. :class:`mugv.text.TextEmbeddings`).
             y_null, mask_null: the unconditional (empty / negative prompt) text; required when
@@ -403,6 +407,8 @@ class RectifiedFlow:
             ValueError: bad shapes, a missing ``y_null`` with guidance, a model output of
                 the wrong shape.
         """
+        if isinstance(noise, (tuple, list, torch.Size)):
+            noise = torch.randn(tuple(noise), generator=generator, device=device, dtype=dtype)
         if not isinstance(noise, Tensor) or noise.dim() != 5:
             raise ValueError(f"noise must be a 5-D [B, C, T, H, W] tensor, got {getattr(noise, 'shape', type(noise))}")
         B, C, T = noise.shape[:3]

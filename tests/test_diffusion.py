@@ -206,6 +206,10 @@ def test_cfg_batched_equals_separate_calls_and_is_deterministic():
         vu = _text_model(z, ts, yn, mask=mn, fps=fps)
         z = z + (vu + 3.0 * (vc - vu)) * (tn - t)
     assert_close(out, z, scale=10)
+    # the noise can also be drawn inside from a seeded generator
+    seeded = flow.sample(_text_model, (B, C, 3, 4, 4), y, y_null, generator=torch.Generator().manual_seed(7),
+                         mask=mask, mask_null=mask_null, fps=fps)
+    assert torch.equal(seeded, out)
 
 
 def test_image_to_video_conditioning_and_text_embeddings():

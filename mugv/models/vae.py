@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugv.models._vae_ops import conv_out_len, group_norm_silu
+from mugv.models._vae_ops import group_norm_silu
 from mugv.models.vae_compat import CausalConv3d, CompatDecoder, CompatEncoder
 
 __all__ = ["DiagonalGaussian", "VAEConfig", "VideoVAE", "MUGV_LATENT_MEAN", "MUGV_LATENT_STD"]
