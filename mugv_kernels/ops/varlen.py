@@ -166,6 +166,22 @@ def _varlen_attn_fwd_kernel(
 
 
 @triton.jit
+def _varlen_attn_bwd_delta_kernel(
+    OUT, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q, D,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``delta[h, t] = sum_d dout[t, h, d] * out[t, h, d]`` in fp32 (FA2 Alg. 2, line 4)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < total_q) & (cols[None, :] < D)
+    o = tl.load(OUT + h * stride_oh + rows[:, None] * stride_ot + cols[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + cols[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + h * total_q + rows, delta, mask=rows < total_q)
+
+
+@triton.jit
 def _varlen_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, DK, DV,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -406,8 +422,13 @@ def _varlen_attn_bwd_launch(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, s
     dq = torch.empty((Tq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    # delta = rowsum(dout * out) in fp32, [H, Tq] like lse (a memory-bound pass)
-    delta = (dout.float() * out.float()).sum(-1).t().contiguous()
+    # delta = rowsum(dout * out) in fp32, [H, Tq] like lse: one memory-bound pass
+    delta = torch.empty((H, Tq), dtype=torch.float32, device=q.device)
+    if Tq > 0:
+        launch(_varlen_attn_bwd_delta_kernel, (triton.cdiv(Tq, 32), H))(
+            out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), Tq, D,
+            BLOCK_T=32, BLOCK_D=max(triton.next_power_of_2(D), 16), num_warps=4, num_stages=1,
+        )  # fmt: skip
     common = dict(**_col_masks(D), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype))
     strides_in = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1)
