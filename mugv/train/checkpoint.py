@@ -189,14 +189,23 @@ def load_ema_weights(path: str | Path, model: nn.Module, use_ema: bool = True) -
     """Load the EMA (or raw) weights of a checkpoint into a plain, unsharded ``model``.
 
     Works in a single process without a process group (DCP reshards to full tensors).
-    Falls back to the raw weights when the checkpoint has no EMA.
+    Entries the EMA does not hold (or all, with ``use_ema=False``) come from the raw weights.
+
+    Raises:
+        KeyError: the checkpoint lacks some of the model's entries.
     """
     path = Path(path)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     meta = dcp.FileSystemReader(str(path)).read_metadata()
-    has_ema = any(k.startswith("ema.") for k in meta.state_dict_metadata)
-    key = "ema" if use_ema and has_ema else "model"
-    state = {key: {k: v for k, v in sd.items()}}
+    stored = set(meta.state_dict_metadata)
+    # EMA covers the trainable parameters; anything else (buffers, frozen weights) comes from "model".
+    src = {k: ("ema" if use_ema and f"ema.{k}" in stored else "model") for k in sd}
+    missing = [k for k, s in src.items() if f"{s}.{k}" not in stored]
+    if missing:
+        raise KeyError(f"load_ema_weights: {path} lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    state = {"ema": {k: sd[k] for k, s in src.items() if s == "ema"},
+             "model": {k: sd[k] for k, s in src.items() if s == "model"}}
+    state = {k: v for k, v in state.items() if v}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state[key], strict=True)
+    model.load_state_dict({**state.get("model", {}), **state.get("ema", {})}, strict=True)

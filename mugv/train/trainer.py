@@ -346,7 +346,11 @@ class Trainer:
                          grad_norm=info["grad_norm"], tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     last_ckpt = self.save()
-            last_ckpt = self.save()
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if done or latest is None or latest.name != f"step_{self.step:08d}":
+                last_ckpt = self.save()
+            else:
+                last_ckpt = latest  # resumed at the end: nothing new to save
         finally:
             log.close()
         return TrainResult(list(self.losses), self.step, self.skipped, str(self.run_dir), str(last_ckpt),
