@@ -6,6 +6,7 @@ instead of crashing. Correctness of the CUDA kernels is tested on a GPU by the o
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -34,8 +35,25 @@ def csrc_module(tmp_path_factory):
     pybind11 = pytest.importorskip("pybind11")
     if nvcc is None or cmake is None:
         pytest.skip("needs nvcc and cmake")
-    build = tmp_path_factory.mktemp("csrc-build")
+    # one build per test run: xdist workers share the parent of their base temp dirs and
+    # take turns through a lock, the first one builds, the others reuse its module
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    build = root / "mugv-csrc-build"
     out = build / "out"
+    with open(root / "mugv-csrc-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not list(out.glob("_C*.so")):
+            _build(build, out, nvcc, cmake, pybind11)
+    (so,) = out.glob("_C*.so")
+    spec = importlib.util.spec_from_file_location("mugv_csrc_build._C", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, so
+
+
+def _build(build: Path, out: Path, nvcc: str, cmake: str, pybind11) -> None:
     args = [
         cmake, "-S", str(ROOT), "-B", str(build),
         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}", f"-DPython_EXECUTABLE={sys.executable}",
@@ -46,11 +64,6 @@ def csrc_module(tmp_path_factory):
     for cmd in (args, [cmake, "--build", str(build), "-j", "2"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    (so,) = out.glob("_C*.so")
-    spec = importlib.util.spec_from_file_location("mugv_csrc_build._C", so)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, so
 
 
 def test_builds_for_sm90a_and_imports(csrc_module):
