@@ -40,10 +40,10 @@ MAX_SEGMENTS = 65535
 #
 # One program per (block of BLOCK_M queries | keys, segment b, head h). Segment base
 # pointers are computed in int64 from cu_seqlens[b]; offsets inside a block are int32
-# (BLOCK x token stride). The forward walks the segment with block pointers (bounds-
-# checked against the segment length and D, zero fill: fewer live pointer registers, so
-# a 128 x 64 tile fits at D = 72 without spills); the backward kernels use masked pointer
-# tiles (_load_tile / _store_tile). Scores in the log2 domain, s2 = (q . k) * scale * log2(e).
+# (BLOCK x token stride). Tiles move through block pointers over the segment's [rows, D]
+# slab, bounds-checked against the segment length and D with zero fill (fewer live
+# pointer registers than pointer tiles: a 128 x 64 forward tile fits at D = 72 without
+# spills). Scores in the log2 domain, s2 = (q . k) * scale * log2(e).
 # Forward (online softmax, FA2 Alg. 1), over the key blocks of segment b:
 #   m' = max(m, rowmax(s2));  p = exp2(s2 - m');  l = l * exp2(m - m') + rowsum(p)
 #   acc = acc * exp2(m - m') + p @ v;             out = acc / l,  lse = (m + log2 l) * ln 2
@@ -60,24 +60,18 @@ MAX_SEGMENTS = 65535
 
 
 @triton.jit
-def _load_tile(base, offs, n_valid, stride_t, cols, D, MASK_COLS: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows ``offs`` (< ``n_valid``) and columns ``cols`` (< D when MASK_COLS) of the
-    row block starting at pointer ``base``; 0 outside. In-block offsets are int32."""
-    mask = offs[:, None] < n_valid
-    if MASK_COLS:
-        mask = mask & (cols[None, :] < D)
-    x = tl.load(base + offs[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+def _load_block(ptr, UPCAST: tl.constexpr):
+    """A bounds-checked block-pointer tile (zero outside the segment and past D)."""
+    x = tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
     if UPCAST:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _store_tile(base, offs, n_valid, stride_t, cols, D, x, MASK_COLS: tl.constexpr):
-    mask = offs[:, None] < n_valid
-    if MASK_COLS:
-        mask = mask & (cols[None, :] < D)
-    tl.store(base + offs[:, None] * stride_t + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+def _store_block(ptr, x, OUT_TY: tl.constexpr):
+    """Store ``x`` converted to ``OUT_TY`` through a bounds-checked block pointer."""
+    tl.store(ptr, x.to(OUT_TY), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -86,12 +80,8 @@ def _varlen_attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_q, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Block pointers over this segment's [rows, D] slab (bounds-checked against the
-    # segment length and D, zero padding): fewer live pointer registers than pointer
-    # tiles, which lets the key tile grow to 64 without spills. MASK_D* are unused here.
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -188,8 +178,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     total_q, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
@@ -200,41 +189,44 @@ def _varlen_attn_bwd_dkdv_kernel(
         return
     q_start = tl.load(CU_Q + b).to(tl.int64)
     q_len = tl.load(CU_Q + b + 1).to(tl.int64) - q_start
-    row0 = k_start + pid_n * BLOCK_N
-    n_valid = (k_len - pid_n * BLOCK_N).to(tl.int32)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    d1 = tl.arange(0, BLOCK_D1)
-    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
-    Kb = K + h * stride_kh + row0 * stride_kt
-    Vb = V + h * stride_vh + row0 * stride_vt
-    k1 = _load_tile(Kb, offs_n, n_valid, stride_kt, d1, D, MASK_D1, UPCAST)
-    v1 = _load_tile(Vb, offs_n, n_valid, stride_vt, d1, D, MASK_D1, UPCAST)
+    n0 = pid_n * BLOCK_N
+    Ks = K + h * stride_kh + k_start * stride_kt
+    Vs = V + h * stride_vh + k_start * stride_vt
+    Qs = Q + h * stride_qh + q_start * stride_qt
+    DOs = DO + h * stride_doh + q_start * stride_dot
+    k1 = _load_block(tl.make_block_ptr(Ks, (k_len, D), (stride_kt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)), UPCAST)
+    v1 = _load_block(tl.make_block_ptr(Vs, (k_len, D), (stride_vt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)), UPCAST)
+    q1_ptr = tl.make_block_ptr(Qs, (q_len, D), (stride_qt, 1), (0, 0), (BLOCK_M, BLOCK_D1), (1, 0))
+    do1_ptr = tl.make_block_ptr(DOs, (q_len, D), (stride_dot, 1), (0, 0), (BLOCK_M, BLOCK_D1), (1, 0))
     if SPLIT_D:
-        k2 = _load_tile(Kb, offs_n, n_valid, stride_kt, d2, D, MASK_D2, UPCAST)
-        v2 = _load_tile(Vb, offs_n, n_valid, stride_vt, d2, D, MASK_D2, UPCAST)
+        k2 = _load_block(
+            tl.make_block_ptr(Ks, (k_len, D), (stride_kt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)), UPCAST
+        )
+        v2 = _load_block(
+            tl.make_block_ptr(Vs, (k_len, D), (stride_vt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)), UPCAST
+        )
+        q2_ptr = tl.make_block_ptr(Qs, (q_len, D), (stride_qt, 1), (0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0))
+        do2_ptr = tl.make_block_ptr(DOs, (q_len, D), (stride_dot, 1), (0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0))
     dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
     dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
-    Qb = Q + h * stride_qh + q_start * stride_qt
-    DOb = DO + h * stride_doh + q_start * stride_dot
-    Lb = LSE + h * total_q + q_start
-    Db = DELTA + h * total_q + q_start
+    offs_m = tl.arange(0, BLOCK_M)
+    Ls = LSE + h * total_q + q_start
+    Ds = DELTA + h * total_q + q_start
     for start_m in range(0, q_len, BLOCK_M):
-        m_valid = (q_len - start_m).to(tl.int32)
-        q1 = _load_tile(Qb, offs_m, m_valid, stride_qt, d1, D, MASK_D1, UPCAST)
-        do1 = _load_tile(DOb, offs_m, m_valid, stride_dot, d1, D, MASK_D1, UPCAST)
+        q1 = _load_block(q1_ptr, UPCAST)
+        do1 = _load_block(do1_ptr, UPCAST)
         s_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         dp_t = tl.dot(v1, tl.trans(do1), input_precision=DOT_PRECISION)
         if SPLIT_D:
-            q2 = _load_tile(Qb, offs_m, m_valid, stride_qt, d2, D, MASK_D2, UPCAST)
-            do2 = _load_tile(DOb, offs_m, m_valid, stride_dot, d2, D, MASK_D2, UPCAST)
+            q2 = _load_block(q2_ptr, UPCAST)
+            do2 = _load_block(do2_ptr, UPCAST)
             s_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
             dp_t += tl.dot(v2, tl.trans(do2), input_precision=DOT_PRECISION)
-        m_mask = offs_m < m_valid
-        lse = tl.load(Lb + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-        delta = tl.load(Db + offs_m, mask=m_mask, other=0.0)
+        m_mask = (start_m + offs_m) < q_len
+        lse = tl.load(Ls + start_m + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(Ds + start_m + offs_m, mask=m_mask, other=0.0)
         p_t = tl.where(m_mask[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dv1 += tl.dot(p_t.to(do1.dtype), do1, input_precision=DOT_PRECISION)
@@ -242,17 +234,23 @@ def _varlen_attn_bwd_dkdv_kernel(
         if SPLIT_D:
             dv2 += tl.dot(p_t.to(do2.dtype), do2, input_precision=DOT_PRECISION)
             dk2 += tl.dot(ds_t.to(q2.dtype), q2, input_precision=DOT_PRECISION)
-        Qb += BLOCK_M * stride_qt
-        DOb += BLOCK_M * stride_dot
-        Lb += BLOCK_M
-        Db += BLOCK_M
-    DKb = DK + h * stride_dkh + row0 * stride_dkt
-    DVb = DV + h * stride_dvh + row0 * stride_dvt
-    _store_tile(DKb, offs_n, n_valid, stride_dkt, d1, D, dk1 * sm_scale, MASK_D1)
-    _store_tile(DVb, offs_n, n_valid, stride_dvt, d1, D, dv1, MASK_D1)
+            q2_ptr = tl.advance(q2_ptr, (BLOCK_M, 0))
+            do2_ptr = tl.advance(do2_ptr, (BLOCK_M, 0))
+        q1_ptr = tl.advance(q1_ptr, (BLOCK_M, 0))
+        do1_ptr = tl.advance(do1_ptr, (BLOCK_M, 0))
+    DKs = DK + h * stride_dkh + k_start * stride_dkt
+    DVs = DV + h * stride_dvh + k_start * stride_dvt
+    _store_block(tl.make_block_ptr(DKs, (k_len, D), (stride_dkt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)), dk1 * sm_scale, DK.dtype.element_ty)
+    _store_block(tl.make_block_ptr(DVs, (k_len, D), (stride_dvt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)), dv1, DV.dtype.element_ty)
     if SPLIT_D:
-        _store_tile(DKb, offs_n, n_valid, stride_dkt, d2, D, dk2 * sm_scale, MASK_D2)
-        _store_tile(DVb, offs_n, n_valid, stride_dvt, d2, D, dv2, MASK_D2)
+        _store_block(
+            tl.make_block_ptr(DKs, (k_len, D), (stride_dkt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)),
+            dk2 * sm_scale,
+            DK.dtype.element_ty,
+        )
+        _store_block(
+            tl.make_block_ptr(DVs, (k_len, D), (stride_dvt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)), dv2, DV.dtype.element_ty
+        )
 
 
 @triton.jit
@@ -262,8 +260,7 @@ def _varlen_attn_bwd_dq_kernel(
     stride_dqt, stride_dqh,
     total_q, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, MASK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -274,48 +271,58 @@ def _varlen_attn_bwd_dq_kernel(
         return
     k_start = tl.load(CU_K + b).to(tl.int64)
     k_len = tl.load(CU_K + b + 1).to(tl.int64) - k_start
-    row0 = q_start + pid_m * BLOCK_M
-    m_valid = (q_len - pid_m * BLOCK_M).to(tl.int32)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < m_valid
-    d1 = tl.arange(0, BLOCK_D1)
-    d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
-    Qb = Q + h * stride_qh + row0 * stride_qt
-    DOb = DO + h * stride_doh + row0 * stride_dot
-    q1 = _load_tile(Qb, offs_m, m_valid, stride_qt, d1, D, MASK_D1, UPCAST)
-    do1 = _load_tile(DOb, offs_m, m_valid, stride_dot, d1, D, MASK_D1, UPCAST)
+    m0 = pid_m * BLOCK_M
+    Qs = Q + h * stride_qh + q_start * stride_qt
+    DOs = DO + h * stride_doh + q_start * stride_dot
+    Ks = K + h * stride_kh + k_start * stride_kt
+    Vs = V + h * stride_vh + k_start * stride_vt
+    q1 = _load_block(tl.make_block_ptr(Qs, (q_len, D), (stride_qt, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0)), UPCAST)
+    do1 = _load_block(tl.make_block_ptr(DOs, (q_len, D), (stride_dot, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0)), UPCAST)
+    k1_ptr = tl.make_block_ptr(Ks, (k_len, D), (stride_kt, 1), (0, 0), (BLOCK_N, BLOCK_D1), (1, 0))
+    v1_ptr = tl.make_block_ptr(Vs, (k_len, D), (stride_vt, 1), (0, 0), (BLOCK_N, BLOCK_D1), (1, 0))
     if SPLIT_D:
-        q2 = _load_tile(Qb, offs_m, m_valid, stride_qt, d2, D, MASK_D2, UPCAST)
-        do2 = _load_tile(DOb, offs_m, m_valid, stride_dot, d2, D, MASK_D2, UPCAST)
-    lse = tl.load(LSE + h * total_q + row0 + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + h * total_q + row0 + offs_m, mask=m_mask, other=0.0)
+        q2 = _load_block(
+            tl.make_block_ptr(Qs, (q_len, D), (stride_qt, 1), (m0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0)), UPCAST
+        )
+        do2 = _load_block(
+            tl.make_block_ptr(DOs, (q_len, D), (stride_dot, 1), (m0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0)), UPCAST
+        )
+        k2_ptr = tl.make_block_ptr(Ks, (k_len, D), (stride_kt, 1), (0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0))
+        v2_ptr = tl.make_block_ptr(Vs, (k_len, D), (stride_vt, 1), (0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0))
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    lse = tl.load(LSE + h * total_q + q_start + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + h * total_q + q_start + offs_m, mask=m_mask, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
     dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-    Kb = K + h * stride_kh + k_start * stride_kt
-    Vb = V + h * stride_vh + k_start * stride_vt
     for start_n in range(0, k_len, BLOCK_N):
-        n_valid = (k_len - start_n).to(tl.int32)
-        k1 = _load_tile(Kb, offs_n, n_valid, stride_kt, d1, D, MASK_D1, UPCAST)
-        v1 = _load_tile(Vb, offs_n, n_valid, stride_vt, d1, D, MASK_D1, UPCAST)
+        k1 = _load_block(k1_ptr, UPCAST)
+        v1 = _load_block(v1_ptr, UPCAST)
         s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         dp = tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
         if SPLIT_D:
-            k2 = _load_tile(Kb, offs_n, n_valid, stride_kt, d2, D, MASK_D2, UPCAST)
-            v2 = _load_tile(Vb, offs_n, n_valid, stride_vt, d2, D, MASK_D2, UPCAST)
+            k2 = _load_block(k2_ptr, UPCAST)
+            v2 = _load_block(v2_ptr, UPCAST)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
             dp += tl.dot(do2, tl.trans(v2), input_precision=DOT_PRECISION)
-        p = tl.where(offs_n[None, :] < n_valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.where((start_n + offs_n)[None, :] < k_len, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=DOT_PRECISION)
         if SPLIT_D:
             dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=DOT_PRECISION)
-        Kb += BLOCK_N * stride_kt
-        Vb += BLOCK_N * stride_vt
-    DQb = DQ + h * stride_dqh + row0 * stride_dqt
-    _store_tile(DQb, offs_m, m_valid, stride_dqt, d1, D, dq1 * sm_scale, MASK_D1)
+            k2_ptr = tl.advance(k2_ptr, (BLOCK_N, 0))
+            v2_ptr = tl.advance(v2_ptr, (BLOCK_N, 0))
+        k1_ptr = tl.advance(k1_ptr, (BLOCK_N, 0))
+        v1_ptr = tl.advance(v1_ptr, (BLOCK_N, 0))
+    DQs = DQ + h * stride_dqh + q_start * stride_dqt
+    _store_block(tl.make_block_ptr(DQs, (q_len, D), (stride_dqt, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0)), dq1 * sm_scale, DQ.dtype.element_ty)
     if SPLIT_D:
-        _store_tile(DQb, offs_m, m_valid, stride_dqt, d2, D, dq2 * sm_scale, MASK_D2)
+        _store_block(
+            tl.make_block_ptr(DQs, (q_len, D), (stride_dqt, 1), (m0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0)),
+            dq2 * sm_scale,
+            DQ.dtype.element_ty,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,10 +330,10 @@ def _varlen_attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _col_masks(D: int) -> dict:
-    """Block sizes of head_dim D and whether each column block needs a ``< D`` mask."""
+def _d_blocks(D: int) -> dict:
+    """The head-dim constexprs of the kernels (see :func:`head_dim_split`)."""
     d1, d2, split = head_dim_split(D)
-    return dict(BLOCK_D1=d1, BLOCK_D2=d2, SPLIT_D=split, MASK_D1=d1 > D, MASK_D2=split and d1 + d2 > D)
+    return dict(BLOCK_D1=d1, BLOCK_D2=d2, SPLIT_D=split)
 
 
 def head_dim_split(D: int) -> tuple[int, int, bool]:
@@ -364,8 +371,8 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
     CUDA: the largest tiles that compile for sm_90a without register spills at the
     benchmark shapes (``python -m mugv_kernels.aot --family varlen_attention``), by the
     lanes the head dim occupies (80 for D = 72): forward 128 x 64 up to 80 lanes, 128 x 32
-    up to 128, 64 x 32 beyond (8 warps, 2 stages);
-    dK/dV 32 x 64 and dQ 64 x 64 up to 80 lanes, 32 x 32 up to 128, 16 x 32 beyond. The
+    up to 128, 64 x 32 beyond (8 warps, 2 stages); up to 80 lanes dK/dV 32 x 128 and dQ
+    128 x 32 (2 stages), up to 128 lanes 16 x 64 and 32 x 32, 16 x 32 beyond. The
     interpreter: 32 x 32 tiles (each program costs Python time; tests cross a tile
     boundary with segments longer than 32).
     """
@@ -377,11 +384,11 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
         if lanes <= 80:
             return AttnLaunchConfig(128, 64, 8, 2)
         return AttnLaunchConfig(128, 32, 8, 2) if lanes <= 128 else AttnLaunchConfig(64, 32, 8, 2)
-    if kernel == "dkdv":
-        return AttnLaunchConfig(32, 64, 8, 1) if lanes <= 128 else AttnLaunchConfig(16, 32, 8, 1)
-    if lanes <= 80:
-        return AttnLaunchConfig(64, 64, 8, 1)
-    return AttnLaunchConfig(32, 32, 8, 1) if lanes <= 128 else AttnLaunchConfig(16, 32, 8, 1)
+    if lanes > 128:
+        return AttnLaunchConfig(16, 32, 8, 1)
+    if kernel == "dkdv":  # block_n keys stay in registers while block_m query rows stream by
+        return AttnLaunchConfig(32, 128, 8, 2) if lanes <= 80 else AttnLaunchConfig(16, 64, 8, 1)
+    return AttnLaunchConfig(128, 32, 8, 2) if lanes <= 80 else AttnLaunchConfig(32, 32, 8, 1)
 
 
 def _capture_free() -> bool:
@@ -409,7 +416,7 @@ def _varlen_attn_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         q, k, v, cu_q, cu_k, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         Tq, D, float(scale) * _LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_col_masks(D),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_d_blocks(D),
         UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -429,7 +436,7 @@ def _varlen_attn_bwd_launch(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, s
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), Tq, D,
             BLOCK_T=32, BLOCK_D=max(triton.next_power_of_2(D), 16), num_warps=4, num_stages=1,
         )  # fmt: skip
-    common = dict(**_col_masks(D), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(**_d_blocks(D), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype))
     strides_in = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1)
     )  # fmt: skip
