@@ -125,7 +125,7 @@ def _fsdp_worker(rank, world, port, data, out, steps, q):
     import torch.distributed as dist
 
     try:
-        tr = Trainer(_cfg(data, out, fsdp="on", activation_checkpointing=rank == 0))
+        tr = Trainer(_cfg(data, out, fsdp="on", activation_checkpointing=True))
         assert tr.use_fsdp
         losses = [tr.train_step(tr.sampler.next_step().indices) for _ in range(steps)]
         if rank == 0:
@@ -142,7 +142,7 @@ def test_fsdp_two_ranks_match_one_process(shards, tmp_path):
     mp.start_processes(_fsdp_worker, args=(world, _free_port(), str(shards), str(tmp_path / "f"), steps, q),
                        nprocs=world, join=True, start_method="spawn")
     fsdp_losses = q.get(timeout=5)
-    # one process, same global batches (the union of the two ranks' clips), no FSDP
+    # one process, same global batches (the union of the two ranks' clips), no FSDP, no checkpointing
     tr = Trainer(_cfg(shards, tmp_path / "s"))
     plan = PackingSampler(tr.clip_tokens, 160, num_replicas=world, seed=0)
     single = []

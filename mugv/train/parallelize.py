@@ -110,20 +110,17 @@ def build_model(
     existing values. Either way the result lives on ``device``.
     """
     torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = factory()
     if on_meta:
-        with torch.device("meta"):
-            model = factory()
         if parallelize is not None:
             model = parallelize(model)
         model.to_empty(device=device)
         with torch.no_grad():
             model.init_weights()
         return model
-    with torch.device("cpu"):
-        model = factory()
+    model.to_empty(device="cpu")
     with torch.no_grad():
-        if any(p.is_meta for p in model.parameters()):
-            model.to_empty(device="cpu")
         model.init_weights()
     model.to(device)
     if parallelize is not None:

@@ -169,7 +169,9 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     """Train the VAE of ``cfg.preset`` from scratch (see the module docstring).
 
     Raises:
-        ValueError: ``num_frames`` not ``8k+1``, no usable video, bad options.
+        ValueError: ``num_frames`` not ``8k+1``, no usable video, bad options, or launched
+            under ``torchrun`` with several ranks (the VAE trains in one process).
+        FloatingPointError: a non-finite loss or gradient.
     """
     from mugv.models.vae import VAEConfig, VideoVAE
     from mugv.train.logging import MetricsLogger
@@ -179,6 +181,10 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         raise ValueError(f"num_frames must be 8k+1, got {cfg.num_frames}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train-vae runs in a single process (the compact VAE is small); launch it without torchrun")
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     if cfg.threads > 0 and device.type == "cpu":
