@@ -39,6 +39,8 @@ class VarlenAttention(nn.Module):
     Args:
         scale: multiplies ``q k^T``; default ``1 / sqrt(D)``.
         backend: ``"auto"`` or a backend name (see :func:`mugv_kernels.varlen_attention`).
+        validate: check the offsets' values on the host in eager mode (one sync per call;
+            pass False when the caller built them, e.g. with :func:`mugv_kernels.pack`).
 
     Shapes:
         ``forward(q [Tq, H, D], k [Tk, H, D], v [Tk, H, D], cu_seqlens_q [B + 1],
@@ -50,9 +52,9 @@ class VarlenAttention(nn.Module):
             :func:`mugv_kernels.varlen_attention` raises (at call).
     """
 
-    def __init__(self, *, scale: float | None = None, backend: str = "auto"):
+    def __init__(self, *, scale: float | None = None, backend: str = "auto", validate: bool = True):
         super().__init__()
-        self.scale, self.backend = scale, _check_backend(backend)
+        self.scale, self.backend, self.validate = scale, _check_backend(backend), validate
 
     def forward(
         self,
@@ -65,11 +67,20 @@ class VarlenAttention(nn.Module):
         max_seqlen_k: int,
     ) -> Tensor:
         return varlen_attention(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=self.scale, backend=self.backend
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale=self.scale,
+            backend=self.backend,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, backend={self.backend!r}"
+        return f"scale={self.scale}, backend={self.backend!r}, validate={self.validate}"
 
 
 def _qk_norm(head_dim: int, qk_norm: bool, eps: float) -> nn.Module:
@@ -92,6 +103,7 @@ class VarlenSelfAttention(nn.Module):
         qk_norm: RMSNorm over head_dim on Q and K (default True, as MUG-V).
         eps: the RMSNorm epsilon (default 1e-6).
         backend: ``"auto"`` or a backend name (see :func:`mugv_kernels.varlen_attention`).
+        validate: host-side check of the offsets in eager mode (see :class:`VarlenAttention`).
 
     Shapes:
         ``forward(x [T, C], cu_seqlens [B + 1], max_seqlen: int, rotary=None)`` returns
@@ -110,6 +122,7 @@ class VarlenSelfAttention(nn.Module):
         qk_norm: bool = True,
         eps: float = 1e-6,
         backend: str = "auto",
+        validate: bool = True,
     ):
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
@@ -118,7 +131,7 @@ class VarlenSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = _qk_norm(self.head_dim, qk_norm, eps)
         self.k_norm = _qk_norm(self.head_dim, qk_norm, eps)
-        self.attn = VarlenAttention(backend=backend)
+        self.attn = VarlenAttention(backend=backend, validate=validate)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, rotary: Rotary | None = None) -> Tensor:
@@ -150,6 +163,7 @@ class VarlenCrossAttention(nn.Module):
         qk_norm: RMSNorm over head_dim on Q and K (default True).
         eps: the RMSNorm epsilon (default 1e-6).
         backend: ``"auto"`` or a backend name.
+        validate: host-side check of the offsets in eager mode (see :class:`VarlenAttention`).
 
     Shapes:
         ``forward(x [Tq, C], context [Tk, C_ctx], cu_seqlens_q [B + 1],
@@ -171,6 +185,7 @@ class VarlenCrossAttention(nn.Module):
         qk_norm: bool = True,
         eps: float = 1e-6,
         backend: str = "auto",
+        validate: bool = True,
     ):
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
@@ -181,7 +196,7 @@ class VarlenCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(self.context_dim, 2 * dim, bias=qkv_bias)
         self.q_norm = _qk_norm(self.head_dim, qk_norm, eps)
         self.k_norm = _qk_norm(self.head_dim, qk_norm, eps)
-        self.attn = VarlenAttention(backend=backend)
+        self.attn = VarlenAttention(backend=backend, validate=validate)
         self.proj = nn.Linear(dim, dim)
 
     def forward(

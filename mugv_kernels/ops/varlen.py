@@ -240,8 +240,16 @@ def _varlen_attn_bwd_dkdv_kernel(
         do1_ptr = tl.advance(do1_ptr, (BLOCK_M, 0))
     DKs = DK + h * stride_dkh + k_start * stride_dkt
     DVs = DV + h * stride_dvh + k_start * stride_dvt
-    _store_block(tl.make_block_ptr(DKs, (k_len, D), (stride_dkt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)), dk1 * sm_scale, DK.dtype.element_ty)
-    _store_block(tl.make_block_ptr(DVs, (k_len, D), (stride_dvt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)), dv1, DV.dtype.element_ty)
+    _store_block(
+        tl.make_block_ptr(DKs, (k_len, D), (stride_dkt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)),
+        dk1 * sm_scale,
+        DK.dtype.element_ty,
+    )
+    _store_block(
+        tl.make_block_ptr(DVs, (k_len, D), (stride_dvt, 1), (n0, 0), (BLOCK_N, BLOCK_D1), (1, 0)),
+        dv1,
+        DV.dtype.element_ty,
+    )
     if SPLIT_D:
         _store_block(
             tl.make_block_ptr(DKs, (k_len, D), (stride_dkt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)),
@@ -249,7 +257,9 @@ def _varlen_attn_bwd_dkdv_kernel(
             DK.dtype.element_ty,
         )
         _store_block(
-            tl.make_block_ptr(DVs, (k_len, D), (stride_dvt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)), dv2, DV.dtype.element_ty
+            tl.make_block_ptr(DVs, (k_len, D), (stride_dvt, 1), (n0, BLOCK_D1), (BLOCK_N, BLOCK_D2), (1, 0)),
+            dv2,
+            DV.dtype.element_ty,
         )
 
 
@@ -316,7 +326,11 @@ def _varlen_attn_bwd_dq_kernel(
         k1_ptr = tl.advance(k1_ptr, (BLOCK_N, 0))
         v1_ptr = tl.advance(v1_ptr, (BLOCK_N, 0))
     DQs = DQ + h * stride_dqh + q_start * stride_dqt
-    _store_block(tl.make_block_ptr(DQs, (q_len, D), (stride_dqt, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0)), dq1 * sm_scale, DQ.dtype.element_ty)
+    _store_block(
+        tl.make_block_ptr(DQs, (q_len, D), (stride_dqt, 1), (m0, 0), (BLOCK_M, BLOCK_D1), (1, 0)),
+        dq1 * sm_scale,
+        DQ.dtype.element_ty,
+    )
     if SPLIT_D:
         _store_block(
             tl.make_block_ptr(DQs, (q_len, D), (stride_dqt, 1), (m0, BLOCK_D1), (BLOCK_M, BLOCK_D2), (1, 0)),
@@ -578,7 +592,9 @@ def varlen_flash_attention(
         raise ValueError(f"the triton backend handles at most {MAX_SEGMENTS} segments, got {cu_seqlens_q.shape[0] - 1}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    return torch.ops.mugv.varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)[0]
+    return torch.ops.mugv.varlen_attn_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale
+    )[0]
 
 
 # ----------------------------------------------------------------------------------------
