@@ -79,6 +79,7 @@ def test_matches_per_sample_sdpa_fwd_bwd(backend, dtype, head_dim, mode):
         (torch.float32, 72, "cross"),  # split head dim 64 + 16, masked remainder
         (torch.bfloat16, 72, "self"),
         (torch.bfloat16, 128, "cross"),  # one power-of-two column block
+        (torch.float16, 40, "cross"),  # split 32 + 16
     ],
 )
 def test_triton_matches_per_sample_sdpa_fwd_bwd(dtype, head_dim, mode):
@@ -88,8 +89,23 @@ def test_triton_matches_per_sample_sdpa_fwd_bwd(dtype, head_dim, mode):
     check_against_per_sample_sdpa("triton", dtype, head_dim, mode, [0, 1, 37, 2], [3, 0, 40, 1], heads=1)
 
 
-def check_against_per_sample_sdpa(backend, dtype, head_dim, mode, q_lens, k_lens, heads=H):
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["self", "cross"])
+@pytest.mark.parametrize("head_dim", [72, 128])
+def test_every_cuda_backend_matches_per_sample_sdpa(mode, head_dim):
+    """On a GPU: every backend usable there, bf16, forward and gradients, segments that
+    cross the CUDA tiles (64 / 128 rows), an empty and a length-1 segment."""
+    avail = mk.varlen_attention_backends("cuda", torch.bfloat16, head_dim, requires_grad=True)
+    for backend in [n for n, why in avail.items() if why is None]:
+        check_against_per_sample_sdpa(
+            backend, torch.bfloat16, head_dim, mode, [130, 0, 1, 257], [70, 5, 0, 129], heads=2, device="cuda"
+        )
+
+
+def check_against_per_sample_sdpa(backend, dtype, head_dim, mode, q_lens, k_lens, heads=H, device="cpu"):
     _, (q, k, v, cu_q, cu_k, max_q, max_k) = packed_inputs(mode, head_dim, dtype, q_lens, k_lens, heads)
+    q, k, v, cu_q, cu_k = (t.to(device) for t in (q, k, v, cu_q, cu_k))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = mk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype
