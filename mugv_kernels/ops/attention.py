@@ -401,8 +401,9 @@ def varlen_attention(
         cu_seqlens_k: ``[B + 1]`` int32/int64 key offsets: 0, non-decreasing, ending at Tk.
             Segments may be empty: no queries -> no rows; no keys -> zero rows.
         max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key segment
-            (flash and native size their grids with them; never a tensor, so compiled
-            code has no device-to-host sync).
+            (flash, native and triton size their grids with them, so a value below the
+            longest segment would drop rows: checked in eager mode, trusted under
+            compile; never a tensor, so compiled code has no device-to-host sync).
         scale: multiplies ``q k^T``; default ``1 / sqrt(D)``.
         backend: ``"auto"`` or one of ``"flash"``, ``"native"``, ``"flex"``, ``"triton"``,
             ``"sdpa"``, ``"reference"`` (see the module docstring for where each runs).
