@@ -116,10 +116,13 @@ class Trainer:
         cfg: a :class:`TrainConfig`.
         dist_info: the process's rank/world/device (default: :func:`init_distributed`).
 
+    The DiT's ``in_channels`` and ``text_dim`` are taken from the data (VAE latent channels,
+    text-encoder width); ``depth``/``hidden_size``/``num_heads`` override the flavor when set.
+
     Raises:
         FileNotFoundError: no preprocessed data at ``cfg.data``.
-        ValueError: inconsistent options (e.g. ``fsdp="on"`` on one process, bad dtypes, a
-            text width the flavor cannot take is fixed by overriding ``text_dim`` from the data).
+        ValueError: inconsistent options (``fsdp="on"`` without a process group, ``fsdp="off"``
+            with several ranks, unknown dtype/kernels/fsdp values, clips over the token budget).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
@@ -183,7 +186,6 @@ class Trainer:
         self.losses: list[float | None] = []
         self.bad_in_row = 0
         self.skipped = 0
-        self.gen = torch.Generator().manual_seed(cfg.seed)  # reserved for future draws; checkpointed
         self.run_dir = Path(cfg.out)
         self.matmul_params = sum(
             m.weight.numel() for n, m in self.model.named_modules()
@@ -274,7 +276,7 @@ class Trainer:
     def state_extra(self) -> dict:
         return {
             "sampler": self.sampler.state_dict(),
-            "rng": ckpt.rng_state({"train": self.gen}),
+            "rng": ckpt.rng_state(),
             "losses": list(self.losses),
             "bad_in_row": self.bad_in_row,
             "skipped": self.skipped,
@@ -293,7 +295,7 @@ class Trainer:
         extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema)
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
-        ckpt.set_rng_state(extra["rng"], {"train": self.gen})
+        ckpt.set_rng_state(extra["rng"])
         self.losses = list(extra["losses"])
         self.bad_in_row = int(extra["bad_in_row"])
         self.skipped = int(extra["skipped"])
