@@ -32,6 +32,7 @@ __all__ = [
     "config_from_args",
     "load_config",
     "repo_config_path",
+    "to_dict",
 ]
 
 

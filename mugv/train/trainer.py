@@ -196,7 +196,7 @@ class Trainer:
     def _batch(self, indices: tuple[int, ...], step: int):
         """Inputs of this rank for ``step``: packed lists for ``forward_packed``."""
         dev, cfg = self.dist.device, self.cfg
-        lat, xt, tgt, masks, texts, ts, fpss, n_tok_text = [], [], [], [], [], [], [], []
+        lat, tgt, masks, texts, ts, fpss, n_tok_text = [], [], [], [], [], [], []
         for i in indices:
             clip = self.data[i]
             x0 = clip.latent
