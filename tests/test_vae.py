@@ -286,6 +286,12 @@ def test_bad_inputs_raise_clear_errors(compact):
         VAEConfig.from_preset("compact", num_groups=3)
     with pytest.raises(ValueError, match="compress time by 8"):
         VAEConfig.from_preset("mugv-compat", temporal_downsample=(True, True, False))
+    with pytest.raises(ValueError, match="patch_size is a compact option"):
+        VAEConfig.from_preset("mugv-compat", patch_size=2)
+    with pytest.raises(ValueError, match="micro_frame_size is a mugv-compat option"):
+        VAEConfig.from_preset("compact", micro_frame_size=48)
+    with pytest.raises(ValueError, match="spatial_downsample"):
+        VAEConfig.from_preset("compact", spatial_downsample=(True,))
     comp = VideoVAE(VAEConfig.from_preset("mugv-compat", **TINY_COMPAT), kernels=False)
     with pytest.raises(ValueError, match="encode_stream needs"):
         next(comp.encode_stream([torch.randn(1, 6, 8, 2, 2)]))

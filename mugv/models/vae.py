@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugv.models._vae_ops import group_norm_silu
+from mugv.models._vae_ops import group_norm_silu, has_kernel_ops
 from mugv.models.vae_compat import CausalConv3d, CompatDecoder, CompatEncoder
 
 __all__ = ["DiagonalGaussian", "VAEConfig", "VideoVAE", "MUGV_LATENT_MEAN", "MUGV_LATENT_STD"]
@@ -378,14 +378,34 @@ def _stream_conv(conv: CausalConv3d, x: Tensor, stream: _Stream | None) -> Tenso
     return y
 
 
+def _fused_ops_run_kernels(x: Tensor) -> bool:
+    """Whether ``mugv_kernels`` would run its Triton kernel (not its PyTorch reference) on ``x``."""
+    if not has_kernel_ops():
+        return False
+    try:
+        from mugv_kernels._registry import use_triton
+    except ImportError:  # pragma: no cover
+        return x.is_cuda
+    return bool(use_triton(x))
+
+
 def _frame_norm_act(norm: nn.GroupNorm, x: Tensor, activation: str, kernels: bool) -> Tensor:
     """GroupNorm over (group channels, H, W) of each frame separately, then the activation.
     ``[B, C, T, H, W] -> [B, C, T, H, W]`` (per-frame statistics keep the model causal)."""
     B, C, T, H, W = x.shape
     if T == 0:
         return x
-    xf = x.transpose(1, 2).reshape(B * T, C, 1, H, W)
     silu = activation == "swish"
+    if not (kernels and _fused_ops_run_kernels(x)):
+        # plain PyTorch without the two layout copies: statistics over (C/G, H, W) per frame
+        G = norm.num_groups
+        xg = x.float().reshape(B, G, C // G, T, H, W)
+        var, mean = torch.var_mean(xg, dim=(2, 4, 5), keepdim=True, unbiased=False)
+        y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(B, C, T, H, W)
+        y = y * norm.weight.float().view(1, C, 1, 1, 1) + norm.bias.float().view(1, C, 1, 1, 1)
+        y = F.silu(y) if silu else F.relu(y)
+        return y.to(x.dtype)
+    xf = x.transpose(1, 2).reshape(B * T, C, 1, H, W)
     y = group_norm_silu(xf, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, silu=silu, kernels=kernels)
     if not silu:
         y = F.relu(y)
