@@ -102,6 +102,43 @@ def test_library_reference_matches_definition():
             assert_close(mk.causal_conv3d(x, w, b, stride=(2, 1, 1), dilation=(2, 1, 1), time_padding=tp, pad_mode=pm, backend="reference"), got)
 
 
+@pytest.mark.parametrize("kernel, stride, tp, pm", [
+    ((3, 3, 1), (1, 1, 1), "causal", "replicate"),
+    ((3, 1, 1), (2, 1, 1), "symmetric", "replicate"),
+    ((1, 1, 1), (4, 1, 1), "symmetric", "zeros"),   # total = -3: crops 2 frames before, 1 after
+    ((1, 1, 1), (4, 1, 1), "symmetric", "replicate"),
+    ((2, 1, 1), (1, 1, 1), "causal", "zeros"),
+], ids=str)  # fmt: skip
+def test_fp64_reference_path_and_gradients(kernel, stride, tp, pm):
+    """fp64 runs the library reference inside the op (forward and the explicit backward);
+    both match the written-out definition and its autograd, negative (cropping) time
+    padding and the replicate folds included."""
+    x = torch.randn(1, 2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = mk.causal_conv3d(x, w, b, stride=stride, time_padding=tp, pad_mode=pm)
+    yr = padded_conv(x, w, b, stride, (1, 1, 1), tp, pm)
+    assert_close(y, yr)
+    dy = torch.randn_like(yr)
+    for g, r in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(yr, (x, w, b), dy)):
+        assert_close(g, r)
+    assert_close(causal_conv3d_ref(x, w, b, stride=stride, time_padding=tp, pad_mode=pm), yr)
+
+
+def test_reference_empty_and_zero_frame_context():
+    x = torch.randn(1, 2, 0, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = mk.causal_conv3d(x, w)
+    assert y.shape == (1, 2, 0, 3, 3)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert mk.causal_conv3d(x, w, backend="reference").shape == (1, 2, 0, 3, 3)
+    # kT = 1: P = 0, an empty context is accepted and ignored
+    x = torch.randn(1, 2, 2, 3, 3)
+    w1 = torch.randn(2, 2, 1, 3, 3)
+    assert_close(mk.causal_conv3d(x, w1, context=torch.randn(1, 2, 0, 3, 3)), mk.causal_conv3d(x, w1))
+
+
 def test_context_and_its_gradient():
     """context replaces the causal front padding; dcontext is the gradient of those frames."""
     B, C_in, C_out, T, H, W = 1, 4, 3, 3, 4, 3
@@ -132,7 +169,7 @@ def test_streaming_equals_one_pass(pad_mode, stride_t):
     conv = CausalConv3d(3, 4, (3, 1, 3), stride=(stride_t, 1, 1), pad_mode=pad_mode)
     x = torch.randn(1, 3, 8, 2, 3)
     full = conv(x)
-    sizes = [2, 4, 2] if stride_t == 2 else [3, 1, 4]
+    sizes = [2, 4, 2] if stride_t == 2 else [1, 3, 4]  # first chunk shorter than P
     outs, ctx, t0 = [], None, 0
     for n in sizes:
         y, ctx = conv.forward_chunk(x[:, :, t0 : t0 + n], ctx)
@@ -234,6 +271,15 @@ def test_bad_input():
         mk.causal_conv3d(x.numpy(), w)
     with pytest.raises(ValueError, match="odd"):
         CausalConv3d(3, 2, (3, 2, 3))
+    with pytest.raises(ValueError, match="tuple of three ints"):
+        mk.causal_conv3d(x, w, stride=(1, 1))
+    with pytest.raises(ValueError, match="kernel size must be positive"):
+        mk.causal_conv3d(x, torch.randn(2, 3, 0, 3, 3))
+    with pytest.raises(TypeError, match="context dtype"):
+        mk.causal_conv3d(x, w, context=torch.randn(1, 3, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="streaming needs time_padding='causal'"):
+        CausalConv3d(3, 2, 3, time_padding="symmetric").forward_chunk(x)
+    assert CausalConv3d(3, 2, (1, 3, 3)).next_context(x) is None
 
 
 @pytest.mark.gpu

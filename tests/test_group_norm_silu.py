@@ -95,6 +95,9 @@ def test_module_loads_group_norm_state():
     x = torch.randn(1, 6, 2, 3, 4)
     assert_close(mod(x), F.silu(ref(x)))
     assert "silu=True" in repr(mod)
+    plain = GroupNormSiLU(3, 6, affine=False, silu=False)
+    assert plain.weight is None
+    assert_close(plain(x), F.group_norm(x, 3, eps=1e-6))
     assert mk.group_norm_silu(x, 2, backend="reference").shape == x.shape
 
 
