@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MUGV_NEGATIVE_PROMPT",
     "RectifiedFlow",
     "add_noise",
     "flow_loss",
@@ -49,6 +50,13 @@ __all__ = [
 ]
 
 _VELOCITIES = ("noise_minus_data", "data_minus_noise")
+
+MUGV_NEGATIVE_PROMPT = (
+    "ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+    "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry"
+)
+"""The unconditional caption the released MUG-V sampler encodes for classifier-free guidance
+(public ``RFlow.sample``): encode it with the text encoder and pass it as ``y_null``."""
 
 
 # ----------------------------------------------------------------------------------------
