@@ -130,10 +130,12 @@ def _conv3d_fwd_kernel(
     syb, syc, syt, syh, syw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_CTX: tl.constexpr, REPLICATE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # WT: weight as [KT*KH*KW, C_in, C_out] contiguous. Program: BLOCK_M output positions x
-    # BLOCK_N output channels; reduction over taps, then input channels.
+    # WT: weight as [KT*KH*KW, C_in, C_out] contiguous (= [K, C_out]). Program: BLOCK_M output
+    # positions x BLOCK_N output channels; reduction over taps, then input channels.
+    # FLAT_K (few input channels, e.g. RGB pixels): one loop over k = (tap, ci) flattened,
+    # each column of the A tile with its own tap, so K = 27 * 3 is not padded per tap.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -147,21 +149,42 @@ def _conv3d_fwd_kernel(
     cout = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cout < C_out
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in range(0, KT * KH * KW):
-        kt = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        x_off, x_ok, c_off, c_ok = _tap_rows(
-            b, to * st - front + kt * dt, ho * sh - pad_h + kh * dh, wo * sw - pad_w + kw * dw, row_ok,
-            T, H, W, P, sxb, sxt, sxh, sxw, scb, sct, sch, scw, HAS_CTX, REPLICATE,
-        )  # fmt: skip
-        w_base = WT + tap * C_in * C_out  # the weight has < 2^31 elements
-        for c0 in range(0, C_in, BLOCK_K):
-            ck = c0 + tl.arange(0, BLOCK_K)
-            k_ok = ck < C_in
-            a = _load_rows(X, CTX, x_off, x_ok, c_off, c_ok, ck, k_ok, sxc, scc, HAS_CTX)
-            wt = tl.load(w_base + ck[:, None] * C_out + cout[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    if FLAT_K:
+        for k0 in range(0, KT * KH * KW * C_in, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < KT * KH * KW * C_in
+            tap = kk // C_in
+            ci = kk - tap * C_in
+            kt = tap // (KH * KW)
+            kh = (tap // KW) % KH
+            kw = tap % KW
+            x_off, x_ok, c_off, c_ok = _tap_rows(
+                b[:, None], (to * st - front)[:, None] + kt[None, :] * dt,
+                (ho * sh - pad_h)[:, None] + kh[None, :] * dh, (wo * sw - pad_w)[:, None] + kw[None, :] * dw,
+                row_ok[:, None] & k_ok[None, :],
+                T, H, W, P, sxb, sxt, sxh, sxw, scb, sct, sch, scw, HAS_CTX, REPLICATE,
+            )  # fmt: skip
+            a = tl.load(X + x_off + ci[None, :] * sxc, mask=x_ok, other=0.0)
+            if HAS_CTX:
+                a = tl.where(c_ok, tl.load(CTX + c_off + ci[None, :] * scc, mask=c_ok, other=0.0), a)
+            wt = tl.load(WT + kk[:, None] * C_out + cout[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, a, wt, UPCAST)
+    else:
+        for tap in range(0, KT * KH * KW):
+            kt = tap // (KH * KW)
+            kh = (tap // KW) % KH
+            kw = tap % KW
+            x_off, x_ok, c_off, c_ok = _tap_rows(
+                b, to * st - front + kt * dt, ho * sh - pad_h + kh * dh, wo * sw - pad_w + kw * dw, row_ok,
+                T, H, W, P, sxb, sxt, sxh, sxw, scb, sct, sch, scw, HAS_CTX, REPLICATE,
+            )  # fmt: skip
+            w_base = WT + tap * C_in * C_out  # the weight has < 2^31 elements
+            for c0 in range(0, C_in, BLOCK_K):
+                ck = c0 + tl.arange(0, BLOCK_K)
+                k_ok = ck < C_in
+                a = _load_rows(X, CTX, x_off, x_ok, c_off, c_ok, ck, k_ok, sxc, scc, HAS_CTX)
+                wt = tl.load(w_base + ck[:, None] * C_out + cout[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(acc, a, wt, UPCAST)
     if HAS_BIAS:
         acc += tl.load(BIAS + cout, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_off = b * syb + to * syt + ho * syh + wo * syw
@@ -293,6 +316,10 @@ class GemmConfig:
     num_stages: int
 
 
+FLAT_K_MAX_C_IN = 8
+"""Forward convolutions with at most this many input channels reduce over (tap, channel)
+flattened (no per-tap padding of K to the tile width)."""
+
 SMALL_TILES: bool = INTERPRET
 """Interpreter tiles (the smallest that cover the problem). Tests set it to False to run
 the GPU tile shapes (multiple M/N blocks, K loops, split-K) through the interpreter."""
@@ -343,7 +370,10 @@ def _conv3d_fwd_launch(x, context, weight, bias, stride, dilation, front, back, 
     if M == 0 or C_out == 0:
         return y
     wt = weight.permute(2, 3, 4, 1, 0).reshape(kT * kH * kW, C_in, C_out).to(x.dtype).contiguous()
-    cfg = gemm_config(M, C_out, C_in, x.dtype)
+    flat = C_in <= FLAT_K_MAX_C_IN
+    cfg = gemm_config(M, C_out, kT * kH * kW * C_in if flat else C_in, x.dtype)
+    if flat and not SMALL_TILES:  # 2-D index math per A element: 32-wide K steps (64 spill)
+        cfg = GemmConfig(cfg.block_m, cfg.block_n, min(cfg.block_k, 32), cfg.num_warps, cfg.num_stages)
     P = context.shape[2] if context is not None else 0
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C_out, cfg.block_n))
     launch(_conv3d_fwd_kernel, grid)(
@@ -352,7 +382,7 @@ def _conv3d_fwd_launch(x, context, weight, bias, stride, dilation, front, back, 
         front, dilation[1] * (kH // 2), dilation[2] * (kW // 2), *stride, *dilation,
         *_strides5(x), *_strides5(context), *_strides5(y),
         KT=kT, KH=kH, KW=kW, HAS_CTX=context is not None, REPLICATE=replicate,
-        HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
+        HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), FLAT_K=flat,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
