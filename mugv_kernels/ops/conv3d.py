@@ -9,7 +9,9 @@ NCDHW). Here the convolution is an implicit GEMM over the *virtual* padded input
                            * xv[b, ci, to*st - front + kt*dt, ho*sh - ph + kh*dh, wo*sw - pw + kw*dw]
 
 GEMM rows are output positions ``(b, to, ho, wo)``, columns output channels, and the
-reduction runs over taps ``(kt, kh, kw)`` then input channels (channels innermost). ``xv``
+reduction runs over taps ``(kt, kh, kw)`` then input channels (channels innermost; with
+at most ``FLAT_K_MAX_C_IN`` input channels, e.g. RGB, over ``(tap, channel)`` flattened so
+``K = 27 * 3`` is not padded to the tile width per tap). ``xv``
 is read straight from ``x``: out-of-range rows/columns are masked to zero, frames before
 the clip come from zeros, from the first frame (``replicate``, a clamped index) or from
 ``context``; frames after it from zeros or the last frame. No padded copy exists.
