@@ -199,3 +199,35 @@ def test_config_errors(tmp_path):
     with pytest.raises(TypeError, match="steps"):
         load_config(TrainConfig, overrides={"steps": "many"})
     assert load_config(TrainConfig, overrides={"lr": 2, "steps": None}).lr == 2.0
+
+
+def test_parallelize_and_dtype_errors():
+    from mugv.train.parallelize import parallelize_dit, resolve_dtype
+
+    with pytest.raises(TypeError, match="blocks"):
+        parallelize_dit(torch.nn.Linear(2, 2), fsdp=False)
+    m = torch.nn.Module()
+    m.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    with pytest.raises(RuntimeError, match="torchrun"):
+        parallelize_dit(m, fsdp=True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_metrics_logger_and_flops(tmp_path):
+    import json
+
+    from mugv.train.logging import MetricsLogger, dit_train_flops
+
+    # 6 N per token for the linears + 12 * depth * hidden * (L^2 + L S) per clip for attention
+    assert dit_train_flops(1000, 2, 8, [10, 4], [3, 5]) == 6 * 1000 * 14 + 12 * 2 * 8 * (100 + 30 + 16 + 20)
+    log = MetricsLogger(tmp_path, 3, tensorboard=True, progress=False, name="t")
+    m = log.step(1, 0.5, lr=1e-3, grad_norm=2.0, tokens=100, flops=1e9)
+    log.close()
+    assert "mfu" not in m  # no device peak on CPU
+    assert m["tokens_per_s"] > 0 and m["memory_gib"] > 0
+    rec = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])
+    assert rec["loss"] == 0.5 and rec["grad_norm"] == 2.0
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard events written
