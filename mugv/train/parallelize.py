@@ -139,6 +139,7 @@ def parallelize_dit(
     mesh=None,
     reshard_after_forward: bool = True,
     forward_methods: tuple[str, ...] = ("forward_packed",),
+    compile_backend: str = "inductor",
 ) -> nn.Module:
     """Apply activation checkpointing, per-block compile and FSDP2 to a model with ``.blocks``.
 
@@ -149,6 +150,7 @@ def parallelize_dit(
         reduce_dtype: dtype of the gradient reduce-scatter.
         activation_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` each block (in place).
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` in tests).
         mesh: a 1-D ``DeviceMesh`` (default: the whole world).
         reshard_after_forward: free unsharded block parameters after the forward (ZeRO-3);
             the root is never resharded (it is used again right away in the backward).
@@ -172,7 +174,7 @@ def parallelize_dit(
             blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
     if compile:
         for blk in blocks:
-            blk.compile()
+            blk.compile(backend=compile_backend)
     if fsdp:
         if not dist.is_initialized():
             raise RuntimeError("parallelize_dit: fsdp=True needs torch.distributed initialized (run under torchrun)")
