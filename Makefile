@@ -1,5 +1,5 @@
-# Quick start: `make test` (and `make demo` once the main job lands) on a fresh machine.
-# Creates .venv, installs the package with its test extras, runs the suite.
+# Quick start on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv and install the package with its extras first.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
