@@ -10,7 +10,7 @@ CUDA tensors                           ``torch.library.triton_op`` + ``wrap_trit
 CPU tensors, ``TRITON_INTERPRET=1``    the same Triton kernel run by Triton's interpreter,
                                        registered with ``custom_op`` + ``register_fake``
                                        (``triton_op`` breaks opcheck/compile there)
-CPU tensors otherwise                  the PyTorch reference
+CPU tensors otherwise, fp64 anywhere   the PyTorch reference (fp64 exists for gradcheck)
 =====================================  ==================================================
 
 Op bodies are written once: they call :func:`use_triton` to pick the kernel or the
@@ -43,6 +43,7 @@ __all__ = [
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when Triton's interpreter runs kernels on the CPU (read once, at import)."""
+
 
 @dataclass
 class LaunchRecord:
