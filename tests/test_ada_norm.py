@@ -203,6 +203,17 @@ def test_backward_with_broadcast_upstream_grads():
         assert_close(a.grad, b.grad)
 
 
+def test_validate_false_skips_only_the_index_range_check():
+    B, N, C, G = 2, 5, 72, 2
+    x, res, gate, shift, scale, index = _inputs(B, N, C, G, torch.float32)
+    checked = mk.gated_residual_ada_layer_norm(res, x, gate, shift, scale, index=index)
+    unchecked = mk.gated_residual_ada_layer_norm(res, x, gate, shift, scale, index=index, validate=False)
+    for a, b in zip(checked, unchecked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="index must have shape"):  # shape checks still run
+        mk.ada_layer_norm(x, shift, scale, index=index[:, :2], validate=False)
+
+
 def test_empty_tokens_give_empty_outputs_and_zero_grads():
     B, N, C, G = 2, 0, 72, 2
     x, res, gate, shift, scale, index = _inputs(B, N, C, G, torch.float32)

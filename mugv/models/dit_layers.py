@@ -14,7 +14,9 @@ Each op has two paths, chosen by ``PackedBatch.kernels``:
 * ``kernels=True``: the fused ops of :mod:`mugv_kernels` (``ada_layer_norm``,
   ``gated_residual``, ``gated_residual_ada_layer_norm``, ``qk_norm_rope3d``,
   ``varlen_attention``); an op that this ``mugv_kernels`` does not provide (yet) falls back
-  to the reference below, so the model always runs.
+  to the reference below, so the model always runs. The model builds the modulation index,
+  RoPE positions and ``cu_seqlens`` itself, so the ops' host-side value checks (one device
+  sync each) are switched off (``validate=False`` / ``check_positions=False``).
 * ``kernels=False``: plain PyTorch written here, independent of :mod:`mugv_kernels`
   (normalizations and RoPE in fp32, one rounding to the activation dtype; attention one
   segment at a time through ``torch.nn.functional.scaled_dot_product_attention``).
@@ -155,7 +157,7 @@ def modulated_norm(
     """
     op = _kernel("ada_layer_norm") if kernels else None
     if op is not None:
-        return op(x, shift, scale, index=index, weight=weight, bias=bias, eps=eps)
+        return op(x, shift, scale, index=index, weight=weight, bias=bias, eps=eps, validate=False)
     y = _ref_norm(x, weight, bias, eps, rms=False)
     if scale is not None:
         y = y * (1 + _select(scale, index).float())
@@ -175,7 +177,7 @@ def gated_residual(residual: Tensor, y: Tensor, gate: Tensor | None, *, index: T
     """
     op = _kernel("gated_residual") if kernels else None
     if op is not None:
-        return op(residual, y, gate, index=index)
+        return op(residual, y, gate, index=index, validate=False)
     g = y.float() if gate is None else _select(gate, index).float() * y.float()
     return (residual.float() + g).to(residual.dtype)
 
@@ -205,7 +207,7 @@ def gated_residual_norm(
     """
     op = _kernel("gated_residual_ada_layer_norm") if kernels else None
     if op is not None:
-        return op(residual, y, gate, shift, scale, index=index, weight=weight, bias=bias, eps=eps)
+        return op(residual, y, gate, shift, scale, index=index, weight=weight, bias=bias, eps=eps, validate=False)
     r = gated_residual(residual, y, gate, index=index, kernels=False)
     return r, modulated_norm(r, shift, scale, index=index, weight=weight, bias=bias, eps=eps, kernels=False)
 
@@ -273,7 +275,10 @@ def qk_norm_rope(
     """
     op = _kernel("qk_norm_rope3d") if kernels else None
     if op is not None:
-        return op(q, k, positions, tuple(sections), q_weight=q_weight, k_weight=k_weight, eps=eps, theta=theta, interleaved=True)
+        return op(
+            q, k, positions, tuple(sections), q_weight=q_weight, k_weight=k_weight, eps=eps, theta=theta,
+            interleaved=True, check_positions=False,
+        )  # fmt: skip
     qn = _ref_norm(q, q_weight, None, eps, rms=True)
     kn = _ref_norm(k, k_weight, None, eps, rms=True)
     return _ref_rope(qn, positions, sections, theta).to(q.dtype), _ref_rope(kn, positions, sections, theta).to(k.dtype)

@@ -472,7 +472,7 @@ def _check_index(index: Tensor, G: int) -> None:
         raise ValueError(f"index values must lie in [0, {G}) (G rows of modulation), got range [{lo}, {hi}]")
 
 
-def _prepare(x_name, x, residual, gate, shift, scale, index, weight, bias, eps, norm):
+def _prepare(x_name, x, residual, gate, shift, scale, index, weight, bias, eps, norm, validate=True):
     """Validate the family's inputs; return them ready for the op (unit stride on C)."""
     check_tensor(x_name, x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
@@ -507,7 +507,8 @@ def _prepare(x_name, x, residual, gate, shift, scale, index, weight, bias, eps, 
         check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES, device=dev)
         if tuple(index.shape) != (B, N):
             raise ValueError(f"index must have shape (B, N) = {(B, N)}, got {tuple(index.shape)}")
-        _check_index(index, G)
+        if validate:
+            _check_index(index, G)
     elif G > 1:
         raise ValueError(f"modulation has G={G} rows per sample: pass index [B, N] to select one per token")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -530,6 +531,7 @@ def ada_layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-6,
     norm: str = "layer",
+    validate: bool = True,
 ) -> Tensor:
     """adaLN-modulated norm: ``(norm(x) * weight + bias) * (1 + scale) + shift``.
 
@@ -546,6 +548,8 @@ def ada_layer_norm(
         weight, bias: optional ``[C]`` affine of the norm, applied before modulation.
         eps: added to the variance (default 1e-6, as MUG-V).
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm).
+        validate: range-check ``index`` (a host sync per call in eager mode). Pass False
+            when the caller built ``index`` itself (the DiT does: 4 calls per block).
 
     Returns:
         ``[B, N, C]`` in ``x.dtype``, contiguous.
@@ -555,17 +559,22 @@ def ada_layer_norm(
         ValueError: wrong rank, B/C mismatch, mixed devices, G without ``index``, index
             of the wrong shape or out of range, unknown ``norm``, eps <= 0.
     """
-    x, _, _, shift, scale, weight, bias, index = _prepare("x", x, None, None, shift, scale, index, weight, bias, eps, norm)
+    x, _, _, shift, scale, weight, bias, index = _prepare(
+        "x", x, None, None, shift, scale, index, weight, bias, eps, norm, validate
+    )
     return torch.ops.mugv.adaln_fwd(x, None, None, shift, scale, index, weight, bias, float(eps), _NORMS[norm], True)[1]
 
 
-def gated_residual(residual: Tensor, y: Tensor, gate: Tensor | None, *, index: Tensor | None = None) -> Tensor:
+def gated_residual(
+    residual: Tensor, y: Tensor, gate: Tensor | None, *, index: Tensor | None = None, validate: bool = True
+) -> Tensor:
     """Gated residual ``residual + gate * y`` (``gate=None``: ``residual + y``).
 
     Args:
         residual, y: ``[B, N, C]`` of the same dtype (fp32/bf16/fp16; fp64 runs the reference), any strides.
         gate: ``[B, C]`` or ``[B, G, C]`` (with ``index``), any float dtype, or None.
         index: ``[B, N]`` int32/int64 rows into G.
+        validate: range-check ``index`` (see :func:`ada_layer_norm`).
 
     Returns:
         ``[B, N, C]`` in ``residual.dtype`` (sum computed in fp32).
@@ -573,7 +582,9 @@ def gated_residual(residual: Tensor, y: Tensor, gate: Tensor | None, *, index: T
     Raises:
         TypeError / ValueError: as :func:`ada_layer_norm`.
     """
-    y, residual, gate, _, _, _, _, index = _prepare("y", y, residual, gate, None, None, index, None, None, 1e-6, "layer")
+    y, residual, gate, _, _, _, _, index = _prepare(
+        "y", y, residual, gate, None, None, index, None, None, 1e-6, "layer", validate
+    )
     return torch.ops.mugv.adaln_fwd(y, residual, gate, None, None, index, None, None, 1e-6, False, False)[0]
 
 
@@ -589,6 +600,7 @@ def gated_residual_ada_layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-6,
     norm: str = "layer",
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The whole sub-layer boundary in one pass:
     ``r = residual + gate * y``; ``out = (norm(r) * weight + bias) * (1 + scale) + shift``.
@@ -598,7 +610,7 @@ def gated_residual_ada_layer_norm(
         gate, shift, scale: ``[B, C]`` or ``[B, G, C]`` (with ``index``), or None
             (``gate=None``: plain residual, MUG-V's cross-attention; ``shift=scale=None``:
             a plain norm).
-        index, weight, bias, eps, norm: as :func:`ada_layer_norm`.
+        index, weight, bias, eps, norm, validate: as :func:`ada_layer_norm`.
 
     Returns:
         ``(r, out)``: the new residual stream and the modulated norm of it, both
@@ -609,7 +621,7 @@ def gated_residual_ada_layer_norm(
         TypeError / ValueError: as :func:`ada_layer_norm`, plus residual/y mismatch.
     """
     y, residual, gate, shift, scale, weight, bias, index = _prepare(
-        "y", y, residual, gate, shift, scale, index, weight, bias, eps, norm
+        "y", y, residual, gate, shift, scale, index, weight, bias, eps, norm, validate
     )
     r, out, _, _ = torch.ops.mugv.adaln_fwd(y, residual, gate, shift, scale, index, weight, bias, float(eps), _NORMS[norm], True)
     return r, out
