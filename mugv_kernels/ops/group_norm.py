@@ -82,18 +82,16 @@ def _gn_stats_kernel(
 
 
 @triton.jit
-def _gn_apply_kernel(
-    X, Y, MEAN, RSTD, W, BIAS, S, Cg, G, s_per_chunk, sxb, sxc, sxs, syb, syc, sys,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+def _gn_group_params(MEAN, RSTD, W, BIAS, Cg, G, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What every per-(sample, group) program starts with: its ids, the group's channel
+    offsets (int64) and mask, its statistics and the affine ``scale``/``shift`` (1 and 0
+    where absent)."""
     bg = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (bg // G).to(tl.int64)
-    g = bg % G
     c = tl.arange(0, BLOCK_C)
     c_ok = c < Cg
-    ch = (g * Cg + c).to(tl.int64)
+    ch = ((bg % G) * Cg + c).to(tl.int64)
     mean = tl.load(MEAN + bg)
     rstd = tl.load(RSTD + bg)
     scale = tl.full([BLOCK_C], 1.0, tl.float32)
@@ -102,6 +100,18 @@ def _gn_apply_kernel(
     shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_B:
         shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
+    return bg, chunk, b, ch, c_ok, mean, rstd, scale, shift
+
+
+@triton.jit
+def _gn_apply_kernel(
+    X, Y, MEAN, RSTD, W, BIAS, S, Cg, G, s_per_chunk, sxb, sxc, sxs, syb, syc, sys,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C
+    )
     # z = x * a + d with a = rstd * w, d = bias - mean * rstd * w
     a = scale * rstd
     d = shift - mean * a
@@ -137,21 +147,9 @@ def _gn_bwd_partial_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    bg = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = (bg // G).to(tl.int64)
-    g = bg % G
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
-    ch = (g * Cg + c).to(tl.int64)
-    mean = tl.load(MEAN + bg)
-    rstd = tl.load(RSTD + bg)
-    scale = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_W:
-        scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
+    bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C
+    )
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     s1 = 0.0
@@ -185,23 +183,11 @@ def _gn_bwd_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    bg = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = (bg // G).to(tl.int64)
-    g = bg % G
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
-    ch = (g * Cg + c).to(tl.int64)
-    mean = tl.load(MEAN + bg)
-    rstd = tl.load(RSTD + bg)
+    bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C
+    )
     c1 = tl.load(C1 + bg)
     c2 = tl.load(C2 + bg)
-    scale = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_W:
-        scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
