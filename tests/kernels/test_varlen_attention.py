@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mugv_kernels as mk
-from conftest import assert_close
+from tests.helpers import assert_close
 from mugv_kernels.nn import VarlenAttention, VarlenCrossAttention, VarlenSelfAttention
 from mugv_kernels.ops.attention import document_block_mask, select_varlen_backend
 from mugv_kernels.ops.varlen import MAX_SEGMENTS, attn_launch_config, head_dim_split, varlen_flash_attention

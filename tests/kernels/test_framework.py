@@ -13,7 +13,7 @@ import torch
 import mugv_kernels
 from mugv_kernels import _registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run_without_interpreter(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

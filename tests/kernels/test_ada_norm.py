@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_close_to_ref
+from tests.helpers import assert_close, assert_close_to_ref
 
 import mugv_kernels as mk
 from mugv_kernels.nn import AdaLayerNorm, GatedResidualAdaLayerNorm

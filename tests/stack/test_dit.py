@@ -1,7 +1,7 @@
 """Tests of the MUG-V DiT (:mod:`mugv.models.dit`) and the checkpoint helpers.
 
 The public-compatibility tests compare :class:`MUGDiT` with an independent plain-torch
-re-implementation of the public forward (``tests/_mugv_public_ref.py``) sharing the same
+re-implementation of the public forward (``tests/stack/_mugv_public_ref.py``) sharing the same
 state dict; the kernel tests compare ``kernels=True`` (the :mod:`mugv_kernels` ops, run by
 Triton's interpreter on the CPU where available) with ``kernels=False``. Models are
 debug-width (288 = 4 heads of 72, the real head_dim and RoPE sections) with 2 blocks and a
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from _mugv_public_ref import PublicMUGDiT
+from tests.stack._mugv_public_ref import PublicMUGDiT
 from mugv.models import FLAVORS, CheckpointMismatchError, DiTConfig, MUGDiT, load_checkpoint, save_checkpoint
 
 TEXT_DIM = 48

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, assert_close_to_ref
+from tests.helpers import assert_close, assert_close_to_ref
 
 import mugv_kernels as mk
 from mugv_kernels._registry import capture_launches

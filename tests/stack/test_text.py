@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close
+from tests.helpers import assert_close
 
 from mugv.text import TextEmbeddings, load_minilm, load_t5, load_text_encoder, minilm_path
 

@@ -1,5 +1,5 @@
 """Video VAE: the mugv-compat preset against an independent re-implementation of the public
-MUG-V temporal VAE (tests/_mugv_public_vae.py), the compact preset's exact streaming and
+MUG-V temporal VAE (tests/stack/_mugv_public_vae.py), the compact preset's exact streaming and
 causality, the posterior API, shapes and bad-input errors."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
+from tests.helpers import assert_close
 
-from _mugv_public_vae import PubTemporalVAE, pipeline_decode, pipeline_encode_mean
+from tests.stack._mugv_public_vae import PubTemporalVAE, pipeline_decode, pipeline_encode_mean
 from mugv.models import DiagonalGaussian, VAEConfig, VideoVAE
 from mugv.models._vae_ops import has_kernel_ops
 

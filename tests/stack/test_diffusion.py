@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
+from tests.helpers import assert_close
 
 from mugv.diffusion import (
     RectifiedFlow,

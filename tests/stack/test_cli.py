@@ -65,7 +65,7 @@ def test_generate_t2v_and_i2v(tmp_path):
 
     from mugv.models.vae import VAEConfig, VideoVAE
     from mugv.train.vae_trainer import save_vae
-    from test_train import make_shards  # tests/ is on sys.path (pytest prepend import mode)
+    from tests.stack.test_train import make_shards
 
     vae = VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False)
     save_vae(vae, tmp_path / "vae")

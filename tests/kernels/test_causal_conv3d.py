@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from tests.helpers import assert_close
 
 import mugv_kernels as mk
 from mugv_kernels.nn import CausalConv3d
