@@ -4,6 +4,11 @@ Each training/data command takes ``--config FILE.toml`` (see ``configs/``) and o
 config field (``mugv <command> --help`` lists them with their defaults); flags override
 the file, which overrides the defaults. ``train`` runs under ``torchrun`` for several
 GPUs or nodes (see the README).
+
+Errors: a :class:`~mugv.config.ConfigError` (a bad option, value or clip length) or a
+``FileNotFoundError`` (a missing input path or model file, named in the message) is printed
+as one line ``mugv <command>: error: ...`` with exit status 2; any other exception is a bug
+or a failure of the run and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mugv.train.config import (
+from mugv.config import (
+    ConfigError,
     DemoConfig,
     PreprocessConfig,
     TrainConfig,
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:
         print(f"mugv {args.command}: error: {e}", file=sys.stderr)
         return 2
 

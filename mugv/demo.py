@@ -21,6 +21,14 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from mugv.config import DemoConfig, PreprocessConfig, TrainConfig, VAETrainConfig, load_config
+from mugv.data.preprocess import preprocess, read_captions
+from mugv.sample import generate
+from mugv.train.trainer import train
+from mugv.train.vae_trainer import train_vae
+
 __all__ = ["run_demo", "summarize"]
 
 
@@ -79,20 +87,12 @@ def plot_losses(vae_losses: list[float], dit_losses: list[float | None], path: P
     return path
 
 
-def run_demo(cfg) -> dict:
-    """Run the four stages for a :class:`~mugv.train.config.DemoConfig`; returns the summary.
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the four stages for a :class:`~mugv.config.DemoConfig`; returns the summary.
 
     Raises:
         RuntimeError: a stage failed to make its loss drop (the summary is still written).
     """
-    import torch
-
-    from mugv.data.preprocess import preprocess, read_captions
-    from mugv.sample import generate
-    from mugv.train.config import PreprocessConfig, TrainConfig, VAETrainConfig, load_config
-    from mugv.train.trainer import train
-    from mugv.train.vae_trainer import train_vae
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

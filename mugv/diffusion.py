@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
+
+from mugv.text import TextEmbeddings
 
 __all__ = [
     "MUGV_NEGATIVE_PROMPT",
@@ -451,8 +454,6 @@ class RectifiedFlow:
         times = self.sampling_times(noise, num_steps, height=height, width=width, num_frames=num_frames)
         steps = range(len(times))
         if progress:
-            from tqdm import tqdm
-
             steps = tqdm(steps)
         sign = 1.0 if self.velocity == "noise_minus_data" else -1.0
         for i in steps:
@@ -475,11 +476,7 @@ class RectifiedFlow:
 
     @staticmethod
     def _cfg_text(y: Any, mask: Tensor | None, y_null: Any, mask_null: Tensor | None) -> tuple[Any, Tensor | None]:
-        try:
-            from mugv.text import TextEmbeddings
-        except ImportError:  # pragma: no cover
-            TextEmbeddings = ()  # type: ignore[assignment]
-        if TextEmbeddings and isinstance(y, TextEmbeddings):
+        if isinstance(y, TextEmbeddings):
             if not isinstance(y_null, TextEmbeddings):
                 raise ValueError("y is TextEmbeddings, so y_null must be TextEmbeddings too")
             if y_null.batch_size == 1 and y.batch_size > 1:

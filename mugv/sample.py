@@ -10,17 +10,29 @@ and writes an mp4 (PyAV, H.264) plus a PNG contact sheet of evenly spaced frames
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from mugv.config import ConfigError, check_num_frames, pick_device
+from mugv.data.video import Bucket, cover_size, frames_to_tensor, tensor_to_frames, write_mp4
+from mugv.diffusion import RectifiedFlow
+from mugv.models import DiTConfig, MUGDiT, VideoVAE
+from mugv.text import load_text_encoder
+from mugv.train.checkpoint import latest_checkpoint, load_ema_weights
 
 __all__ = ["GenerateResult", "contact_sheet", "generate", "resolve_checkpoint"]
 
 
 @dataclass
 class GenerateResult:
+    """What :func:`generate` wrote (the mp4 and the contact sheet), the clip's size and the
+    wall time in seconds."""
+
     video: str
     sheet: str
     frames: int
@@ -36,8 +48,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     Raises:
         FileNotFoundError: no ``config.json`` / no checkpoint found.
     """
-    from mugv.train.checkpoint import latest_checkpoint
-
     p = Path(path)
     if (p / "config.json").exists():
         step = latest_checkpoint(p)
@@ -51,8 +61,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def contact_sheet(frames: np.ndarray, path: str | Path, max_frames: int = 8, columns: int = 4) -> Path:
     """Save up to ``max_frames`` evenly spaced frames of ``uint8 [T, H, W, 3]`` as a PNG grid."""
-    from PIL import Image
-
     t, h, w, _ = frames.shape
     idx = np.linspace(0, t - 1, min(max_frames, t)).round().astype(int)
     cols = min(columns, len(idx))
@@ -69,12 +77,8 @@ def contact_sheet(frames: np.ndarray, path: str | Path, max_frames: int = 8, col
 
 def _load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """An image file -> ``float32 [1, 3, 1, H, W]`` in [-1, 1] (resize to cover + center-crop)."""
-    from PIL import Image
-
-    from mugv.data.video import Bucket, _cover_size, frames_to_tensor
-
     img = Image.open(path).convert("RGB")
-    ch, cw = _cover_size(img.height, img.width, Bucket(height, width))
+    ch, cw = cover_size(img.height, img.width, Bucket(height, width))
     img = img.resize((cw, ch), Image.BICUBIC)
     top, left = (ch - height) // 2, (cw - width) // 2
     arr = np.array(img)[top : top + height, left : left + width][None]
@@ -116,32 +120,28 @@ def generate(
         device: auto | cpu | cuda (the fused kernels and bf16 are used on CUDA).
 
     Raises:
-        ValueError: ``frames`` not ``8k+1``, sizes not multiples of 16, empty prompt, bad steps.
+        ConfigError: ``frames`` not ``8k+1`` for the VAE, sizes not multiples of 16, empty
+            prompt, bad steps.
         FileNotFoundError: missing checkpoint, VAE or image.
     """
-    import time
-
-    from mugv.data.video import tensor_to_frames, write_mp4
-    from mugv.diffusion import RectifiedFlow
-    from mugv.models import DiTConfig, MUGDiT
-    from mugv.train.checkpoint import load_ema_weights
-    from mugv.train.vae_trainer import load_text_encoder, load_vae, pick_device
-
     t0 = time.perf_counter()
-    if frames < 1 or (frames - 1) % 8:
-        raise ValueError(f"--frames must be 8k+1 (9, 17, 33, ...), got {frames}")
     if height < 16 or width < 16 or height % 16 or width % 16:
-        raise ValueError(f"--height/--width must be positive multiples of 16, got {height}x{width}")
+        raise ConfigError(f"--height/--width must be positive multiples of 16, got {height}x{width}")
     if not prompt.strip():
-        raise ValueError("--prompt must not be empty")
+        raise ConfigError("--prompt must not be empty")
     if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
     if image is not None and not Path(image).exists():
         raise FileNotFoundError(f"--image {image}: no such file")
     run_dir, step_dir = resolve_checkpoint(checkpoint)
     run = json.loads((run_dir / "config.json").read_text())
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
+    vae_dir = vae or run.get("vae")
+    if not vae_dir:
+        raise FileNotFoundError("the run does not record its VAE; pass --vae")
+    vae_m = VideoVAE.from_pretrained(vae_dir, device=dev)
+    check_num_frames(frames, vae_m.config.temporal_compression, name="--frames")
     names = {f.name for f in fields(DiTConfig)}
     dcfg = DiTConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in run["dit"].items() if k in names})
     with torch.device("meta"):
@@ -149,11 +149,7 @@ def generate(
     model.to_empty(device="cpu")
     load_ema_weights(step_dir, model, use_ema=use_ema)
     model = model.to(dev, torch.bfloat16 if on_gpu else torch.float32).eval()
-    vae_dir = vae or run.get("vae")
-    if not vae_dir:
-        raise FileNotFoundError("the run does not record its VAE; pass --vae")
-    vae_m = load_vae(vae_dir, dev)
-    enc = load_text_encoder(run.get("text_encoder") or "minilm", dev)
+    enc = load_text_encoder(run.get("text_encoder") or "minilm", device=dev)
     y, mask = enc([prompt]).to_padded()
     y_null, mask_null = enc([""]).to_padded()
     fps = float(fps or run.get("fps") or 8.0)

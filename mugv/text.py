@@ -36,6 +36,7 @@ __all__ = [
     "TextEmbeddings",
     "TextEncoder",
     "clear_cache",
+    "encode_caption",
     "load_minilm",
     "load_t5",
     "load_text_encoder",
@@ -291,11 +292,20 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def _cached(key: tuple, build) -> TextEncoder:
+def _load(name: str, path: Path, model_class: str, device, dtype: torch.dtype, max_length: int) -> TextEncoder:
+    """The cached encoder ``name`` from the directory ``path`` (``transformers.<model_class>``
+    and its ``AutoTokenizer``, local files only); loaded on the first call."""
+    key = (name, str(path), str(torch.device(device)), dtype, int(max_length))
     with _LOCK:
         enc = _CACHE.get(key)
         if enc is None:
-            enc = build()
+            import transformers  # on first load only: importing it costs seconds
+
+            with _offline():
+                tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                model = getattr(transformers, model_class).from_pretrained(str(path), local_files_only=True,
+                                                                           dtype=dtype)
+            enc = TextEncoder(tok, model.to(device), name=name, max_length=max_length, source=str(path))
             _CACHE[key] = enc
         return enc
 
@@ -315,18 +325,7 @@ def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     """
     if not 2 <= int(max_length) <= 512:
         raise ValueError(f"max_length must be in [2, 512] for MiniLM, got {max_length}")
-    path = minilm_path()
-    key = ("minilm", str(path), str(torch.device(device)), dtype, int(max_length))
-
-    def build() -> TextEncoder:
-        from transformers import AutoModel, AutoTokenizer
-
-        with _offline():
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-        return TextEncoder(tok, model.to(device), name="minilm", max_length=max_length, source=str(path))
-
-    return _cached(key, build)
+    return _load("minilm", minilm_path(), "AutoModel", device, dtype, max_length)
 
 
 def load_t5(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -351,17 +350,7 @@ def load_t5(path: str | os.PathLike | None = None, device: str | torch.device = 
         path = env
     p = Path(path).expanduser().resolve()
     _check_model_dir(p, "T5 encoder", hint)
-    key = ("t5", str(p), str(torch.device(device)), dtype, int(max_length))
-
-    def build() -> TextEncoder:
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        with _offline():
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-            model = T5EncoderModel.from_pretrained(str(p), local_files_only=True, dtype=dtype)
-        return TextEncoder(tok, model.to(device), name="t5", max_length=max_length, source=str(p))
-
-    return _cached(key, build)
+    return _load("t5", p, "T5EncoderModel", device, dtype, max_length)
 
 
 def load_text_encoder(name: str = "minilm", path: str | os.PathLike | None = None, *,
@@ -378,3 +367,9 @@ def load_text_encoder(name: str = "minilm", path: str | os.PathLike | None = Non
     if name == "t5":
         return load_t5(path, device, dtype, 300 if max_length is None else max_length)
     raise ValueError(f"unknown text encoder {name!r}; expected 'minilm' or 't5'")
+
+
+def encode_caption(encoder: TextEncoder, caption: str) -> Tensor:
+    """Token states ``float32 [L, D]`` of one caption, on the CPU, padding stripped (what a
+    preprocessed shard stores per clip; ``L`` = its tokens, ``D`` = ``encoder.dim``)."""
+    return encoder([caption]).split()[0].float().cpu()

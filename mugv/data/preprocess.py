@@ -2,7 +2,7 @@
 
 For each video (sorted by path): decode with PyAV, resample to ``fps``, fit to the nearest
 resolution bucket (resize to cover + center-crop), cut clips of every length in
-``num_frames`` (each ``8k+1``), encode them with the VAE (``encode_batch`` clips per call,
+``num_frames`` (each ``8k+1``, :func:`mugv.config.check_num_frames`), encode them with the VAE (``encode_batch`` clips per call,
 ``encode_chunk_frames`` frames per streamed chunk), encode the caption with the text
 encoder, and write one shard per video (see :mod:`mugv.data.shards` for the layout).
 
@@ -22,40 +22,25 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from mugv.config import ConfigError, PreprocessConfig, check_num_frames, pick_device
 from mugv.data.shards import INDEX, NULL_TEXT, atomic_write_json, write_shard
 from mugv.data.video import (
-    VIDEO_EXTENSIONS,
     VideoDecodeError,
     clip_starts,
     decode_video,
     default_captions_csv,
-    embedded_videos,
     frames_to_tensor,
+    list_videos,
     make_buckets,
 )
-from mugv.train.config import PreprocessConfig
+from mugv.models.vae import VideoVAE
+from mugv.text import encode_caption, load_text_encoder
 
-__all__ = ["list_videos", "preprocess", "read_captions"]
+__all__ = ["preprocess", "read_captions"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def list_videos(videos: str | Path | None) -> list[Path]:
-    """Video files to process: ``''``/None = the embedded clips; a file; or a folder's files
-    with a video suffix (:data:`~mugv.data.video.VIDEO_EXTENSIONS`), sorted.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-    """
-    if not videos:
-        return embedded_videos()
-    p = Path(videos)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-    raise FileNotFoundError(f"--videos {videos}: no such file or folder")
 
 
 def read_captions(path: str | Path | None) -> dict[str, str]:
@@ -118,27 +103,22 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
         "resumed": [sources], "num_clips": N, "seconds": s}``.
 
     Raises:
-        ValueError: bad options (clip lengths not ``8k+1``, unknown dtype), or an output
-            directory preprocessed with other settings.
+        ConfigError: bad options (a clip length not ``8k+1`` for the VAE, no VAE), or an
+            output directory preprocessed with other settings.
         FileNotFoundError: missing videos/captions/VAE checkpoint.
     """
-    from mugv.train.vae_trainer import encode_caption, load_text_encoder, load_vae, pick_device
-
     t_start = time.perf_counter()
-    for n in cfg.num_frames:
-        if n < 1 or (n - 1) % 8:
-            raise ValueError(f"num_frames: every clip length must be 8k+1 (9, 17, 33, ...), got {n}")
-    if cfg.latent_dtype not in _DTYPES:
-        raise ValueError(f"latent_dtype must be one of {sorted(_DTYPES)}, got {cfg.latent_dtype!r}")
     device = pick_device(cfg.device)
     if vae is None:
         if not cfg.vae:
-            raise ValueError("preprocess needs --vae CHECKPOINT (a directory written by `mugv train-vae`)")
-        vae = load_vae(cfg.vae, device)
+            raise ConfigError("preprocess needs --vae CHECKPOINT (a directory written by `mugv train-vae`)")
+        vae = VideoVAE.from_pretrained(cfg.vae, device=device)
+    for n in cfg.num_frames:
+        check_num_frames(n, vae.config.temporal_compression, name="num_frames")
     vae_dir = str(Path(cfg.vae).resolve()) if cfg.vae else ""
     vae.eval()
     if text_encoder is None:
-        text_encoder = load_text_encoder(cfg.text_encoder, device)
+        text_encoder = load_text_encoder(cfg.text_encoder, device=device)
     videos = list_videos(cfg.videos)
     captions = read_captions(cfg.captions)
     buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
@@ -149,7 +129,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
     if index_path.exists():
         index = json.loads(index_path.read_text())
         if index.get("settings") != settings:
-            raise ValueError(
+            raise ConfigError(
                 f"{out} was preprocessed with other settings ({index.get('settings')}); use another --out "
                 "or delete it"
             )
@@ -170,11 +150,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
     report: dict = {"processed": [], "skipped": [], "resumed": [], "num_clips": 0}
     dtype = _DTYPES[cfg.latent_dtype]
     min_len = min(cfg.num_frames)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(videos), desc="preprocess", dynamic_ncols=True)
+    bar = tqdm(total=len(videos), desc="preprocess", dynamic_ncols=True) if progress else None
     for src in videos:
         key = str(src.resolve())
         if bar is not None:
@@ -207,7 +183,8 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
         tensors: dict[str, torch.Tensor] = {}
         clips_meta = []
         for length in cfg.num_frames:
-            starts = clip_starts(len(vid.frames), length, cfg.clip_stride or None, cfg.max_clips_per_video)
+            starts = clip_starts(len(vid.frames), length, cfg.clip_stride or None, cfg.max_clips_per_video,
+                                 temporal_compression=vae.config.temporal_compression)
             for b in range(0, len(starts), max(1, cfg.encode_batch)):
                 group = starts[b : b + max(1, cfg.encode_batch)]
                 x = torch.stack([frames_to_tensor(vid.frames[s : s + length]) for s in group]).to(device)

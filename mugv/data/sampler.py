@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mugv.config import ConfigError
+
 __all__ = ["PackedStep", "PackingSampler"]
 
 
@@ -69,7 +71,7 @@ class PackingSampler:
             fitting clips among the next ``lookahead`` ones (better fill, same coverage).
 
     Raises:
-        ValueError: empty ``num_tokens``, a clip longer than the budget or shorter than 1,
+        ConfigError: empty ``num_tokens``, a clip longer than the budget or shorter than 1,
             bad ``rank``/``num_replicas``, or fewer clips than ranks.
 
     Iterating yields :class:`PackedStep` forever (epoch after epoch) from the saved position.
@@ -89,20 +91,20 @@ class PackingSampler:
     ) -> None:
         sizes = [int(n) for n in num_tokens]
         if not sizes:
-            raise ValueError("PackingSampler: num_tokens is empty (no clips)")
+            raise ConfigError("PackingSampler: num_tokens is empty (no clips)")
         if token_budget < 1:
-            raise ValueError(f"PackingSampler: token_budget must be >= 1, got {token_budget}")
+            raise ConfigError(f"PackingSampler: token_budget must be >= 1, got {token_budget}")
         bad = [i for i, n in enumerate(sizes) if n < 1 or n > token_budget]
         if bad:
             i = bad[0]
-            raise ValueError(
+            raise ConfigError(
                 f"PackingSampler: clip {i} has {sizes[i]} tokens, outside [1, token_budget={token_budget}] "
                 f"({len(bad)} such clips); raise the budget or drop long clips"
             )
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"PackingSampler: expected 0 <= rank < num_replicas, got rank={rank}, {num_replicas=}")
+            raise ConfigError(f"PackingSampler: expected 0 <= rank < num_replicas, got rank={rank}, {num_replicas=}")
         if len(sizes) < num_replicas:
-            raise ValueError(f"PackingSampler: {len(sizes)} clips cannot feed {num_replicas} ranks")
+            raise ConfigError(f"PackingSampler: {len(sizes)} clips cannot feed {num_replicas} ranks")
         self.sizes = sizes
         self.token_budget = int(token_budget)
         self.num_replicas = num_replicas
@@ -236,13 +238,13 @@ class PackingSampler:
         """Restore the position saved by :meth:`state_dict`.
 
         Raises:
-            ValueError: the saved plan settings (world size, budget, clip count, shuffle,
+            ConfigError: the saved plan settings (world size, budget, clip count, shuffle,
                 drop_last) differ from this sampler's, so the position would mean other clips.
         """
         for key in ("num_replicas", "token_budget", "num_clips", "shuffle", "drop_last"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
-                raise ValueError(
+                raise ConfigError(
                     f"PackingSampler.load_state_dict: checkpoint has {key}={state[key]}, this run has {mine}; "
                     "resume with the same data and world size"
                 )

@@ -1,6 +1,6 @@
-"""Video I/O for the data pipeline: PyAV decoding with fps resampling, resolution buckets
-of several aspect ratios, resize + center-crop, cutting clips of ``8k+1`` frames, and mp4
-writing.
+"""Video I/O for the data pipeline: finding video files, PyAV decoding with fps
+resampling, resolution buckets of several aspect ratios, resize + center-crop, cutting clips
+of ``8k+1`` frames (:func:`mugv.config.check_num_frames`), and mp4 writing.
 
 Frames are ``uint8`` arrays ``[T, H, W, 3]`` (RGB) on the host; the models take float
 tensors ``[B, 3, T, H, W]`` in ``[-1, 1]`` (:func:`frames_to_tensor`).
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mugv.config import check_num_frames
+
 __all__ = [
     "DEFAULT_ASPECT_RATIOS",
     "VIDEO_EXTENSIONS",
@@ -29,10 +31,12 @@ __all__ = [
     "DecodedVideo",
     "VideoDecodeError",
     "clip_starts",
+    "cover_size",
     "default_captions_csv",
     "decode_video",
     "embedded_videos",
     "frames_to_tensor",
+    "list_videos",
     "make_buckets",
     "nearest_bucket",
     "resample_indices",
@@ -158,8 +162,9 @@ def resample_indices(num_source: int, source_fps: float, target_fps: float | Non
     return np.floor(np.arange(n) * step + 1e-9).astype(np.int64)
 
 
-def _cover_size(height: int, width: int, bucket: Bucket) -> tuple[int, int]:
-    """Smallest size with the source's aspect ratio that covers ``bucket`` (for center-crop)."""
+def cover_size(height: int, width: int, bucket: Bucket) -> tuple[int, int]:
+    """``(height, width)``: the smallest size with the source's aspect ratio that covers
+    ``bucket`` (resize to it, then center-crop to the bucket)."""
     s = max(bucket.height / height, bucket.width / width)
     return max(bucket.height, math.ceil(height * s - 1e-6)), max(bucket.width, math.ceil(width * s - 1e-6))
 
@@ -215,7 +220,7 @@ def decode_video(
                 bucket = nearest_bucket(h0, w0, buckets)
             else:
                 bucket = Bucket(max(16, h0 // 16 * 16), max(16, w0 // 16 * 16))
-        ch, cw = _cover_size(h0, w0, bucket)
+        ch, cw = cover_size(h0, w0, bucket)
         top, left = (ch - bucket.height) // 2, (cw - bucket.width) // 2
         step = src_fps / target_fps if target_fps and target_fps < src_fps else 1.0
         out_fps = src_fps / step
@@ -238,20 +243,23 @@ def decode_video(
     return DecodedVideo(arr, out_fps, src_fps, (h0, w0), bucket)
 
 
-def clip_starts(num_frames: int, clip_len: int, stride: int | None = None, max_clips: int | None = None) -> list[int]:
+def clip_starts(num_frames: int, clip_len: int, stride: int | None = None, max_clips: int | None = None, *,
+                temporal_compression: int) -> list[int]:
     """Start indices of non-overlapping (or ``stride``-spaced) clips of ``clip_len`` frames.
 
     Args:
         num_frames: frames available.
-        clip_len: frames per clip; must be ``8k + 1`` (k >= 0), the causal VAE's valid lengths.
+        clip_len: frames per clip; must be ``k * temporal_compression + 1`` (k >= 0), the
+            lengths the causal VAE encodes whole (:func:`mugv.config.check_num_frames`).
         stride: distance between starts (default ``clip_len``: no overlap).
         max_clips: keep at most this many (evenly spread over the video).
+        temporal_compression: the VAE's ``VAEConfig.temporal_compression``.
 
     Raises:
-        ValueError: ``clip_len`` is not ``8k + 1`` or ``stride < 1``.
+        ConfigError: ``clip_len`` is not ``k * temporal_compression + 1``.
+        ValueError: ``stride < 1``.
     """
-    if clip_len < 1 or (clip_len - 1) % 8 != 0:
-        raise ValueError(f"clip_starts: clip_len must be 8k+1 (1, 9, 17, 33, ...), got {clip_len}")
+    check_num_frames(clip_len, temporal_compression, name="clip_len")
     stride = clip_len if stride is None else stride
     if stride < 1:
         raise ValueError(f"clip_starts: stride must be >= 1, got {stride}")
@@ -302,6 +310,23 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0, crf: int =
         for pkt in s.encode():
             c.mux(pkt)
     return path
+
+
+def list_videos(videos: str | Path | None) -> list[Path]:
+    """Video files to read: ``''``/None = the embedded clips (:func:`embedded_videos`); a
+    file; or a folder's files with a video suffix (:data:`VIDEO_EXTENSIONS`), sorted.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+    """
+    if not videos:
+        return embedded_videos()
+    p = Path(videos)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+    raise FileNotFoundError(f"--videos {videos}: no such file or folder")
 
 
 def embedded_videos() -> list[Path]:

@@ -931,3 +931,59 @@ class VideoVAE(nn.Module):
         return (f"arch={c.arch}, in={c.in_out_channels}, latent={c.latent_channels}, "
                 f"compression=({c.temporal_compression}, {c.spatial_compression}, {c.spatial_compression}), "
                 f"kernels={self.kernels}")
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_pretrained(cls, path, *, device: torch.device | str = "cpu", kernels: bool | None = None) -> VideoVAE:
+        """Load a VAE written by :meth:`save_pretrained` (``mugv train-vae`` writes one).
+
+        Args:
+            path: the checkpoint directory (``config.json`` with the :class:`VAEConfig`
+                under ``"vae"``, ``vae.safetensors`` with the weights).
+            device: where to put it.
+            kernels: passed to the constructor (default: True on CUDA, False elsewhere).
+
+        Returns:
+            The VAE in eval mode on ``device``.
+
+        Raises:
+            FileNotFoundError: ``path`` lacks ``config.json`` or ``vae.safetensors``.
+            RuntimeError: the weights do not fit the config (``load_state_dict(strict=True)``).
+        """
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for f in ("config.json", "vae.safetensors"):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"VAE checkpoint {path}: {f} missing (write one with `mugv train-vae`)")
+        config = VAEConfig(**json.loads((path / "config.json").read_text())["vae"])
+        device = torch.device(device)
+        vae = cls(config, kernels=device.type == "cuda" if kernels is None else kernels)
+        vae.load_state_dict(load_file(str(path / "vae.safetensors")), strict=True)
+        return vae.to(device).eval()
+
+    def save_pretrained(self, path, extra: dict[str, Any] | None = None):
+        """Write ``vae.safetensors`` (weights, CPU, contiguous) and ``config.json``
+        (``{"vae": config.to_dict(), **extra}``) to the directory ``path``, each file to a
+        temporary name first and then renamed, so a crash never leaves a half-written file.
+
+        Returns:
+            ``path`` as a ``pathlib.Path``.
+        """
+        import json
+        import os
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(out / "vae.safetensors.tmp"))
+        os.replace(out / "vae.safetensors.tmp", out / "vae.safetensors")
+        (out / "config.json.tmp").write_text(json.dumps({"vae": self.config.to_dict(), **(extra or {})}, indent=1))
+        os.replace(out / "config.json.tmp", out / "config.json")
+        return out

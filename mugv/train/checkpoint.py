@@ -1,6 +1,8 @@
-"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): sharded, atomic, rotated.
+"""The run state of a training run with ``torch.distributed.checkpoint`` (DCP): sharded,
+atomic, rotated. (Model weights alone, in the public formats, are
+:func:`mugv.models.load_checkpoint` / :func:`mugv.models.save_checkpoint`.)
 
-A checkpoint is a directory ``<run>/checkpoints/step_<NNNNNNNN>/`` holding
+A run-state checkpoint is a directory ``<run>/checkpoints/step_<NNNNNNNN>/`` holding
 
 * the DCP files of ``{"model": ..., "optim": ..., "ema": ...}`` (each rank writes its
   shards; ``get_state_dict`` gives FSDP2 DTensors, so any world size can load them back),
@@ -39,10 +41,10 @@ from torch.distributed.checkpoint.state_dict import (
 __all__ = [
     "checkpoint_dirs",
     "latest_checkpoint",
-    "load_checkpoint",
     "load_ema_weights",
+    "load_run_state",
     "rng_state",
-    "save_checkpoint",
+    "save_run_state",
     "set_rng_state",
 ]
 
@@ -103,7 +105,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema) -> dict:
+    """``{"model", "optim" (if an optimizer), "ema" (if an EMA)}`` state dicts in DCP form
+    (FSDP2 DTensors stay sharded)."""
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def save_run_state(
     run_dir: str | Path,
     step: int,
     model: nn.Module,
@@ -120,7 +135,7 @@ def save_checkpoint(
         ValueError: ``keep_last < 1``.
     """
     if keep_last < 1:
-        raise ValueError(f"save_checkpoint: keep_last must be >= 1, got {keep_last}")
+        raise ValueError(f"save_run_state: keep_last must be >= 1, got {keep_last}")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -129,15 +144,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        state = {"model": get_model_state_dict(model)}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
     with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(_dcp_state(model, optimizer, ema), checkpoint_id=str(tmp))
     torch.save({"step": step, **(extra or {})}, tmp / f"extra_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -152,10 +160,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
+def load_run_state(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ema=None
 ) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into the (sharded) objects.
+    """Load a checkpoint written by :func:`save_run_state` into the (sharded) objects.
 
     Returns this rank's ``extra`` dict (``step``, sampler and RNG states, ...).
 
@@ -166,14 +174,8 @@ def load_checkpoint(
     path = Path(path)
     extra_file = path / f"extra_rank{_rank()}.pt"
     if not extra_file.exists():
-        raise FileNotFoundError(f"load_checkpoint: {extra_file} missing; resume with the world size of the run")
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        state = {"model": get_model_state_dict(model)}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
+        raise FileNotFoundError(f"load_run_state: {extra_file} missing; resume with the world size of the run")
+    state = _dcp_state(model, optimizer, ema)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     if optimizer is not None:

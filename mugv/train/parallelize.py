@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from mugv.config import ConfigError, pick_device
 
 __all__ = ["DistInfo", "build_model", "init_distributed", "parallelize_dit", "resolve_dtype"]
 
@@ -34,12 +38,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``"auto"`` -> bf16 on CUDA, fp32 elsewhere; else the named dtype.
 
     Raises:
-        ValueError: an unknown name.
+        ConfigError: an unknown name.
     """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected auto | bfloat16 | float32 | float16")
+        raise ConfigError(f"unknown dtype {name!r}; expected auto | bfloat16 | float32 | float16")
     return _DTYPES[name]
 
 
@@ -64,23 +68,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     the run is single-process. Idempotent.
 
     Args:
-        device: ``auto`` (CUDA when available) | ``cpu`` | ``cuda``.
+        device: ``auto`` (CUDA when available) | ``cpu`` | ``cuda``
+            (:func:`mugv.config.pick_device`; on CUDA the device is ``LOCAL_RANK``'s).
 
     Raises:
-        ValueError: an unknown device, or ``cuda`` without a GPU.
+        ConfigError: an unknown device, or ``cuda`` without a GPU.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto | cpu | cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
@@ -168,8 +167,6 @@ def parallelize_dit(
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"parallelize_dit: expected model.blocks to be an nn.ModuleList, got {type(blocks).__name__}")
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
         for i, blk in enumerate(blocks):
             blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
     if compile:
@@ -178,7 +175,6 @@ def parallelize_dit(
     if fsdp:
         if not dist.is_initialized():
             raise RuntimeError("parallelize_dit: fsdp=True needs torch.distributed initialized (run under torchrun)")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         for blk in blocks:

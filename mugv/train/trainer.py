@@ -16,10 +16,10 @@ One step, per rank (the recipe of MUG-V, arXiv 2510.17519 Sec. 4, and its public
    gradients: the gradient equals a single process's on the union of the batches.
 5. Non-finite loss or gradient norm: the step is skipped (no update, counted); after
    ``max_bad_steps`` in a row the run stops with an error. Otherwise clip, AdamW step with a
-   warmup + cosine learning rate, EMA update.
+   warmup + cosine learning rate (:mod:`mugv.train.schedule`), EMA update.
 
 Parallelism (FSDP2, activation checkpointing, compile) comes from
-:mod:`mugv.train.parallelize`; checkpoints from :mod:`mugv.train.checkpoint`.
+:mod:`mugv.train.parallelize`; the run state on disk from :mod:`mugv.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -33,30 +33,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mugv.config import ConfigError, TrainConfig, to_dict
 from mugv.data.sampler import PackedStep, PackingSampler
-from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shift, velocity_target
 from mugv.data.shards import LatentDataset
+from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shift, velocity_target
+from mugv.models import DiTConfig, MUGDiT
 from mugv.train import checkpoint as ckpt
-from mugv.train.config import TrainConfig, to_dict
 from mugv.train.ema import EMA
 from mugv.train.logging import MetricsLogger, dit_train_flops
 from mugv.train.parallelize import DistInfo, build_model, init_distributed, parallelize_dit, resolve_dtype
+from mugv.train.schedule import build_optimizer, set_lr
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "clip_randomness", "lr_at", "train"]
+__all__ = ["NonFiniteLossError", "StepResult", "TrainResult", "Trainer", "clip_randomness", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient norm."""
-
-
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup``
-    steps, then cosine decay to ``min_ratio * lr`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    span = max(1, total - warmup)
-    p = min(1.0, (step - warmup) / span)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def _seed_of(*parts: int) -> int:
@@ -97,6 +89,29 @@ def clip_randomness(seed: int, step: int, clip: int, shape: tuple[int, ...], *, 
 
 
 @dataclass
+class StepResult:
+    """What :meth:`Trainer.train_step` returns.
+
+    Attributes:
+        loss: the global mean loss, or None when the step was skipped (non-finite).
+        lr: the learning rate of the step.
+        grad_norm: the global gradient norm before clipping (None if the loss was not finite).
+        tokens: video tokens of each of this rank's clips.
+        text_tokens: caption tokens of each of this rank's clips.
+    """
+
+    loss: float | None
+    lr: float
+    grad_norm: float | None
+    tokens: list[int]
+    text_tokens: list[int]
+
+    @property
+    def skipped(self) -> bool:
+        return self.loss is None
+
+
+@dataclass
 class TrainResult:
     """What a run returns: the per-step losses (``None`` for skipped steps) of the whole run
     (resumed runs include the earlier part), the step reached, and where things are."""
@@ -119,15 +134,18 @@ class Trainer:
     The DiT's ``in_channels`` and ``text_dim`` are taken from the data (VAE latent channels,
     text-encoder width); ``depth``/``hidden_size``/``num_heads`` override the flavor when set.
 
+    Models with more than ``cfg.meta_init_threshold`` parameters are built on the meta
+    device, sharded, then initialized shard by shard (never whole on one rank); smaller ones
+    are initialized whole on every rank with the same seed, so any world size starts from the
+    weights of a single process.
+
     Raises:
         FileNotFoundError: no preprocessed data at ``cfg.data``.
-        ValueError: inconsistent options (``fsdp="on"`` without a process group, ``fsdp="off"``
-            with several ranks, unknown dtype/kernels/fsdp values, clips over the token budget).
+        ConfigError: inconsistent options (``fsdp="on"`` without a process group, ``fsdp="off"``
+            with several ranks, an unknown dtype, clips over the token budget).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
-        from mugv.models import DiTConfig, MUGDiT
-
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
         dev = self.dist.device
@@ -139,18 +157,14 @@ class Trainer:
             if getattr(cfg, k):
                 overrides[k] = getattr(cfg, k)
         self.dit_cfg = DiTConfig.from_flavor(cfg.flavor, **overrides)
-        if cfg.fsdp not in ("auto", "on", "off"):
-            raise ValueError(f"fsdp must be auto | on | off, got {cfg.fsdp!r}")
         self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and self.dist.world_size > 1)
         if self.dist.world_size > 1 and not self.use_fsdp:
-            raise ValueError("fsdp='off' with several ranks: every rank would train its own copy; use fsdp='auto'")
-        if cfg.kernels not in ("auto", "on", "off"):
-            raise ValueError(f"kernels must be auto | on | off, got {cfg.kernels!r}")
+            raise ConfigError("fsdp='off' with several ranks: every rank would train its own copy; use fsdp='auto'")
         kernels = cfg.kernels == "on" or (cfg.kernels == "auto" and dev.type == "cuda")
         self.param_dtype = resolve_dtype(cfg.param_dtype, dev)
         reduce_dtype = resolve_dtype(cfg.reduce_dtype, dev)
         if self.use_fsdp and not dist.is_initialized():
-            raise ValueError("fsdp='on' needs a process group: launch with torchrun")
+            raise ConfigError("fsdp='on' needs a process group: launch with torchrun")
         dcfg = self.dit_cfg
 
         def factory():
@@ -164,14 +178,10 @@ class Trainer:
 
         with torch.device("meta"):
             n_params = factory().num_params()
-        # Small models are initialized in full on every rank (identical to a single process);
-        # big ones shard first and initialize their shards (never materialized whole).
-        self.model = build_model(factory, device=dev, on_meta=n_params > 2e9, seed=cfg.seed, parallelize=par)
+        self.model = build_model(factory, device=dev, on_meta=n_params > cfg.meta_init_threshold, seed=cfg.seed,
+                                 parallelize=par)
         self.autocast = (not self.use_fsdp) and self.param_dtype != torch.float32
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-            foreach=True,
-        )
+        self.optimizer = build_optimizer(self.model.parameters(), cfg, foreach=True)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         p = dcfg.patch_size
         self.clip_tokens = [
@@ -219,14 +229,16 @@ class Trainer:
             fpss.append(float(clip.meta["fps"]))
         return lat, tgt, masks, texts, torch.tensor(ts, device=dev), torch.tensor(fpss, device=dev), n_tok_text
 
-    def train_step(self, indices: tuple[int, ...]) -> float | None:
+    def train_step(self, indices: tuple[int, ...]) -> StepResult:
         """One optimizer step on this rank's clips ``indices`` (collective under FSDP).
 
-        Returns the global mean loss, or None when the step was skipped (non-finite)."""
+        Returns a :class:`StepResult` (``loss`` None when the step was skipped: non-finite).
+
+        Raises:
+            NonFiniteLossError: the ``max_bad_steps``-th skipped step in a row.
+        """
         cfg, step = self.cfg, self.step
-        lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(self.optimizer, step, cfg)
         lat, tgt, masks, texts, ts, fps, n_text = self._batch(indices, step)
         with torch.autocast(self.dist.device.type, dtype=self.param_dtype, enabled=self.autocast):
             out = self.model.forward_packed(lat, ts, texts, fps=fps, x_mask=masks)
@@ -253,7 +265,7 @@ class Trainer:
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             grad_norm = gn.item()
             ok = math.isfinite(grad_norm)
-        self._last = dict(lr=lr, grad_norm=grad_norm, text_tokens=n_text, tokens=[self.clip_tokens[i] for i in indices])
+        result = StepResult(mean_loss if ok else None, lr, grad_norm, [self.clip_tokens[i] for i in indices], n_text)
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
@@ -264,16 +276,18 @@ class Trainer:
                     f"{self.bad_in_row} consecutive steps with a non-finite loss or gradient (last at step {step}, "
                     f"loss={mean_loss}, grad_norm={grad_norm}); lower the learning rate or check the data"
                 )
-            return None
+            return result
         self.bad_in_row = 0
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step)
         self.step += 1
-        return mean_loss
+        return result
 
     # ------------------------------------------------------------------------------------
     def state_extra(self) -> dict:
+        """This rank's run state besides the weights: sampler position, RNG states, losses and
+        the skip counters (stored per rank by :func:`~mugv.train.checkpoint.save_run_state`)."""
         return {
             "sampler": self.sampler.state_dict(),
             "rng": ckpt.rng_state(),
@@ -284,15 +298,15 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the run at the current step (collective)."""
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ema,
-                                    self.state_extra(), keep_last=self.cfg.keep_last)
+        return ckpt.save_run_state(self.run_dir, self.step, self.model, self.optimizer, self.ema,
+                                   self.state_extra(), keep_last=self.cfg.keep_last)
 
     def resume(self) -> Path | None:
         """Load the newest checkpoint of the run directory, if any."""
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return None
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema)
+        extra = ckpt.load_run_state(path, self.model, self.optimizer, self.ema)
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         ckpt.set_rng_state(extra["rng"])
@@ -338,14 +352,13 @@ class Trainer:
         try:
             while self.step < cfg.steps and (stop_after is None or done < stop_after):
                 plan: PackedStep = self.sampler.next_step()
-                loss = self.train_step(plan.indices)
-                self.losses.append(loss)
+                res = self.train_step(plan.indices)
+                self.losses.append(res.loss)
                 done += 1
-                info = self._last
                 flops = dit_train_flops(self.matmul_params, self.dit_cfg.depth, self.dit_cfg.hidden_size,
-                                        info["tokens"], info["text_tokens"]) * self.dist.world_size
-                log.step(self.step, float("nan") if loss is None else loss, lr=info["lr"],
-                         grad_norm=info["grad_norm"], tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
+                                        res.tokens, res.text_tokens) * self.dist.world_size
+                log.step(self.step, float("nan") if res.skipped else res.loss, lr=res.lr, grad_norm=res.grad_norm,
+                         tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     last_ckpt = self.save()
             latest = ckpt.latest_checkpoint(self.run_dir)

@@ -1,5 +1,4 @@
-"""``mugv train-vae``: the video VAE trained from scratch on decoded clips, plus the
-loaders shared by the stages (:func:`load_vae`, :func:`load_text_encoder`, :func:`encode_caption`, :func:`pick_device`).
+"""``mugv train-vae``: the video VAE trained from scratch on decoded clips.
 
 No pretrained video VAE can be downloaded here, so the ``compact`` causal VAE
 (:class:`mugv.models.VideoVAE`) is trained on the clips themselves with the usual
@@ -11,14 +10,15 @@ of the bucketed clips. At the end the per-channel latent mean/std over center cr
 are measured and stored in the VAE config, so ``encode`` returns normalized latents for
 the DiT and ``decode`` undoes it.
 
-Output directory: ``vae.safetensors`` (weights), ``config.json`` (``{"vae": VAEConfig,
-"train": VAETrainConfig, "losses": [...]}``), ``train_vae.jsonl`` and ``tb/``.
+Output directory (:meth:`VideoVAE.save_pretrained`): ``vae.safetensors`` (weights),
+``config.json`` (``{"vae": VAEConfig, "train": VAETrainConfig, "losses": [...]}``),
+``train_vae.jsonl`` and ``tb/``.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,81 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mugv.train.config import VAETrainConfig, to_dict
+from mugv.config import ConfigError, VAETrainConfig, check_num_frames, pick_device, to_dict
+from mugv.data.video import VideoDecodeError, decode_video, frames_to_tensor, list_videos, make_buckets
+from mugv.models.vae import VAEConfig, VideoVAE
+from mugv.train.logging import MetricsLogger
+from mugv.train.schedule import build_optimizer, set_lr
 
-__all__ = ["VAETrainResult", "encode_caption", "load_text_encoder", "load_vae", "pick_device", "save_vae", "train_vae"]
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU.
-
-    Raises:
-        ValueError: an unknown name or ``cuda`` without a GPU.
-    """
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto | cpu | cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def save_vae(vae, out: str | Path, extra: dict | None = None) -> Path:
-    """Write ``vae.safetensors`` + ``config.json`` to ``out`` (atomically, file by file)."""
-    import os
-
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    save_file(sd, str(out / "vae.safetensors.tmp"))
-    os.replace(out / "vae.safetensors.tmp", out / "vae.safetensors")
-    (out / "config.json.tmp").write_text(json.dumps({"vae": vae.config.to_dict(), **(extra or {})}, indent=1))
-    os.replace(out / "config.json.tmp", out / "config.json")
-    return out
-
-
-def load_vae(path: str | Path, device: torch.device | str = "cpu", kernels: bool | None = None):
-    """Load a VAE written by :func:`save_vae` / ``mugv train-vae``.
-
-    Args:
-        path: the checkpoint directory.
-        device: where to put it.
-        kernels: use the fused ops (default: on CUDA only).
-
-    Raises:
-        FileNotFoundError: ``path`` lacks ``config.json`` or ``vae.safetensors``.
-    """
-    from safetensors.torch import load_file
-
-    from mugv.models.vae import VAEConfig, VideoVAE
-
-    path = Path(path)
-    for f in ("config.json", "vae.safetensors"):
-        if not (path / f).exists():
-            raise FileNotFoundError(f"VAE checkpoint {path}: {f} missing (write one with `mugv train-vae`)")
-    cfg = json.loads((path / "config.json").read_text())["vae"]
-    device = torch.device(device)
-    vae = VideoVAE(VAEConfig(**cfg), kernels=device.type == "cuda" if kernels is None else kernels)
-    vae.load_state_dict(load_file(str(path / "vae.safetensors")), strict=True)
-    return vae.to(device).eval()
-
-
-def load_text_encoder(name: str = "minilm", device: torch.device | str = "cpu"):
-    """The caption encoder of :mod:`mugv.text` (``minilm``: offline all-MiniLM-L6-v2,
-    384-d token states; ``t5``: a local T5 directory)."""
-    from mugv.text import load_text_encoder as _load
-
-    return _load(name, device=device)
-
-
-def encode_caption(encoder, caption: str) -> torch.Tensor:
-    """Token states ``float32 [L, D]`` (CPU, padding stripped) of one caption."""
-    return encoder([caption]).split()[0].float().cpu()
+__all__ = ["VAETrainResult", "train_vae"]
 
 
 @dataclass
 class VAETrainResult:
+    """What :func:`train_vae` returns: the per-step losses, the checkpoint directory and the
+    wall time in seconds."""
+
     losses: list[float] = field(default_factory=list)
     out: str = ""
     wall_s: float = 0.0
@@ -110,9 +49,6 @@ class _ClipBank:
     """Decoded, bucketed videos in memory; draws random training windows."""
 
     def __init__(self, cfg: VAETrainConfig) -> None:
-        from mugv.data.preprocess import list_videos
-        from mugv.data.video import VideoDecodeError, decode_video, make_buckets
-
         buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
         self.videos: list[np.ndarray] = []
         self.skipped: list[tuple[str, str]] = []
@@ -127,7 +63,7 @@ class _ClipBank:
                 continue
             self.videos.append(v.frames)
         if not self.videos:
-            raise ValueError(f"train-vae: no usable video (skipped: {self.skipped})")
+            raise ConfigError(f"train-vae: no usable video (skipped: {self.skipped})")
         side = min(min(v.shape[1], v.shape[2]) for v in self.videos)
         self.crop = min(cfg.crop, side) // 8 * 8 if cfg.crop > 0 else 0
         if cfg.crop == 0 and len({v.shape[1:3] for v in self.videos}) > 1:
@@ -138,8 +74,6 @@ class _ClipBank:
 
     def batch(self, n: int, g: np.random.Generator) -> torch.Tensor:
         """``float32 [n, 3, T, crop, crop]`` in [-1, 1]."""
-        from mugv.data.video import frames_to_tensor
-
         out = []
         for _ in range(n):
             v = self.videos[g.choice(len(self.videos), p=self.weights)]
@@ -156,8 +90,6 @@ class _ClipBank:
 
     def eval_clips(self) -> list[torch.Tensor]:
         """Center windows of every video, ``[1, 3, T, H, W]`` each (for latent statistics)."""
-        from mugv.data.video import frames_to_tensor
-
         out = []
         for v in self.videos:
             for s in range(0, len(v) - self.T + 1, self.T):
@@ -169,30 +101,25 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     """Train the VAE of ``cfg.preset`` from scratch (see the module docstring).
 
     Raises:
-        ValueError: ``num_frames`` not ``8k+1``, no usable video, bad options, or launched
-            under ``torchrun`` with several ranks (the VAE trains in one process).
+        ConfigError: ``num_frames`` not ``8k+1`` for the preset's temporal compression, no
+            usable video, bad options, or launched under ``torchrun`` with several ranks (the
+            VAE trains in one process).
         FloatingPointError: a non-finite loss or gradient.
     """
-    from mugv.models.vae import VAEConfig, VideoVAE
-    from mugv.train.logging import MetricsLogger
-    from mugv.train.trainer import lr_at
-
-    if cfg.num_frames < 1 or (cfg.num_frames - 1) % 8:
-        raise ValueError(f"num_frames must be 8k+1, got {cfg.num_frames}")
+    vae_cfg = VAEConfig.from_preset(cfg.preset)
+    check_num_frames(cfg.num_frames, vae_cfg.temporal_compression, name="num_frames")
     if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
-    import os
-
+        raise ConfigError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("train-vae runs in a single process (the compact VAE is small); launch it without torchrun")
+        raise ConfigError("train-vae runs in a single process (the compact VAE is small); launch it without torchrun")
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     bank = _ClipBank(cfg)
-    vae = VideoVAE(VAEConfig.from_preset(cfg.preset), kernels=device.type == "cuda").to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vae = VideoVAE(vae_cfg, kernels=device.type == "cuda").to(device).train()
+    opt = build_optimizer(vae.parameters(), cfg)
     g = np.random.default_rng(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -201,9 +128,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     losses: list[float] = []
     try:
         for step in range(cfg.steps):
-            lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
-            for grp in opt.param_groups:
-                grp["lr"] = lr
+            lr = set_lr(opt, step, cfg)
             x = bank.batch(cfg.batch_size, g).to(device)
             rec, post, _ = vae(x, sample_posterior=True, generator=gen)
             diff = rec.float() - x
@@ -228,7 +153,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         trained = VideoVAE(VAEConfig(**{**vae.config.to_dict(), "latent_mean": mean.tolist(),
                                         "latent_std": std.tolist()}))
         trained.load_state_dict(vae.state_dict())
-        save_vae(trained, out, {"train": to_dict(cfg), "losses": losses, "skipped": bank.skipped})
+        trained.save_pretrained(out, {"train": to_dict(cfg), "losses": losses, "skipped": bank.skipped})
     finally:
         log.close()
     return VAETrainResult(losses, str(out), time.perf_counter() - t0)

@@ -10,17 +10,12 @@ import pytest
 import torch
 
 from mugv.cli import build_parser, main
-from mugv.train.config import TrainConfig, config_from_args
+from mugv.config import TrainConfig, config_from_args
 
 COMMANDS = ["preprocess", "train-vae", "train", "generate", "demo"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -57,6 +52,30 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert code == 2
 
 
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 2\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mugv train: error:") and "learning_rate" in err and len(err.strip().splitlines()) == 1
+    bad.write_text("steps = [")
+    assert main(["train", "--config", str(bad)]) == 2 and "not valid TOML" in capsys.readouterr().err
+    assert main(["train-vae", "--num-frames", "8", "--out", str(tmp_path / "vae")]) == 2  # checked before any work
+    assert "8k+1" in capsys.readouterr().err and not (tmp_path / "vae").exists()
+    with pytest.raises(SystemExit) as e:  # a value outside a field's choices: argparse's own usage error
+        main(["train", "--device", "gpu"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    import mugv.sample
+
+    for exc in (TypeError, ValueError, RuntimeError):  # anything but our input errors propagates
+        def bug(*args, _exc=exc, **kwargs):
+            raise _exc("a bug")
+
+        monkeypatch.setattr(mugv.sample, "generate", bug)
+        with pytest.raises(exc, match="a bug"):
+            main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "a.mp4")])
+
+
 def test_generate_t2v_and_i2v(tmp_path):
     """Train a 1-block DiT for 2 steps on random latents recorded against a real (random)
     VAE checkpoint, then sample through the CLI: mp4 + contact sheet, both modes."""
@@ -64,11 +83,10 @@ def test_generate_t2v_and_i2v(tmp_path):
     from PIL import Image
 
     from mugv.models.vae import VAEConfig, VideoVAE
-    from mugv.train.vae_trainer import save_vae
     from tests.stack.test_train import make_shards
 
     vae = VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False)
-    save_vae(vae, tmp_path / "vae")
+    vae.save_pretrained(tmp_path / "vae")
     data = make_shards(tmp_path / "shards", n=4)
     index = json.loads((data / "index.json").read_text())
     index.update(vae=str(tmp_path / "vae"), text_encoder="minilm")

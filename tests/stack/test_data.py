@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mugv.data.preprocess import list_videos, preprocess, read_captions
+from mugv.config import ConfigError, PreprocessConfig, check_num_frames, load_config
+from mugv.data.preprocess import preprocess, read_captions
 from mugv.data.shards import LatentDataset
 from mugv.data.video import (
     Bucket,
@@ -17,20 +18,15 @@ from mugv.data.video import (
     decode_video,
     default_captions_csv,
     embedded_videos,
+    list_videos,
     make_buckets,
     nearest_bucket,
     resample_indices,
     write_mp4,
 )
-from mugv.train.config import load_config, PreprocessConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _frames(t, h, w, seed=0):
@@ -59,10 +55,33 @@ def test_buckets_and_resampling():
     idx = resample_indices(250, 25.0, 8.0)
     assert idx[0] == 0 and np.all(np.diff(idx) >= 3) and len(idx) == 80
     assert len(resample_indices(30, 10.0, 30.0)) == 30  # never upsample
-    assert clip_starts(40, 17) == [0, 17]
-    assert clip_starts(40, 9, stride=4, max_clips=3) == [0, 16, 28]
+    assert clip_starts(40, 17, temporal_compression=8) == [0, 17]
+    assert clip_starts(40, 9, stride=4, max_clips=3, temporal_compression=8) == [0, 16, 28]
     with pytest.raises(ValueError, match="8k\\+1"):
-        clip_starts(40, 16)
+        clip_starts(40, 16, temporal_compression=8)
+
+
+def test_frame_rule_follows_the_temporal_compression():
+    assert [n for n in range(40) if _valid(n, 8)] == [1, 9, 17, 25, 33]
+    assert [n for n in range(14) if _valid(n, 4)] == [1, 5, 9, 13]
+    assert [n for n in range(4) if _valid(n, 1)] == [1, 2, 3]
+    assert check_num_frames(17, 8) == 17
+    with pytest.raises(ConfigError, match=r"--frames must be 4k\+1 .*got 7"):
+        check_num_frames(7, 4, name="--frames")
+    with pytest.raises(TypeError, match="int"):
+        check_num_frames(9.0, 8)
+    with pytest.raises(ValueError, match="temporal_compression"):
+        check_num_frames(9, 0)
+    assert clip_starts(20, 5, temporal_compression=4) == [0, 5, 10, 15]
+    with pytest.raises(ConfigError, match="8k"):
+        clip_starts(20, 5, temporal_compression=8)
+
+
+def _valid(n, ft):
+    try:
+        return check_num_frames(n, ft) == n
+    except ConfigError:
+        return False
 
 
 def test_decode_resize_crop_and_fps(tmp_path):

@@ -12,10 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mugv.data.sampler import PackingSampler
-from mugv.data.shards import atomic_write_json, write_shard
-from mugv.train import checkpoint as ckpt
-from mugv.train.config import (
+from mugv.config import (
+    ConfigError,
     DemoConfig,
     PreprocessConfig,
     TrainConfig,
@@ -23,8 +21,12 @@ from mugv.train.config import (
     load_config,
     repo_config_path,
 )
+from mugv.data.sampler import PackingSampler
+from mugv.data.shards import atomic_write_json, write_shard
+from mugv.train import checkpoint as ckpt
 from mugv.train.ema import EMA
-from mugv.train.trainer import NonFiniteLossError, Trainer, lr_at
+from mugv.train.schedule import lr_at
+from mugv.train.trainer import NonFiniteLossError, Trainer
 
 C, D = 24, 384
 
@@ -59,12 +61,7 @@ def _cfg(data, out, **kw):
     return load_config(TrainConfig, overrides=base)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add overhead (and oversubscribe `pytest -n 2`)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +95,44 @@ def test_resume_is_bitwise_identical(shards, tmp_path):
 
 def test_nan_steps_are_skipped_then_stop(shards, tmp_path):
     tr = Trainer(_cfg(shards, tmp_path / "n", max_bad_steps=2))
+    idx = tr.sampler.next_step().indices
+    ok = tr.train_step(idx)
+    assert not ok.skipped and math.isfinite(ok.loss) and ok.grad_norm > 0
+    assert ok.lr == lr_at(0, lr=1e-3, warmup=2, total=4, min_ratio=0.1)
+    assert ok.tokens == [tr.clip_tokens[i] for i in idx] and len(ok.text_tokens) == len(idx)
     before = [p.detach().clone() for p in tr.model.parameters()]
     tr.data[0].latent  # load
     tr.data._shards["shard_0.safetensors"] = {
         k: (torch.full_like(v, float("nan")) if k.endswith(".latent") else v)
         for k, v in tr.data._shards["shard_0.safetensors"].items()
     }
-    assert tr.train_step(tr.sampler.next_step().indices) is None
-    assert tr.skipped == 1 and tr.step == 1
+    res = tr.train_step(tr.sampler.next_step().indices)
+    assert res.loss is None and res.skipped
+    assert tr.skipped == 1 and tr.step == 2
     for p, q in zip(tr.model.parameters(), before):
         assert torch.equal(p, q)  # no update
     with pytest.raises(NonFiniteLossError, match="2 consecutive"):
         tr.train_step(tr.sampler.next_step().indices)
+
+
+def test_meta_init_threshold(shards, tmp_path, monkeypatch):
+    """Models over ``meta_init_threshold`` parameters are built on the meta device; the default is 2e9."""
+    import mugv.train.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.build_model
+
+    def spy(factory, **kw):
+        seen.append(kw["on_meta"])
+        return real(factory, **kw)
+
+    monkeypatch.setattr(trainer_mod, "build_model", spy)
+    assert TrainConfig().meta_init_threshold == 2e9
+    a = Trainer(_cfg(shards, tmp_path / "a"))
+    b = Trainer(_cfg(shards, tmp_path / "b", meta_init_threshold=0))
+    assert seen == [False, True]
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):  # same init either way
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
 
 
 def _free_port() -> int:
@@ -127,7 +150,7 @@ def _fsdp_worker(rank, world, port, data, out, steps, q):
     try:
         tr = Trainer(_cfg(data, out, fsdp="on", activation_checkpointing=True))
         assert tr.use_fsdp
-        losses = [tr.train_step(tr.sampler.next_step().indices) for _ in range(steps)]
+        losses = [tr.train_step(tr.sampler.next_step().indices).loss for _ in range(steps)]
         if rank == 0:
             q.put(losses)
     finally:
@@ -148,7 +171,7 @@ def test_fsdp_two_ranks_match_one_process(shards, tmp_path):
     single = []
     for _ in range(steps):
         st = plan.next_step()
-        single.append(tr.train_step(tuple(c for b in st.per_rank for c in b)))
+        single.append(tr.train_step(tuple(c for b in st.per_rank for c in b)).loss)
     torch.testing.assert_close(torch.tensor(fsdp_losses), torch.tensor(single), rtol=1e-4, atol=1e-5)
 
 
@@ -199,6 +222,10 @@ def test_config_errors(tmp_path):
     with pytest.raises(TypeError, match="steps"):
         load_config(TrainConfig, overrides={"steps": "many"})
     assert load_config(TrainConfig, overrides={"lr": 2, "steps": None}).lr == 2.0
+    with pytest.raises(ConfigError, match=r"fsdp: expected auto \| on \| off"):
+        TrainConfig(fsdp="sometimes")
+    with pytest.raises(ConfigError, match="device"):
+        load_config(PreprocessConfig, overrides={"device": "gpu"})
 
 
 def test_parallelize_and_dtype_errors():
