@@ -28,4 +28,12 @@ __all__ = [
     "video_positions",
 ]
 
+# Each public op runs inside an NVTX range named ``mugv.<op>`` when ``MUGV_NVTX=1`` at
+# import; otherwise ``annotate`` returns the function itself (no wrapper).
+from mugv_kernels._nvtx import annotate as _annotate  # noqa: E402
+
+for _name in __all__:
+    globals()[_name] = _annotate(f"mugv.{_name}")(globals()[_name])
+del _name
+
 __version__ = "0.1.0"
