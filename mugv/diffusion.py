@@ -41,16 +41,8 @@ from tqdm import tqdm
 
 from mugv.text import TextEmbeddings
 
-__all__ = [
-    "MUGV_NEGATIVE_PROMPT",
-    "RectifiedFlow",
-    "add_noise",
-    "flow_loss",
-    "logistic_normal",
-    "shift_ratio",
-    "timestep_shift",
-    "velocity_target",
-]
+__all__ = ["MUGV_NEGATIVE_PROMPT", "RectifiedFlow", "add_noise", "flow_loss", "logistic_normal", "shift_ratio",
+    "timestep_shift", "velocity_target"]
 
 _VELOCITIES = ("noise_minus_data", "data_minus_noise")
 

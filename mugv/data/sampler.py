@@ -193,10 +193,6 @@ class PackingSampler:
         self._plan_cache = (epoch, steps)
         return steps
 
-    def steps_per_epoch(self, epoch: int | None = None) -> int:
-        """Number of global steps in ``epoch`` (default: the current one)."""
-        return len(self.plan(self.epoch if epoch is None else epoch))
-
     # -- iteration ------------------------------------------------------------------------
     def next_step(self) -> PackedStep:
         """The next global step (advances the position; rolls over to the next epoch)."""

@@ -11,7 +11,7 @@ Layout of a preprocessed dataset directory::
 ``index.json``::
 
     {"version": 1, "latent_channels": C, "text_dim": D, "text_encoder": "...",
-     "vae": "<checkpoint dir>", "latent_stats": {"mean": [C floats], "std": [C floats]},
+     "vae": "<checkpoint dir>", "settings": {the preprocess options},
      "shards": [{"file": "shard_00000.safetensors", "source": "<video path>",
                  "clips": [{"key": "0", "latent_shape": [C, T, h, w], "num_frames": F,
                             "height": H, "width": W, "fps": fps, "start_frame": s,
@@ -63,7 +63,7 @@ class LatentClip:
     """One training example.
 
     Attributes:
-        latent: ``float32 [C, T, h, w]`` VAE latent (raw, not normalized).
+        latent: ``float32 [C, T, h, w]`` VAE latent (normalized by the VAE's latent statistics).
         text: ``float32 [L, D]`` caption token states (padding stripped).
         meta: the clip's entry of the index (caption, fps, shape, source, ...).
     """
@@ -108,14 +108,6 @@ class LatentDataset:
     @property
     def text_dim(self) -> int:
         return int(self.index["text_dim"])
-
-    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel ``mean, std`` (``float32 [C]`` each) of the latents (for normalization)."""
-        s = self.index.get("latent_stats")
-        if not s:
-            c = self.latent_channels
-            return torch.zeros(c), torch.ones(c)
-        return torch.tensor(s["mean"], dtype=torch.float32), torch.tensor(s["std"], dtype=torch.float32)
 
     def latent_shape(self, i: int) -> tuple[int, int, int, int]:
         """``(C, T, h, w)`` of clip ``i`` without loading it."""

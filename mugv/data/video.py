@@ -24,25 +24,9 @@ import torch
 
 from mugv.config import check_num_frames
 
-__all__ = [
-    "DEFAULT_ASPECT_RATIOS",
-    "VIDEO_EXTENSIONS",
-    "Bucket",
-    "DecodedVideo",
-    "VideoDecodeError",
-    "clip_starts",
-    "cover_size",
-    "default_captions_csv",
-    "decode_video",
-    "embedded_videos",
-    "frames_to_tensor",
-    "list_videos",
-    "make_buckets",
-    "nearest_bucket",
-    "resample_indices",
-    "tensor_to_frames",
-    "write_mp4",
-]
+__all__ = ["DEFAULT_ASPECT_RATIOS", "VIDEO_EXTENSIONS", "Bucket", "DecodedVideo", "VideoDecodeError", "clip_starts",
+    "cover_size", "default_captions_csv", "decode_video", "embedded_videos", "frames_to_tensor", "list_videos",
+    "make_buckets", "nearest_bucket", "resample_indices", "tensor_to_frames", "write_mp4"]
 
 #: Aspect ratios (width / height) of the default buckets: square, 4:3, 3:4, 16:9, 9:16, 2.35:1.
 DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.35)

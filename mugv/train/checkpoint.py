@@ -38,15 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-__all__ = [
-    "checkpoint_dirs",
-    "latest_checkpoint",
-    "load_ema_weights",
-    "load_run_state",
-    "rng_state",
-    "save_run_state",
-    "set_rng_state",
-]
+__all__ = ["checkpoint_dirs", "latest_checkpoint", "load_ema_weights", "load_run_state", "rng_state",
+    "save_run_state", "set_rng_state"]
 
 _STEP = re.compile(r"^step_(\d{8})$")
 
@@ -69,25 +62,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Python, torch CPU, CUDA (if any) and the given generators' states."""
+def rng_state() -> dict:
+    """The Python, torch CPU and (if any) CUDA generator states."""
     out = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
-    for k, g in (generators or {}).items():
-        out[f"gen.{k}"] = g.get_state()
     return out
 
 
-def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` saved."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in (generators or {}).items():
-        if f"gen.{k}" in state:
-            g.set_state(state[f"gen.{k}"])
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:

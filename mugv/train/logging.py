@@ -136,15 +136,6 @@ class MetricsLogger:
             self.bar.update(1)
         return m
 
-    def message(self, text: str) -> None:
-        """A line on the console that does not break the bar."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
