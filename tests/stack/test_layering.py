@@ -13,13 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Lowest first. A unit may import units of lower layers only (and itself). ``mugv`` is the
-#: package ``__init__``; ``mugv.config`` needs only the standard library; the sampler reads
-#: the run checkpoints that training writes, so it sits above ``mugv.train``.
+#: package ``__init__``; ``mugv.config`` needs only the standard library; ``mugv.perf`` models
+#: the DiT's cost; the sampler reads the run checkpoints that training writes, so it sits
+#: above ``mugv.train``.
 LAYERS: list[tuple[str, ...]] = [
     ("mugv_kernels",),
     ("mugv", "mugv.config"),
     ("mugv.models", "mugv.text"),
-    ("mugv.diffusion",),
+    ("mugv.diffusion", "mugv.perf"),
     ("mugv.data",),
     ("mugv.train",),
     ("mugv.sample",),
