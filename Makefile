@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mugv demo
 
 aot: $(STAMP)
-	$(PY) -m mugv_kernels.aot
+	$(PY) -m mugv_kernels.aot --report
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only

@@ -26,6 +26,7 @@ Usage::
 
     python -m mugv_kernels.aot                  # table; exit 1 on a failure or spill
     python -m mugv_kernels.aot --report         # + mma path, 128-bit shares, widths, warps/SM
+    python -m mugv_kernels.aot --summary        # one Markdown row per kernel (the README's)
     python -m mugv_kernels.aot --json aot.json  # the full analysis, for other tools
 
 Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces compiled kernels).
@@ -39,6 +40,7 @@ JSON schema (``--json``; ``"schema": 1``)::
         {
           "id": "<kernel>-<hash>",        # stable for equal specializations
           "family": "rope", "kernel": "_rope3d_fwd_kernel", "label": "<short text>",
+          "variant": "D=72" | "channels_last" | "ncdhw" | "all",   # Specialization.variant
           "num_warps": 4, "num_stages": 1,
           "signature": {"<arg>": "*bf16" | "i32" | "fp32" | "constexpr" | ...},
           "constexprs": {"<arg>": value},  # constexprs and arguments specialized to 1
@@ -164,6 +166,21 @@ class Specialization:
                  and not isinstance(v, bool)]
         ones = self.specialized_to_one()
         return ",".join(dtypes) + " " + " ".join(sizes + flags + ([f"1:{','.join(ones)}"] if ones else []))
+
+    def variant(self) -> str:
+        """The group the report and the gates file this specialization under:
+        ``"D=<head_dim>"`` for kernels with a head-dim argument ``D``, ``"channels_last"``
+        or ``"ncdhw"`` for kernels with channel-stride arguments (``s<x>c``: channels
+        innermost when one of them is the constant 1), else ``"all"``."""
+        parts = []
+        scalars = dict(self.scalars)
+        if "D" in scalars:
+            parts.append(f"D={scalars['D']}")
+        channel_strides = [n for n, _ in self.signature if re.fullmatch(r"s[a-z]c", n)]
+        if channel_strides:
+            ones = set(self.specialized_to_one())
+            parts.append("channels_last" if ones & set(channel_strides) else "ncdhw")
+        return " ".join(parts) or "all"
 
     def key(self) -> str:
         """Stable identifier of the specialization (kernel name, signature, constexprs,
@@ -392,6 +409,7 @@ def to_record(r: AotResult) -> dict:
         "family": spec.family,
         "kernel": spec.kernel_name,
         "label": spec.label(),
+        "variant": spec.variant(),
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
         "signature": dict(spec.signature),
@@ -488,11 +506,47 @@ def format_table(results: list[AotResult], report: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _span(values: list, fmt=str) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def format_summary(results: list[AotResult]) -> str:
+    """One Markdown row per kernel and :meth:`Specialization.variant` over its
+    specializations (ranges where they differ): the table the README embeds
+    (``--summary``)."""
+    by_kernel: dict[tuple[str, str], list[AotResult]] = {}
+    for r in results:
+        by_kernel.setdefault((r.spec.kernel_name, r.spec.variant()), []).append(r)
+    lines = [
+        "| kernel | variant | specializations | tensor cores | main-tensor bytes in 128-bit | all bytes in 128-bit "
+        "| registers | spills | shared KiB | warps/SM (limiter) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (name, variant), rs in by_kernel.items():
+        occ = [r.occupancy() for r in rs]
+        limiters = sorted({o["limiter"] for o in occ if o})
+        mma = sorted({_mma(r) for r in rs})
+        lines.append(
+            f"| `{name}` | {variant} | {len(rs)} | {', '.join(mma)} "
+            f"| {_span([r.share_128() for r in rs], _pct)} "
+            f"| {_span([r.share_128(tensors=sorted({a.tensor for a in r.accesses})) for r in rs], _pct)} "
+            f"| {_span([r.registers for r in rs])} | {_span([r.spill_bytes for r in rs])} "
+            f"| {_span([r.shared_bytes for r in rs], lambda b: f'{b / 1024:.1f}')} "
+            f"| {_span([o['warps_per_sm'] for o in occ if o])} ({', '.join(limiters)}) |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugv_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", action="append", help="only these op families (repeatable)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--report", action="store_true", help="add access widths, tensor-core path, occupancy")
+    parser.add_argument("--summary", action="store_true", help="print one Markdown row per kernel instead")
     parser.add_argument("--json", metavar="PATH", help="write the full analysis as JSON (schema: module doc)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -500,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     specs = collect_specializations(args.family)
     results = compile_all(specs, args.jobs)
-    print(format_table(results, report=args.report))
+    print(format_summary(results) if args.summary else format_table(results, report=args.report))
     if args.json:
         import json
 

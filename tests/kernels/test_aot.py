@@ -90,6 +90,25 @@ def test_specializations_are_distinct_per_alignment():
     assert len(specs) == 2
 
 
+def _strided_probe(X, D, sxc, sxw, BLOCK: tl.constexpr):  # never run
+    pass
+
+
+def test_variant_groups_by_head_dim_and_layout():
+    from mugv_kernels._registry import LaunchRecord
+
+    x = torch.empty(64, device="meta", dtype=torch.bfloat16)
+    kern = JITFunction(_strided_probe)
+
+    def variant(*args):
+        return aot._specialization("probe", LaunchRecord(kern, (1,), (x, *args), {"BLOCK": 16})).variant()
+
+    assert variant(72, 1, 512) == "D=72 channels_last"
+    assert variant(128, 512, 1) == "D=128 ncdhw"
+    assert aot._specialization("probe", LaunchRecord(JITFunction(_probe), (1,), (x, x, 3, 3, 1.0, 3, 3, False),
+                                                     {"BLOCK": 16})).variant() == "all"
+
+
 # ----------------------------------------------------------------------------------------
 # PTX analysis
 # ----------------------------------------------------------------------------------------
@@ -230,40 +249,6 @@ def test_aot_compiles_the_jit_specialization(aot_report):
     assert any("stride_in" in r["specialized_to_1"] for r in adaln)
 
 
-def _head_dim(rec) -> str:
-    return f"D={rec['scalars']['D']}"
-
-
-def _layout(channel_stride: str):
-    def select(rec) -> str:
-        return "channels_last" if channel_stride in rec["specialized_to_1"] else "ncdhw"
-
-    return select
-
-
-def _all(rec) -> str:
-    return "all"
-
-
-VARIANT = {
-    "_adaln_fwd_kernel": _all,
-    "_adaln_bwd_kernel": _all,
-    "_rope3d_fwd_kernel": _head_dim,
-    "_rope3d_bwd_kernel": _head_dim,
-    "_gn_stats_kernel": _layout("sxc"),
-    "_gn_apply_kernel": _layout("sxc"),
-    "_gn_bwd_partial_kernel": _layout("sxc"),
-    "_gn_bwd_dx_kernel": _layout("sxc"),
-    "_varlen_attn_bwd_delta_kernel": _head_dim,
-    "_varlen_attn_fwd_kernel": _head_dim,
-    "_varlen_attn_bwd_dkdv_kernel": _head_dim,
-    "_varlen_attn_bwd_dq_kernel": _head_dim,
-    "_conv3d_fwd_kernel": _layout("sxc"),
-    "_conv3d_bwd_dx_kernel": _layout("sdc"),
-    "_conv3d_bwd_dw_kernel": _layout("sxc"),
-}
-"""How a kernel's specializations are grouped into gated variants (head_dim, layout)."""
-
 _MEM = 16
 _MMA = 8
 OCCUPANCY_TARGET = {
@@ -359,7 +344,7 @@ OPERAND_GATES = [
 
 
 def _select(report: dict, kernel: str, variant: str) -> list[dict]:
-    recs = [r for r in report["kernels"] if r["kernel"] == kernel and VARIANT[kernel](r) == variant]
+    recs = [r for r in report["kernels"] if r["kernel"] == kernel and r["variant"] == variant]
     assert recs, f"no recorded specialization of {kernel} [{variant}]"
     return recs
 
