@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import mugv_kernels as mk
 from benchmarks._common import COMPILE_BACKEND, DEVICE, ON_GPU, run, sync
 from mugv_kernels.nn import CausalConv3d
-from mugv_kernels.ops.conv3d import cuda_extension
+from mugv_kernels._registry import cuda_extension
 
 SUITE = "conv3d"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32

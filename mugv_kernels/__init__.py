@@ -4,14 +4,21 @@ Every op is a ``torch.library`` custom op in the ``mugv`` namespace (forward, ba
 fake implementation, ``torch.compile``-clean) with a PyTorch reference that is also the
 CPU path. ``import mugv_kernels as mk`` and call the functions below; drop-in modules are
 in :mod:`mugv_kernels.nn`.
+
+Every op takes ``backend=``: ``"auto"`` (default), ``"triton"``, ``"reference"`` (the
+differentiable PyTorch reference, no custom op), plus the family's own (``"cuda"`` for
+:func:`causal_conv3d` and :func:`group_norm_silu`; the attention backends of
+:func:`varlen_attention`). :func:`is_capturing` is true while the ahead-of-time compile
+check records kernel launches instead of running them (:mod:`mugv_kernels.aot`).
 """
 
+from mugv_kernels._registry import is_capturing
 from mugv_kernels.ops.ada_norm import ada_layer_norm, gated_residual, gated_residual_ada_layer_norm
 from mugv_kernels.ops.conv3d import causal_conv3d
 from mugv_kernels.ops.group_norm import group_norm_silu
-from mugv_kernels.ops.attention import varlen_attention, varlen_attention_backends
 from mugv_kernels.ops.packing import pack, unpack
 from mugv_kernels.ops.rope import qk_norm_rope3d, rope3d, video_positions
+from mugv_kernels.ops.varlen_attention import varlen_attention, varlen_attention_backends
 
 __all__ = [
     "ada_layer_norm",
@@ -19,6 +26,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_ada_layer_norm",
     "group_norm_silu",
+    "is_capturing",
     "pack",
     "qk_norm_rope3d",
     "rope3d",

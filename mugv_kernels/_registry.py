@@ -1,6 +1,6 @@
 """How every ``mugv`` op is registered and how its Triton kernels are launched.
 
-One helper decides, per backend, how an op runs (see ``shared/DESIGN.md``):
+One helper decides, per backend, how an op runs:
 
 =====================================  ==================================================
 where                                  how the op runs
@@ -17,7 +17,11 @@ Op bodies are written once: they call :func:`use_triton` to pick the kernel or t
 reference, and launch kernels through :func:`launch`. The ahead-of-time compile check
 (:mod:`mugv_kernels.aot`) runs the same launchers on ``meta`` tensors inside
 :func:`capture_launches`, so the specializations it compiles for sm_90a are exactly
-the ones the ops launch.
+the ones the ops launch; :func:`is_capturing` tells a launcher that it is being recorded.
+
+Every public op takes ``backend=``; :func:`check_backend` resolves it the same way for
+all families (``"auto"``, ``"triton"``, ``"reference"``, and ``"cuda"`` where a family has
+a ``csrc`` kernel, loaded by :func:`cuda_extension`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,15 @@ from typing import Any
 import torch
 
 __all__ = [
-    "INTERPRET",
     "AOT_CASES",
+    "CSRC_BACKENDS",
+    "INTERPRET",
+    "KERNEL_BACKENDS",
     "LaunchRecord",
     "capture_launches",
+    "check_backend",
+    "cuda_extension",
+    "is_capturing",
     "launch",
     "mugv_op",
     "register_aot_cases",
@@ -73,13 +82,19 @@ def capture_launches() -> Iterator[list[LaunchRecord]]:
         _capture = previous
 
 
+def is_capturing() -> bool:
+    """True inside :func:`capture_launches`: launches are recorded, not run, and launchers
+    pick the tile sizes of the GPU (the ones the AOT check compiles) whatever the device."""
+    return _capture is not None
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op given tensor ``t`` runs its Triton kernel (else the reference).
 
     float64 always runs the reference: the kernels compute in fp32, and fp64 exists for
     ``gradcheck``.
     """
-    if _capture is not None:
+    if is_capturing():
         return True
     if t.dtype == torch.float64:
         return False
@@ -142,3 +157,70 @@ def register_aot_cases(family: str) -> Callable[[Callable[[], None]], Callable[[
         return cases
 
     return decorate
+
+
+# ----------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------
+
+KERNEL_BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+"""``backend=`` values every op family accepts (:func:`mugv_kernels.varlen_attention` has
+its own list, see :data:`mugv_kernels.ops.varlen_attention.BACKENDS`)."""
+
+CSRC_BACKENDS: tuple[str, ...] = (*KERNEL_BACKENDS, "cuda")
+"""``backend=`` values of the families with a ``csrc`` CUDA kernel (conv3d, group_norm)."""
+
+
+def cuda_extension() -> Any | None:
+    """The compiled ``mugv_kernels._C`` module (``csrc/``), or None when it was not built."""
+    try:
+        from mugv_kernels import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+def check_backend(
+    backend: object,
+    x: torch.Tensor,
+    *,
+    choices: tuple[str, ...] = KERNEL_BACKENDS,
+    cuda_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16),
+) -> str:
+    """Resolve ``backend`` for input ``x``: ``"triton"``, ``"cuda"`` or ``"reference"``.
+
+    ``"auto"`` becomes ``"triton"``: the op then runs its Triton kernel where Triton runs
+    (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and its explicit PyTorch
+    reference elsewhere and for fp64 (:func:`use_triton`). ``"reference"`` asks the public
+    function for its differentiable PyTorch reference, with no custom op at all.
+
+    Args:
+        backend: the value passed to the op.
+        x: the op's main input (its device and dtype decide what can run).
+        choices: the names this family accepts (:data:`KERNEL_BACKENDS`, or
+            :data:`CSRC_BACKENDS` for the families with a ``csrc`` kernel).
+        cuda_dtypes: the dtypes the family's CUDA kernel takes.
+
+    Raises:
+        ValueError: a name not in ``choices`` (the message names it); ``"triton"`` where
+            Triton cannot run; ``"cuda"`` without a CUDA tensor or without the built
+            extension.
+        TypeError: ``"cuda"`` with a dtype its kernel lacks.
+    """
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    if backend == "auto":
+        return "triton"
+    if backend == "triton" and not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if backend == "cuda":
+        if not x.is_cuda:
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {x.device}")
+        if cuda_extension() is None:
+            raise ValueError(
+                "backend='cuda' needs the compiled extension mugv_kernels._C "
+                "(reinstall with nvcc on PATH, or MUGV_BUILD_CUDA=1 to see why it did not build)"
+            )
+        if x.dtype not in cuda_dtypes:
+            raise TypeError(f"backend='cuda' supports dtypes {cuda_dtypes}, got {x.dtype}")
+    return backend

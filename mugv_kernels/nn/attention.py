@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from mugv_kernels.ops.attention import BACKENDS, varlen_attention
+from mugv_kernels.ops.varlen_attention import BACKENDS, varlen_attention
 
 __all__ = ["VarlenAttention", "VarlenCrossAttention", "VarlenSelfAttention"]
 

@@ -25,11 +25,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mugv_kernels._registry import launch, mugv_op, register_aot_cases, use_triton
+from mugv_kernels._registry import KERNEL_BACKENDS, check_backend, launch, mugv_op, register_aot_cases, use_triton
 from mugv_kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, last_dim_contiguous
-from mugv_kernels.reference.ada_norm import adaln_bwd_ref, adaln_fwd_ref
+from mugv_kernels.reference.ada_norm import ada_norm_chain, adaln_bwd_ref, adaln_fwd_ref
 
-__all__ = ["MAX_C", "ada_layer_norm", "gated_residual", "gated_residual_ada_layer_norm"]
+__all__ = ["BACKENDS", "MAX_C", "ada_layer_norm", "gated_residual", "gated_residual_ada_layer_norm"]
+
+BACKENDS = KERNEL_BACKENDS  # the backend= values of the family
 
 MAX_C = 65536
 """Largest hidden size a row-per-program kernel handles (one row lives in registers)."""
@@ -440,8 +442,9 @@ def _adaln_setup_context(ctx, inputs, output):
 def _adaln_backward(ctx, dr, dout, _dmean, _drstd):
     x, residual, gate, shift, scale, index, weight, bias, r, mean, rstd = ctx.saved_tensors
     grads = torch.ops.mugv.adaln_bwd(
-        dr, dout, x, residual, gate, shift, scale, index, weight, bias, r, mean, rstd, ctx.eps, ctx.rms, ctx.do_norm
-    )
+        dr=dr, dout=dout, x=x, residual=residual, gate=gate, shift=shift, scale=scale, index=index,
+        weight=weight, bias=bias, r=r, mean=mean, rstd=rstd, eps=ctx.eps, rms=ctx.rms, do_norm=ctx.do_norm,
+    )  # fmt: skip
     dx, dres, dgate, dshift, dscale, dweight, dbias = grads
 
     def keep(g: Tensor, t: Tensor | None) -> Tensor | None:
@@ -472,8 +475,60 @@ def _check_index(index: Tensor, G: int) -> None:
         raise ValueError(f"index values must lie in [0, {G}) (G rows of modulation), got range [{lo}, {hi}]")
 
 
-def _prepare(x_name, x, residual, gate, shift, scale, index, weight, bias, eps, norm, validate=True):
-    """Validate the family's inputs; return them ready for the op (unit stride on C)."""
+@dataclass(frozen=True)
+class _AdaLNCall:
+    """The validated arguments of one call of the family, in the names of ``mugv::adaln_fwd``.
+
+    ``x`` is the norm input (:func:`ada_layer_norm`) or the branch output ``y`` (with a
+    ``residual``); every tensor has unit stride on C. Built by :func:`_prepare`.
+    """
+
+    x: Tensor
+    residual: Tensor | None = None
+    gate: Tensor | None = None
+    shift: Tensor | None = None
+    scale: Tensor | None = None
+    index: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    eps: float = 1e-6
+    rms: bool = False
+    do_norm: bool = True
+
+    def run(self, backend: str) -> tuple[Tensor | None, Tensor | None]:
+        """``(r, out)`` by ``backend``: ``r`` is None without a residual, ``out`` None
+        without the norm. ``"reference"`` runs :func:`ada_norm_chain` (plain PyTorch)."""
+        if check_backend(backend, self.x, choices=BACKENDS) == "reference":
+            return ada_norm_chain(
+                self.x, self.residual, self.gate, self.shift, self.scale, self.index,
+                self.weight, self.bias, self.eps, self.rms, self.do_norm,
+            )  # fmt: skip
+        r, out, _, _ = torch.ops.mugv.adaln_fwd(
+            x=self.x, residual=self.residual, gate=self.gate, shift=self.shift, scale=self.scale,
+            index=self.index, weight=self.weight, bias=self.bias, eps=self.eps, rms=self.rms,
+            do_norm=self.do_norm,
+        )  # fmt: skip
+        return (r if self.residual is not None else None), (out if self.do_norm else None)
+
+
+def _prepare(
+    x_name: str,
+    x: Tensor,
+    *,
+    residual: Tensor | None = None,
+    gate: Tensor | None = None,
+    shift: Tensor | None = None,
+    scale: Tensor | None = None,
+    index: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    norm: str = "layer",
+    do_norm: bool = True,
+    validate: bool = True,
+) -> _AdaLNCall:
+    """Validate the family's inputs (``x_name`` names ``x`` in the messages); return them
+    ready for the op (unit stride on C)."""
     check_tensor(x_name, x, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, C = x.shape
     dev = x.device
@@ -516,9 +571,14 @@ def _prepare(x_name, x, residual, gate, shift, scale, index, weight, bias, eps, 
             check_tensor(name, p, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
             if p.shape[0] != C:
                 raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
-    fix = last_dim_contiguous
-    prep = [fix(t) if t is not None else None for t in (x, residual, gate, shift, scale, weight, bias)]
-    return (*prep, index)
+
+    def fix(t: Tensor | None) -> Tensor | None:
+        return last_dim_contiguous(t) if t is not None else None
+
+    return _AdaLNCall(
+        x=fix(x), residual=fix(residual), gate=fix(gate), shift=fix(shift), scale=fix(scale), index=index,
+        weight=fix(weight), bias=fix(bias), eps=float(eps), rms=_NORMS[norm], do_norm=do_norm,
+    )  # fmt: skip
 
 
 def ada_layer_norm(
@@ -532,6 +592,7 @@ def ada_layer_norm(
     eps: float = 1e-6,
     norm: str = "layer",
     validate: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """adaLN-modulated norm: ``(norm(x) * weight + bias) * (1 + scale) + shift``.
 
@@ -550,23 +611,34 @@ def ada_layer_norm(
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm).
         validate: range-check ``index`` (a host sync per call in eager mode). Pass False
             when the caller built ``index`` itself (the DiT does: 4 calls per block).
+        backend: ``"auto"`` (default: the Triton kernel on CUDA and under
+            ``TRITON_INTERPRET=1``, the explicit reference on plain CPU and in fp64),
+            ``"triton"`` or ``"reference"`` (the differentiable PyTorch reference
+            :func:`mugv_kernels.reference.ada_norm_chain`, no custom op).
 
     Returns:
-        ``[B, N, C]`` in ``x.dtype``, contiguous.
+        ``[B, N, C]`` in ``x.dtype`` (contiguous from the kernel).
 
     Raises:
         TypeError: a non-tensor or an unsupported dtype.
         ValueError: wrong rank, B/C mismatch, mixed devices, G without ``index``, index
-            of the wrong shape or out of range, unknown ``norm``, eps <= 0.
+            of the wrong shape or out of range, unknown ``norm``, eps <= 0, an unknown
+            backend or ``"triton"`` where Triton cannot run.
     """
-    x, _, _, shift, scale, weight, bias, index = _prepare(
-        "x", x, None, None, shift, scale, index, weight, bias, eps, norm, validate
+    call = _prepare(
+        "x", x, shift=shift, scale=scale, index=index, weight=weight, bias=bias, eps=eps, norm=norm, validate=validate
     )
-    return torch.ops.mugv.adaln_fwd(x, None, None, shift, scale, index, weight, bias, float(eps), _NORMS[norm], True)[1]
+    return call.run(backend)[1]
 
 
 def gated_residual(
-    residual: Tensor, y: Tensor, gate: Tensor | None, *, index: Tensor | None = None, validate: bool = True
+    residual: Tensor,
+    y: Tensor,
+    gate: Tensor | None,
+    *,
+    index: Tensor | None = None,
+    validate: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Gated residual ``residual + gate * y`` (``gate=None``: ``residual + y``).
 
@@ -574,7 +646,7 @@ def gated_residual(
         residual, y: ``[B, N, C]`` of the same dtype (fp32/bf16/fp16; fp64 runs the reference), any strides.
         gate: ``[B, C]`` or ``[B, G, C]`` (with ``index``), any float dtype, or None.
         index: ``[B, N]`` int32/int64 rows into G.
-        validate: range-check ``index`` (see :func:`ada_layer_norm`).
+        validate, backend: as :func:`ada_layer_norm`.
 
     Returns:
         ``[B, N, C]`` in ``residual.dtype`` (sum computed in fp32).
@@ -582,10 +654,8 @@ def gated_residual(
     Raises:
         TypeError / ValueError: as :func:`ada_layer_norm`.
     """
-    y, residual, gate, _, _, _, _, index = _prepare(
-        "y", y, residual, gate, None, None, index, None, None, 1e-6, "layer", validate
-    )
-    return torch.ops.mugv.adaln_fwd(y, residual, gate, None, None, index, None, None, 1e-6, False, False)[0]
+    call = _prepare("y", y, residual=residual, gate=gate, index=index, do_norm=False, validate=validate)
+    return call.run(backend)[0]
 
 
 def gated_residual_ada_layer_norm(
@@ -601,6 +671,7 @@ def gated_residual_ada_layer_norm(
     eps: float = 1e-6,
     norm: str = "layer",
     validate: bool = True,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The whole sub-layer boundary in one pass:
     ``r = residual + gate * y``; ``out = (norm(r) * weight + bias) * (1 + scale) + shift``.
@@ -610,7 +681,7 @@ def gated_residual_ada_layer_norm(
         gate, shift, scale: ``[B, C]`` or ``[B, G, C]`` (with ``index``), or None
             (``gate=None``: plain residual, MUG-V's cross-attention; ``shift=scale=None``:
             a plain norm).
-        index, weight, bias, eps, norm, validate: as :func:`ada_layer_norm`.
+        index, weight, bias, eps, norm, validate, backend: as :func:`ada_layer_norm`.
 
     Returns:
         ``(r, out)``: the new residual stream and the modulated norm of it, both
@@ -620,11 +691,11 @@ def gated_residual_ada_layer_norm(
     Raises:
         TypeError / ValueError: as :func:`ada_layer_norm`, plus residual/y mismatch.
     """
-    y, residual, gate, shift, scale, weight, bias, index = _prepare(
-        "y", y, residual, gate, shift, scale, index, weight, bias, eps, norm, validate
-    )
-    r, out, _, _ = torch.ops.mugv.adaln_fwd(y, residual, gate, shift, scale, index, weight, bias, float(eps), _NORMS[norm], True)
-    return r, out
+    call = _prepare(
+        "y", y, residual=residual, gate=gate, shift=shift, scale=scale, index=index,
+        weight=weight, bias=bias, eps=eps, norm=norm, validate=validate,
+    )  # fmt: skip
+    return call.run(backend)
 
 
 # ----------------------------------------------------------------------------------------

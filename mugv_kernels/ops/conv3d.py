@@ -33,6 +33,7 @@ A CUDA implementation of the forward (``csrc/conv3d.cu``, bf16/fp16, NDHWC) is t
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,33 +41,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mugv_kernels._registry import INTERPRET, launch, mugv_op, register_aot_cases, use_triton
-from mugv_kernels._validate import check_tensor
+from mugv_kernels._registry import (
+    CSRC_BACKENDS,
+    INTERPRET,
+    check_backend,
+    cuda_extension,
+    launch,
+    mugv_op,
+    register_aot_cases,
+    use_triton,
+)
+from mugv_kernels._validate import FLOAT_DTYPES, check_dtype, check_tensor, memory_format_of, triple
 from mugv_kernels.reference.conv3d import (
     PAD_MODES,
     TIME_PADDINGS,
     conv3d_bwd_ref,
     conv3d_out_size,
     conv3d_padded_ref,
-    memory_format_of,
     time_pads,
 )
 
-__all__ = ["BACKENDS", "causal_conv3d", "check_backend", "check_dtype", "cuda_extension"]
+__all__ = ["BACKENDS", "causal_conv3d"]
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
-"""``backend=`` values of :func:`causal_conv3d` and :func:`mugv_kernels.group_norm_silu`."""
-
-CONV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def cuda_extension():
-    """The compiled ``mugv_kernels._C`` module, or None when it was not built."""
-    try:
-        from mugv_kernels import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C
+BACKENDS = CSRC_BACKENDS  # the backend= values of causal_conv3d
 
 
 # ----------------------------------------------------------------------------------------
@@ -520,6 +517,60 @@ def _conv3d_fwd(
     return conv3d_padded_ref(x, context, weight, bias, stride, dilation, front, back, replicate)
 
 
+def cuda_weight_layout(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight as ``csrc/conv3d.cu`` reads it: ``[C_out, kT, kH, kW, C_in]`` contiguous,
+    in ``dtype`` (the input's), from ``weight [C_out, C_in, kT, kH, kW]``."""
+    return weight.detach().to(dtype).permute(0, 2, 3, 4, 1).contiguous()
+
+
+class WeightLayoutCache:
+    """One re-laid-out copy per live weight tensor, rebuilt when the weight changes.
+
+    An entry is reused only for the same tensor object (held by a weak reference, so a
+    freed weight whose memory is reused never hits a stale entry) whose version counter
+    (``weight._version``: every in-place write, e.g. an optimizer step, bumps it),
+    ``data_ptr``, shape, strides, dtype and device are unchanged, and for the same target
+    dtype. An entry is dropped when its weight is freed. Inference tensors (which have
+    no version counter) are re-laid out on every call.
+
+    Args:
+        layout: ``(weight, dtype) -> Tensor``, the re-layout to cache.
+    """
+
+    def __init__(self, layout):
+        self._layout = layout
+        self._entries: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _key(weight: Tensor, dtype: torch.dtype) -> tuple:
+        return (weight._version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, dtype)
+
+    def get(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """``layout(weight, dtype)``, from the cache when the weight has not changed."""
+        if weight.is_inference():
+            return self._layout(weight, dtype)
+        key = self._key(weight, dtype)
+        entry = self._entries.get(id(weight))
+        if entry is not None and entry[0]() is weight and entry[1] == key:
+            return entry[2]
+        out = self._layout(weight, dtype)
+        entries, wid = self._entries, id(weight)
+
+        def drop(ref: weakref.ref) -> None:
+            if entries.get(wid, (None,))[0] is ref:
+                del entries[wid]
+
+        self._entries[wid] = (weakref.ref(weight, drop), key, out)
+        return out
+
+
+CUDA_WEIGHTS = WeightLayoutCache(cuda_weight_layout)
+"""The conv weights of the ``"cuda"`` backend, re-laid out once per weight version."""
+
+
 @torch.library.custom_op("mugv::causal_conv3d_fwd_cuda", mutates_args=())
 def _conv3d_fwd_cuda(
     x: Tensor,
@@ -543,7 +594,7 @@ def _conv3d_fwd_cuda(
         return y.contiguous(memory_format=fmt)
     xc = x.contiguous(memory_format=torch.channels_last_3d)
     cc = context.contiguous(memory_format=torch.channels_last_3d) if context is not None else None
-    w = weight.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [C_out, kT, kH, kW, C_in]
+    w = CUDA_WEIGHTS.get(weight, x.dtype)  # [C_out, kT, kH, kW, C_in], re-laid out once per weight version
     bc = bias.to(torch.float32).contiguous() if bias is not None else None
     ext.causal_conv3d_fwd(
         xc.data_ptr(), cc.data_ptr() if cc is not None else 0, w.data_ptr(), bc.data_ptr() if bc is not None else 0,
@@ -609,7 +660,11 @@ def _conv3d_backward(ctx, dy):
         bool(ctx.needs_input_grad[2]),
         bool(ctx.needs_input_grad[3]) and ctx.has_bias,
     ]
-    dx, dctx, dw, db = torch.ops.mugv.causal_conv3d_bwd(dy, x, context, weight, *ctx.args, need)
+    stride, dilation, front, back, replicate = ctx.args
+    dx, dctx, dw, db = torch.ops.mugv.causal_conv3d_bwd(
+        dy=dy, x=x, context=context, weight=weight, stride=stride, dilation=dilation,
+        front=front, back=back, replicate=replicate, need=need,
+    )  # fmt: skip
     return (
         dx if need[0] else None, dctx if need[1] else None, dw if need[2] else None, db if need[3] else None,
         None, None, None, None, None,
@@ -623,53 +678,6 @@ _conv3d_fwd_cuda.register_autograd(_conv3d_backward, setup_context=_conv3d_setup
 # ----------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------
-
-
-def _triple(name: str, v) -> tuple[int, int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v, v)
-    if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ValueError(f"{name} must be an int or a tuple of three ints (t, h, w), got {v!r}")
-    if min(v) < 1:
-        raise ValueError(f"{name} must be positive, got {tuple(v)}")
-    return tuple(v)
-
-
-def check_dtype(name: str, t: object, dtypes: tuple[torch.dtype, ...]) -> None:
-    """``ValueError`` (the issue's contract for these ops) when tensor ``t`` has a dtype
-    outside ``dtypes``; non-tensors are left to :func:`check_tensor` (``TypeError``)."""
-    if isinstance(t, torch.Tensor) and t.dtype not in dtypes:
-        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} must have dtype {names}, got {t.dtype}")
-
-
-def check_backend(backend: str, x: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)) -> str:
-    """Resolve ``backend`` for input ``x``: ``"triton"``, ``"cuda"`` or ``"reference"``.
-
-    ``"auto"`` runs Triton where it can run (CUDA tensors, or CPU under
-    ``TRITON_INTERPRET=1``; fp64 goes to the reference inside the op), else the reference.
-
-    Raises:
-        ValueError: unknown backend; ``"triton"`` where Triton cannot run; ``"cuda"``
-            without a CUDA tensor, without the built extension or with a dtype it lacks.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton"
-    if backend == "triton" and not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    if backend == "cuda":
-        if not x.is_cuda:
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {x.device}")
-        if cuda_extension() is None:
-            raise ValueError(
-                "backend='cuda' needs the compiled extension mugv_kernels._C "
-                "(reinstall with nvcc on PATH, or MUGV_BUILD_CUDA=1 to see why it did not build)"
-            )
-        if x.dtype not in dtypes:
-            raise ValueError(f"backend='cuda' supports dtypes {dtypes}, got {x.dtype}")
-    return backend
 
 
 def causal_conv3d(
@@ -728,18 +736,20 @@ def causal_conv3d(
         ``T_out = (T - 1) // stride_t + 1``; ``T = 0`` gives an empty result.
 
     Raises:
-        TypeError: a non-tensor; context dtype different from x.
-        ValueError: unsupported dtype; wrong rank; even ``kH``/``kW``; ``C_in`` mismatch between x, weight
-            and context; bias not ``[C_out]``; non-positive stride or dilation; unknown
-            ``time_padding``/``pad_mode``/``backend``; context of the wrong shape, or with
-            ``"symmetric"``; mixed devices.
+        TypeError: a non-tensor; an unsupported dtype; context dtype different from x;
+            stride/dilation not ints; ``backend="cuda"`` with a dtype it lacks.
+        ValueError: wrong rank; even ``kH``/``kW``; ``C_in`` mismatch between x, weight
+            and context; bias not ``[C_out]``; non-positive stride or dilation, or not
+            three of them; unknown ``time_padding``/``pad_mode``/``backend`` (or one that
+            cannot run here); context of the wrong shape, or with ``"symmetric"``; mixed
+            devices.
     """
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("context", context)):
-        check_dtype(name, t, CONV_DTYPES)
+        check_dtype(name, t, FLOAT_DTYPES)
     check_tensor("x", x, ndim=5)
     dev = x.device
     check_tensor("weight", weight, ndim=5, device=dev)
-    stride, dilation = _triple("stride", stride), _triple("dilation", dilation)
+    stride, dilation = triple("stride", stride), triple("dilation", dilation)
     if time_padding not in TIME_PADDINGS:
         raise ValueError(f"time_padding must be one of {TIME_PADDINGS}, got {time_padding!r}")
     if pad_mode not in PAD_MODES:
@@ -753,14 +763,14 @@ def causal_conv3d(
     if kH % 2 == 0 or kW % 2 == 0:
         raise ValueError(f"spatial kernel sizes must be odd (same-size zero padding), got kH={kH}, kW={kW}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=CONV_DTYPES, device=dev)
+        check_tensor("bias", bias, ndim=1, device=dev)
         if bias.shape[0] != C_out:
             raise ValueError(f"bias must have shape ({C_out},), got {tuple(bias.shape)}")
     front, back = time_pads(kT, stride[0], dilation[0], time_padding)
     if context is not None:
         if time_padding != "causal":
             raise ValueError("context needs time_padding='causal' (it replaces the causal front padding)")
-        check_tensor("context", context, ndim=5, dtypes=CONV_DTYPES, device=dev)
+        check_tensor("context", context, ndim=5, device=dev)
         want = (B, C_in, front, H, W)
         if tuple(context.shape) != want:
             raise ValueError(
@@ -770,11 +780,14 @@ def causal_conv3d(
             raise TypeError(f"context dtype {context.dtype} != x dtype {x.dtype}")
         if front == 0:
             context = None
-    backend = check_backend(backend, x)
+    backend = check_backend(backend, x, choices=BACKENDS)
     if backend == "reference":
         return conv3d_padded_ref(x, context, weight, bias, stride, dilation, front, back, pad_mode == "replicate")
     op = torch.ops.mugv.causal_conv3d_fwd_cuda if backend == "cuda" else torch.ops.mugv.causal_conv3d_fwd
-    return op(x, context, weight, bias, list(stride), list(dilation), front, back, pad_mode == "replicate")
+    return op(
+        x=x, context=context, weight=weight, bias=bias, stride=list(stride), dilation=list(dilation),
+        front=front, back=back, replicate=pad_mode == "replicate",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------

@@ -33,12 +33,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mugv_kernels._registry import INTERPRET, launch, mugv_op, register_aot_cases, use_triton
-from mugv_kernels._validate import FLOAT_DTYPES, check_tensor
-from mugv_kernels.ops.conv3d import check_backend, check_dtype, cuda_extension
-from mugv_kernels.reference.conv3d import group_norm_silu_bwd_ref, group_norm_silu_ref, group_norm_stats_ref
+from mugv_kernels._registry import (
+    CSRC_BACKENDS,
+    INTERPRET,
+    check_backend,
+    cuda_extension,
+    launch,
+    mugv_op,
+    register_aot_cases,
+    use_triton,
+)
+from mugv_kernels._validate import FLOAT_DTYPES, check_dtype, check_tensor
+from mugv_kernels.reference.group_norm import group_norm_silu_bwd_ref, group_norm_silu_ref, group_norm_stats_ref
 
-__all__ = ["group_norm_silu"]
+__all__ = ["BACKENDS", "group_norm_silu"]
+
+BACKENDS = CSRC_BACKENDS  # the backend= values of group_norm_silu
 
 
 # ----------------------------------------------------------------------------------------
@@ -409,7 +419,10 @@ def _gn_setup_context(ctx, inputs, output):
 
 def _gn_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.mugv.group_norm_silu_bwd(_dense(dy), x, weight, bias, mean, rstd, *ctx.args)
+    num_groups, eps, silu = ctx.args
+    dx, dw, db = torch.ops.mugv.group_norm_silu_bwd(
+        dy=_dense(dy), x=x, weight=weight, bias=bias, mean=mean, rstd=rstd, num_groups=num_groups, eps=eps, silu=silu
+    )
     return (
         dx,
         dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None,
@@ -458,9 +471,11 @@ def group_norm_silu(
         ``weight`` and ``bias``.
 
     Raises:
-        TypeError: a non-tensor.
-        ValueError: unsupported dtype; ``x`` with fewer than 2 dimensions; ``num_groups`` not a positive
-            divisor of C; weight/bias not ``[C]``; eps <= 0; unknown backend; mixed devices.
+        TypeError: a non-tensor; an unsupported dtype (also ``backend="cuda"`` with
+            fp64).
+        ValueError: ``x`` with fewer than 2 dimensions; ``num_groups`` not a positive
+            divisor of C; weight/bias not ``[C]``; eps <= 0; an unknown backend (or one
+            that cannot run here); mixed devices.
     """
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         check_dtype(name, t, FLOAT_DTYPES)
@@ -477,12 +492,12 @@ def group_norm_silu(
             check_tensor(name, p, ndim=1, device=x.device)
             if p.shape[0] != C:
                 raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
-    backend = check_backend(backend, x, (torch.float32, torch.bfloat16, torch.float16))
+    backend = check_backend(backend, x, choices=BACKENDS, cuda_dtypes=(torch.float32, torch.bfloat16, torch.float16))
     if backend == "reference":
         return group_norm_silu_ref(x, num_groups, weight, bias, eps=eps, silu=silu)
     x = _dense(x)
     op = torch.ops.mugv.group_norm_silu_fwd_cuda if backend == "cuda" else torch.ops.mugv.group_norm_silu_fwd
-    return op(x, weight, bias, num_groups, float(eps), bool(silu))[0]
+    return op(x=x, weight=weight, bias=bias, num_groups=num_groups, eps=float(eps), silu=bool(silu))[0]
 
 
 # ----------------------------------------------------------------------------------------

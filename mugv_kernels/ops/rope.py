@@ -58,11 +58,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mugv_kernels._registry import launch, mugv_op, register_aot_cases, use_triton
+from mugv_kernels._registry import KERNEL_BACKENDS, check_backend, launch, mugv_op, register_aot_cases, use_triton
 from mugv_kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, last_dim_contiguous
-from mugv_kernels.reference.rope import rope3d_bwd_ref, rope3d_fwd_ref
+from mugv_kernels.reference.rope import qk_norm_rope3d_ref, rope3d_bwd_ref, rope3d_fwd_ref
 
-__all__ = ["MAX_D", "MAX_POSITION", "qk_norm_rope3d", "rope3d", "video_positions"]
+__all__ = ["BACKENDS", "MAX_D", "MAX_POSITION", "qk_norm_rope3d", "rope3d", "video_positions"]
+
+BACKENDS = KERNEL_BACKENDS  # the backend= values of qk_norm_rope3d and rope3d
 
 MAX_D = 1024
 """Largest head dimension (one head row of ``next_power_of_2(D)`` lanes per tile row)."""
@@ -527,8 +529,9 @@ def _rope3d_backward(ctx, dq_out, dk_out):
     else:
         dk_out = None
     dq, dk, dqw, dkw = torch.ops.mugv.qk_norm_rope3d_bwd(
-        dq_out, dk_out, q, k, positions, q_weight, k_weight, ctx.sections, ctx.eps, ctx.theta, ctx.interleaved
-    )
+        dq_out=dq_out, dk_out=dk_out, q=q, k=k, positions=positions, q_weight=q_weight, k_weight=k_weight,
+        sections=ctx.sections, eps=ctx.eps, theta=ctx.theta, interleaved=ctx.interleaved,
+    )  # fmt: skip
     return (
         dq, dk if k is not None else None, None, dqw if q_weight is not None else None,
         dkw if k is not None and k_weight is not None else None, None, None, None, None,
@@ -571,12 +574,7 @@ def _check_position_values(positions: Tensor) -> None:
 
 
 def _check_positions(positions: object, x: Tensor, check_values: bool = True) -> Tensor:
-    if not isinstance(positions, torch.Tensor):
-        raise ValueError(f"positions must be an integer torch.Tensor, got {type(positions).__name__}")
-    if positions.dtype not in INDEX_DTYPES:
-        raise ValueError(f"positions must have dtype int32/int64, got {positions.dtype}")
-    if positions.device != x.device:
-        raise ValueError(f"positions is on {positions.device} but q is on {x.device}")
+    check_tensor("positions", positions, dtypes=INDEX_DTYPES, device=x.device)
     if x.dim() == 4:
         B, N = x.shape[:2]
         ok = tuple(positions.shape) in ((B, N, 3), (1, N, 3), (N, 3))
@@ -631,6 +629,7 @@ def qk_norm_rope3d(
     theta: float = 10000.0,
     interleaved: bool = True,
     check_positions: bool = True,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Per-head RMSNorm of Q and K followed by a 3D rotary embedding, in one pass.
 
@@ -664,17 +663,22 @@ def qk_norm_rope3d(
         check_positions: range-check the position values (one host sync per call in
             eager mode). A model that calls this in every block with the same positions
             can check them once and pass False to the blocks.
+        backend: ``"auto"`` (default: the Triton kernel on CUDA and under
+            ``TRITON_INTERPRET=1``, the explicit reference on plain CPU and in fp64),
+            ``"triton"`` or ``"reference"`` (the differentiable PyTorch reference
+            :func:`mugv_kernels.reference.qk_norm_rope3d_ref`, no custom op).
 
     Returns:
-        ``(q_out, k_out)``: same shapes as q and k, contiguous, in the input dtype.
+        ``(q_out, k_out)``: same shapes as q and k, in the input dtype (contiguous from
+        the kernel).
 
     Raises:
-        TypeError: q/k/weights not tensors or of an unsupported float dtype, or q/k dtype
-            mismatch.
+        TypeError: q/k/weights/positions not tensors; q/k/weights of an unsupported float
+            dtype, positions not int32/int64, or a q/k dtype mismatch.
         ValueError: wrong ranks, q/k shape mismatch, D out of range, sections not three
-            even non-negative ints or summing past D, positions of the wrong shape, dtype
-            or device, negative or too large positions, weight shape != [D], eps <= 0,
-            theta <= 0.
+            even non-negative ints or summing past D, positions of the wrong shape or
+            device, negative or too large positions, weight shape != [D], eps <= 0,
+            theta <= 0, an unknown backend (or one that cannot run here).
     """
     q = _check_x("q", q)
     check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
@@ -688,10 +692,16 @@ def qk_norm_rope3d(
     positions = _check_positions(positions, q, check_positions)
     q_weight = _check_weight("q_weight", q_weight, D, q.device)
     k_weight = _check_weight("k_weight", k_weight, D, q.device)
+    if check_backend(backend, q, choices=BACKENDS) == "reference":
+        return (
+            qk_norm_rope3d_ref(q, positions, secs, q_weight, eps, theta, interleaved),
+            qk_norm_rope3d_ref(k, positions, secs, k_weight, eps, theta, interleaved),
+        )
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     return torch.ops.mugv.qk_norm_rope3d_fwd(
-        q, k, positions, q_weight, k_weight, secs, float(eps), float(theta), interleaved
-    )
+        q=q, k=k, positions=positions, q_weight=q_weight, k_weight=k_weight, sections=secs,
+        eps=float(eps), theta=float(theta), interleaved=interleaved,
+    )  # fmt: skip
 
 
 def rope3d(
@@ -702,6 +712,7 @@ def rope3d(
     theta: float = 10000.0,
     interleaved: bool = True,
     check_positions: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """3D rotary embedding of one tensor (no norm): :func:`qk_norm_rope3d` for a single
     input. Differentiable in x.
@@ -709,11 +720,11 @@ def rope3d(
     Args:
         x: ``[B, N, H, D]`` or ``[total, H, D]``, fp32/bf16/fp16 (fp64: reference), unit
             stride on D used without a copy.
-        positions, sections, theta, interleaved, check_positions: as
+        positions, sections, theta, interleaved, check_positions, backend: as
             :func:`qk_norm_rope3d`.
 
     Returns:
-        Same shape as x, contiguous, in ``x.dtype``.
+        Same shape as x, in ``x.dtype`` (contiguous from the kernel).
 
     Raises:
         TypeError / ValueError: as :func:`qk_norm_rope3d`.
@@ -722,8 +733,13 @@ def rope3d(
     secs = _check_sections(sections, x.shape[-1])
     _check_scalars(1e-6, theta, interleaved)
     positions = _check_positions(positions, x, check_positions)
+    if check_backend(backend, x, choices=BACKENDS) == "reference":
+        return qk_norm_rope3d_ref(x, positions, secs, None, 1e-6, theta, interleaved)
     x = last_dim_contiguous(x)
-    return torch.ops.mugv.qk_norm_rope3d_fwd(x, None, positions, None, None, secs, 1e-6, float(theta), interleaved)[0]
+    return torch.ops.mugv.qk_norm_rope3d_fwd(
+        q=x, k=None, positions=positions, q_weight=None, k_weight=None, sections=secs,
+        eps=1e-6, theta=float(theta), interleaved=interleaved,
+    )[0]  # fmt: skip
 
 
 _AXES = ("t", "h", "w")
@@ -763,8 +779,9 @@ def video_positions(
         :func:`qk_norm_rope3d` with ``sections`` in ``order``.
 
     Raises:
-        ValueError: negative sizes, ``order`` not a permutation of t/h/w, a dtype other
-            than int32/int64, a negative ``t_offset``.
+        TypeError: a dtype other than int32/int64.
+        ValueError: negative sizes, ``order`` not a permutation of t/h/w, a negative
+            ``t_offset``.
     """
     for name, v in (("T", T), ("H", H), ("W", W)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -773,7 +790,7 @@ def video_positions(
     if sorted(order) != sorted(_AXES):
         raise ValueError(f"order must be a permutation of ('t', 'h', 'w'), got {order!r}")
     if dtype not in INDEX_DTYPES:
-        raise ValueError(f"dtype must be int32 or int64, got {dtype}")
+        raise TypeError(f"dtype must be int32 or int64, got {dtype}")
     if t_offset is None:
         t_offset = 1 if start_end_tokens else 0
     if not isinstance(t_offset, int) or t_offset < 0:

@@ -1,4 +1,4 @@
-"""Reference math of the video-VAE family: causal 3D convolution and GroupNorm + SiLU.
+"""Reference math of the causal 3D convolution (the video VAE's convolution).
 
 Causal 3D convolution (Open-Sora / MUG-V ``CausalConv3d``, public code
 ``mug_v/vae/...causal_conv3d``; the causal time padding of MAGVIT-v2, arXiv 2310.05737
@@ -14,10 +14,6 @@ Sec. 3.1) is an ordinary ``F.conv3d`` on an input padded in time and space:
   ``total = dilation_t * (kT - 1) + 1 - stride_t`` split as ``total // 2`` before and
   the rest after (a negative amount crops frames, as ``F.pad`` does).
 
-GroupNorm + SiLU (Wu & He, arXiv 1803.08494; the VAE's ``nn.GroupNorm`` followed by
-``nn.SiLU``): per sample and group of ``C // G`` channels, statistics over the group's
-channels and all positions, in fp32.
-
 These functions are the definition of "correct" for the tests and benchmarks and the
 path the ops run on plain CPU tensors and in fp64.
 """
@@ -28,28 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mugv_kernels._validate import memory_format_of
+
 __all__ = [
     "causal_conv3d_ref",
     "conv3d_bwd_ref",
     "conv3d_out_size",
     "conv3d_padded_ref",
-    "group_norm_silu_bwd_ref",
-    "group_norm_silu_ref",
-    "group_norm_stats_ref",
-    "memory_format_of",
     "time_pads",
 ]
 
 TIME_PADDINGS = ("causal", "symmetric")
 PAD_MODES = ("zeros", "replicate")
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """``torch.channels_last_3d`` when a 5-D ``x`` is stored channels-last (and not also
-    plain contiguous, which happens for C == 1 or 1x1x1 volumes), else ``contiguous_format``."""
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def time_pads(kT: int, stride_t: int, dilation_t: int, time_padding: str) -> tuple[int, int]:
@@ -199,65 +185,3 @@ def conv3d_bwd_ref(
     if n_back and replicate:
         dx[:, :, T - 1] += dxp[:, :, dxp.shape[2] - n_back :].sum(2)
     return dx, dctx, dw.to(weight.dtype), db
-
-
-def group_norm_silu_ref(
-    x: Tensor,
-    num_groups: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    eps: float = 1e-6,
-    silu: bool = True,
-) -> Tensor:
-    """``silu(group_norm(x))`` with fp32 statistics (``F.group_norm`` + ``F.silu`` on an
-    fp32 copy; fp64 for fp64 x), returned in ``x.dtype`` and ``x``'s memory format.
-
-    Args:
-        x: ``[B, C, *spatial]``; weight, bias: ``[C]`` or None; num_groups divides C.
-    """
-    fmt = memory_format_of(x)
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = weight.to(ct) if weight is not None else None
-    b = bias.to(ct) if bias is not None else None
-    y = F.group_norm(x.to(ct), num_groups, w, b, eps)
-    if silu:
-        y = F.silu(y)
-    return y.to(x.dtype).contiguous(memory_format=fmt)
-
-
-def group_norm_stats_ref(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """fp32 ``(mean, rstd)``, each ``[B, num_groups]``."""
-    B = x.shape[0]
-    xg = x.float().reshape(B, num_groups, -1)
-    var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
-    return mean, torch.rsqrt(var + eps)  # fp32 even for fp64 x: the op's declared dtype
-
-
-def group_norm_silu_bwd_ref(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, silu: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(dx, dweight, dbias)`` of :func:`group_norm_silu_ref`, explicit (no autograd):
-    ``dz = dy * s * (1 + z * (1 - s))`` with ``s = sigmoid(z)``; ``dweight = sum dz * xhat``;
-    ``dbias = sum dz``; ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``
-    per group, ``dxhat = dz * weight``. fp32 math (fp64 for fp64 inputs)."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    B, C = x.shape[:2]
-    G = num_groups
-    xg = x.to(ct).reshape(B, G, -1)
-    var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    xhat = ((xg - mean) * rstd).reshape(B, C, -1)
-    w = weight.to(ct)[None, :, None] if weight is not None else torch.ones((), dtype=ct, device=x.device)
-    b = bias.to(ct)[None, :, None] if bias is not None else torch.zeros((), dtype=ct, device=x.device)
-    dz = dy.to(ct).reshape(B, C, -1)
-    if silu:
-        z = xhat * w + b
-        s = torch.sigmoid(z)
-        dz = dz * s * (1 + z * (1 - s))
-    dw = (dz * xhat).sum((0, 2)).to(weight.dtype) if weight is not None else None
-    db = dz.sum((0, 2)).to(bias.dtype) if bias is not None else None
-    dxhat = (dz * w).reshape(B, G, -1)
-    xh = xhat.reshape(B, G, -1)
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xh * (dxhat * xh).mean(-1, keepdim=True))
-    return dx.reshape(x.shape).to(x.dtype), dw, db

@@ -13,7 +13,7 @@ from mugv_kernels.nn import AdaLayerNorm, GatedResidualAdaLayerNorm
 from mugv_kernels.reference.ada_norm import adaln_bwd_ref, adaln_fwd_ref, ada_norm_chain
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (B, N, C, G): the C in {72, 100, 288, 3456}, N in {0, 1, odd}, B in {1, 3}, G in {1, 2, 5}
+# (B, N, C, G): the widths C in {72, 100, 288, 3456}, N in {0, 1, odd}, B in {1, 3}, G in {1, 2, 5}
 SHAPES = [
     (1, 1, 72, 1),
     (3, 7, 100, 2),

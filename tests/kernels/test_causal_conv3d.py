@@ -19,7 +19,7 @@ CL = torch.channels_last_3d
 
 
 def padded_conv(x, w, b, stride, dilation, time_padding, pad_mode, context=None):
-    """The issue's definition, written out: pad time (zeros / edge copies / context),
+    """The op's definition, written out: pad time (zeros / edge copies / context),
     pad space with zeros of dilation*(k//2), then F.conv3d without padding."""
     kT, kH, kW = w.shape[2:]
     if time_padding == "causal":
@@ -255,8 +255,12 @@ def test_bad_input():
         mk.causal_conv3d(x, w, stride=(0, 1, 1))
     with pytest.raises(ValueError, match="dilation must be positive"):
         mk.causal_conv3d(x, w, dilation=-1)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="x must have dtype"):
         mk.causal_conv3d(x.int(), w)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        mk.causal_conv3d(x, w.int())
+    with pytest.raises(TypeError, match="stride must be an int or a tuple of three ints"):
+        mk.causal_conv3d(x, w, stride=(1, 1.0, 1))
     with pytest.raises(ValueError, match="bias"):
         mk.causal_conv3d(x, w, torch.randn(3))
     with pytest.raises(ValueError, match="5-D"):
@@ -289,7 +293,7 @@ def test_bad_input():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_bf16(backend):
     """The compiled kernels on a GPU (the CUDA backend when _C was built)."""
-    from mugv_kernels.ops.conv3d import cuda_extension
+    from mugv_kernels._registry import cuda_extension
 
     if backend == "cuda" and cuda_extension() is None:
         pytest.skip("mugv_kernels._C not built")
@@ -334,3 +338,48 @@ def test_gpu_tiles_under_interpreter(monkeypatch):
     assert conv3d.dw_splits(1024, 1, 32, x.device)[0] == 4
     (rw,) = torch.autograd.grad(F.conv3d(x, w), w, torch.ones_like(y))
     assert_close(gw, rw, scale=8)
+
+
+def test_cuda_weight_layout():
+    """The ``"cuda"`` backend's weight layout: ``[C_out, kT, kH, kW, C_in]``, element by element."""
+    from mugv_kernels.ops.conv3d import cuda_weight_layout
+
+    w = torch.randn(4, 3, 2, 3, 5, dtype=torch.float64)
+    wl = cuda_weight_layout(w, torch.float32)
+    assert wl.shape == (4, 2, 3, 5, 3) and wl.is_contiguous() and wl.dtype == torch.float32
+    co, ci, kt, kh, kw = 3, 1, 1, 2, 4
+    assert wl[co, kt, kh, kw, ci] == w[co, ci, kt, kh, kw].float()
+    assert torch.equal(wl, w.float().permute(0, 2, 3, 4, 1))
+
+
+def test_weight_layout_cache_reuses_until_the_weight_changes():
+    """One re-layout per weight version: hits while nothing changed; a new copy after an
+    in-place update, for another dtype, or for another tensor; freed weights leave the cache."""
+    from mugv_kernels.ops.conv3d import WeightLayoutCache, cuda_weight_layout
+
+    calls = []
+
+    def layout(weight, dtype):
+        calls.append(dtype)
+        return cuda_weight_layout(weight, dtype)
+
+    cache = WeightLayoutCache(layout)
+    w = torch.nn.Parameter(torch.randn(2, 3, 3, 1, 1))
+    first = cache.get(w, torch.bfloat16)
+    assert cache.get(w, torch.bfloat16) is first and len(calls) == 1
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step: the version counter moves
+    second = cache.get(w, torch.bfloat16)
+    assert len(calls) == 2 and second is not first
+    assert torch.equal(second, cuda_weight_layout(w, torch.bfloat16))
+    assert cache.get(w, torch.float16).dtype == torch.float16 and len(calls) == 3
+    other = torch.randn(2, 3, 3, 1, 1)
+    assert torch.equal(cache.get(other, torch.float16), cuda_weight_layout(other, torch.float16))
+    assert len(calls) == 4 and len(cache) == 2
+    del other
+    assert len(cache) == 1  # the freed weight's entry went with it
+    with torch.inference_mode():
+        frozen = torch.randn(2, 3, 3, 1, 1)
+    cache.get(frozen, torch.float16)
+    cache.get(frozen, torch.float16)
+    assert len(calls) == 6 and len(cache) == 1  # inference tensors have no version: never cached

@@ -8,10 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import mugv_kernels
-from mugv_kernels import _registry
+from mugv_kernels import _registry, _validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,12 +31,33 @@ def test_interpreter_mode_uses_triton_on_cpu():
 def test_capture_records_launches_without_running():
     x = torch.empty(1, 5, 72, device="meta")
     mod = torch.empty(1, 72, device="meta")
+    assert not mugv_kernels.is_capturing()
     with _registry.capture_launches() as launches:
+        assert mugv_kernels.is_capturing() and _registry.is_capturing()
         assert _registry.use_triton(torch.empty(1, dtype=torch.float64))
         mugv_kernels.ops.ada_norm._adaln_fwd_launch(x, None, None, mod, mod, None, None, None, 1e-6, False, True)
     assert len(launches) == 1 and launches[0].grid == (5,)
     assert launches[0].kwargs["BLOCK_C"] == 128
     assert not _registry.use_triton(torch.empty(1, device="meta"))  # outside the context again
+    assert not mugv_kernels.is_capturing()
+
+
+def test_shared_validators():
+    assert _validate.triple("stride", 2) == (2, 2, 2)
+    assert _validate.triple("stride", [1, 2, 3]) == (1, 2, 3)
+    with pytest.raises(TypeError, match="stride must be an int or a tuple of three ints"):
+        _validate.triple("stride", True)
+    with pytest.raises(ValueError, match="stride must be an int or a tuple of three ints"):
+        _validate.triple("stride", (1, 2))
+    with pytest.raises(ValueError, match="stride must be positive"):
+        _validate.triple("stride", (1, 0, 1))
+    _validate.check_dtype("x", None, _validate.FLOAT_DTYPES)  # optional arguments pass
+    with pytest.raises(TypeError, match="x must have dtype float32/bfloat16/float16/float64, got torch.int32"):
+        _validate.check_dtype("x", torch.zeros(1, dtype=torch.int32), _validate.FLOAT_DTYPES)
+    with pytest.raises(TypeError, match="w must be a torch.Tensor, got list"):
+        _validate.check_tensor("w", [1.0])
+    with pytest.raises(ValueError, match="backend must be one of \\('auto', 'triton', 'reference'\\), got 'cuda'"):
+        _registry.check_backend("cuda", torch.empty(1))
 
 
 def test_plain_cpu_runs_reference_through_triton_op():

@@ -138,8 +138,10 @@ def test_bad_input():
         mk.group_norm_silu(x, 2, torch.ones(5))
     with pytest.raises(ValueError, match="eps"):
         mk.group_norm_silu(x, 2, eps=0.0)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="x must have dtype"):
         mk.group_norm_silu(x.int(), 2)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        mk.group_norm_silu(x, 2, torch.ones(6, dtype=torch.int64))
     with pytest.raises(ValueError, match="at least 2-D"):
         mk.group_norm_silu(x[0, 0, 0], 1)
     with pytest.raises(ValueError, match="backend"):
@@ -152,7 +154,7 @@ def test_bad_input():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu(backend):
-    from mugv_kernels.ops.conv3d import cuda_extension
+    from mugv_kernels._registry import cuda_extension
 
     if backend == "cuda" and cuda_extension() is None:
         pytest.skip("mugv_kernels._C not built")

@@ -121,7 +121,7 @@ def test_video_positions_mugv_example():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(T=-1, H=2, W=2), dict(T=1, H=2, W=2, order=("t", "h", "h")), dict(T=1, H=1, W=1, dtype=torch.float32)],
+    [dict(T=-1, H=2, W=2), dict(T=1, H=2, W=2, order=("t", "h", "h")), dict(T=1, H=1, W=1, t_offset=-1)],
 )
 def test_video_positions_errors(kwargs):
     with pytest.raises(ValueError):
@@ -459,8 +459,6 @@ _POS = torch.zeros(1, 4, 3, dtype=torch.int64)
         ((_Q, _Q, _POS, "abc"), {}, "sections"),
         ((_Q, _Q, _POS[..., :2], (24, 24, 24)), {}, "positions must have shape"),
         ((_Q, _Q, _POS[0, :3], (24, 24, 24)), {}, "positions must have shape"),
-        ((_Q, _Q, _POS.float(), (24, 24, 24)), {}, "int32/int64"),
-        ((_Q, _Q, [[0, 0, 0]], (24, 24, 24)), {}, "positions must be"),
         ((_Q, _Q, _POS - 1, (24, 24, 24)), {}, "non-negative"),
         ((_Q, _Q, _POS + (1 << 24), (24, 24, 24)), {}, "2\\*\\*24"),
         ((_Q, _Q[:, :3], _POS, (24, 24, 24)), {}, "shape of q"),
@@ -488,6 +486,12 @@ def test_check_positions_can_be_skipped():
 
 
 def test_bad_input_type_errors():
+    with pytest.raises(TypeError, match="positions must have dtype int32/int64"):
+        mk.qk_norm_rope3d(_Q, _Q, _POS.float(), (24, 24, 24))
+    with pytest.raises(TypeError, match="positions must be a torch.Tensor"):
+        mk.qk_norm_rope3d(_Q, _Q, [[0, 0, 0]], (24, 24, 24))
+    with pytest.raises(TypeError, match="dtype must be int32 or int64"):
+        mk.video_positions(1, 1, 1, dtype=torch.float32)
     with pytest.raises(TypeError, match="k dtype"):
         mk.qk_norm_rope3d(_Q, _Q.bfloat16(), _POS, (24, 24, 24))
     with pytest.raises(TypeError):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import mugv_kernels as mk
 from tests.helpers import assert_close
 from mugv_kernels.nn import VarlenAttention, VarlenCrossAttention, VarlenSelfAttention
-from mugv_kernels.ops.attention import document_block_mask, select_varlen_backend
-from mugv_kernels.ops.varlen import MAX_SEGMENTS, attn_launch_config, head_dim_split, varlen_flash_attention
-from mugv_kernels.reference.attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref, varlen_attention_ref
+from mugv_kernels.ops.varlen_attention import document_block_mask, select_varlen_backend
+from mugv_kernels.ops.varlen_attention_triton import MAX_SEGMENTS, attn_launch_config, head_dim_split, varlen_flash_attention
+from mugv_kernels.reference.varlen_attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref, varlen_attention_ref
 
 # Segment lengths: empty query segment with keys, a length-1 segment without keys, a
 # length-1 key segment, odd lengths. Self-attention uses Q_LENS for both.

@@ -2,7 +2,7 @@
 
 Self- and cross-attention over packed sequences: ``q [Tq, H, D]``, ``k/v [Tk, H, D]``,
 segment ``b`` of the queries (rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``) attends to
-segment ``b`` of the keys only. The math is :mod:`mugv_kernels.reference.attention`;
+segment ``b`` of the keys only. The math is :mod:`mugv_kernels.reference.varlen_attention`;
 packing is :mod:`mugv_kernels.ops.packing`. MUG-V (arXiv 2510.17519) trains one clip per
 micro-batch and runs its caption cross-attention through xformers' block-diagonal mask;
 packing several clips and their captions into one stream removes the padding instead.
@@ -12,16 +12,16 @@ Backends, in the order ``backend="auto"`` tries them (the first usable one runs)
 ==============  =========================================================  ==========================
 name            what runs                                                  where / limits
 ==============  =========================================================  ==========================
-``"flash"``     flash-attn's ``flash_attn_varlen_func`` (optional           CUDA, fp16/bf16, D <= 256;
+``"flash"``     flash-attn's ``flash_attn_varlen_func`` (optional          CUDA, fp16/bf16, D <= 256;
                 dependency, imported if installed)                         fwd + bwd
-``"native"``    PyTorch's ``torch.nn.attention.varlen.varlen_attn``         CUDA (sm80+), fp16/bf16,
-                (its FlashAttention-2 kernels), where torch has it          D <= 256; fwd + bwd
+``"native"``    PyTorch's ``torch.nn.attention.varlen.varlen_attn``        CUDA (sm80+), fp16/bf16,
+                (its FlashAttention-2 kernels), where torch has it         D <= 256; fwd + bwd
 ``"flex"``      FlexAttention with a document mask built directly from     CUDA: fwd + bwd (compiled);
                 ``cu_seqlens`` as a block-sparse ``BlockMask`` (no         CPU: forward only, and
                 ``[Tq, Tk]`` mask is ever materialized)                    only under torch.compile
                                                                            for ``"auto"``
-``"triton"``    our Triton FlashAttention-2 forward/backward               CUDA, fp16/bf16/fp32 (CPU
-                (:mod:`mugv_kernels.ops.varlen`), head_dim split 64 + 16   under TRITON_INTERPRET=1,
+``"triton"``    our Triton FlashAttention-2 forward/backward (module       CUDA, fp16/bf16/fp32 (CPU
+                ``varlen_attention_triton``), head_dim split 64 + 16       under TRITON_INTERPRET=1,
                 for D = 72 instead of padding to 128                       never by "auto"); fwd + bwd
 ``"sdpa"``      ``F.scaled_dot_product_attention`` per segment (cuDNN /    any device and dtype;
                 flash / efficient / math as PyTorch picks)                 fwd + bwd; reads
@@ -60,8 +60,8 @@ from torch import Tensor
 from mugv_kernels._registry import INTERPRET
 from mugv_kernels._validate import FLOAT_DTYPES, check_tensor
 from mugv_kernels.ops.packing import check_cu_seqlens
-from mugv_kernels.ops.varlen import varlen_flash_attention
-from mugv_kernels.reference.attention import varlen_attention_ref
+from mugv_kernels.ops.varlen_attention_triton import varlen_flash_attention
+from mugv_kernels.reference.varlen_attention import varlen_attention_ref
 
 try:  # optional dependency: not installable on our machines, used where present
     from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
@@ -98,29 +98,31 @@ _FLEX_BLOCK = 128  # FlexAttention's default sparse block size (both axes)
 # ----------------------------------------------------------------------------------------
 
 
+def _why_not_fa2(what: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """The limits flash-attn and PyTorch's varlen FlashAttention-2 share."""
+    if device.type != "cuda":
+        return f"{what} needs CUDA tensors"
+    if dtype not in _HALF:
+        return f"{what} needs float16/bfloat16, got {dtype}"
+    if head_dim > 256:
+        return f"{what} needs head_dim <= 256, got {head_dim}"
+    return None
+
+
 def _why_not(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, needs_grad: bool) -> str | None:
     if name == "flash":
         if _flash_attn_varlen_func is None:
             return "flash-attn is not installed (pip install flash-attn)"
-        if device.type != "cuda":
-            return "flash-attn needs CUDA tensors"
-        if dtype not in _HALF:
-            return f"flash-attn needs float16/bfloat16, got {dtype}"
-        if head_dim > 256:
-            return f"flash-attn needs head_dim <= 256, got {head_dim}"
-        return None
+        return _why_not_fa2("flash-attn", device, dtype, head_dim)
     if name == "native":
         if _native_varlen_attn is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-        if device.type != "cuda":
-            return "torch.nn.attention.varlen needs CUDA tensors"
-        if dtype not in _HALF:
-            return f"torch.nn.attention.varlen needs float16/bfloat16, got {dtype}"
-        if head_dim > 256:
-            return f"torch.nn.attention.varlen needs head_dim <= 256, got {head_dim}"
-        if not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability(device) < (8, 0):
+        reason = _why_not_fa2("torch.nn.attention.varlen", device, dtype, head_dim)
+        if reason is None and (
+            not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability(device) < (8, 0)
+        ):  # pragma: no cover - CUDA only
             return "torch.nn.attention.varlen needs PyTorch's flash kernels and an sm80+ GPU"
-        return None
+        return reason
     if name == "flex":
         if flex_attention is None:
             return f"torch {torch.__version__} has no FlexAttention"

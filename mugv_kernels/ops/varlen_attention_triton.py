@@ -10,7 +10,7 @@ which 8 are padding), so the matmuls run 80 lanes for 72 useful (90%) instead of
 
 Layout (top to bottom): Triton kernels, launch helpers, the registered ops
 ``mugv::varlen_attn_fwd`` / ``mugv::varlen_attn_bwd`` with their autograd, the public
-function, the AOT cases. The reference is :mod:`mugv_kernels.reference.attention`.
+function, the AOT cases. The reference is :mod:`mugv_kernels.reference.varlen_attention`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mugv_kernels._registry import INTERPRET, launch, mugv_op, register_aot_cases, use_triton
+from mugv_kernels._registry import INTERPRET, is_capturing, launch, mugv_op, register_aot_cases, use_triton
 from mugv_kernels._validate import last_dim_contiguous
-from mugv_kernels.reference.attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref
+from mugv_kernels.reference.varlen_attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref
 
 __all__ = ["attn_launch_config", "head_dim_split", "varlen_flash_attention"]
 
@@ -390,7 +390,7 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
     interpreter: 32 x 32 tiles (each program costs Python time; tests cross a tile
     boundary with segments longer than 32).
     """
-    if device.type != "cuda" and _capture_free():
+    if device.type != "cuda" and not is_capturing():
         return AttnLaunchConfig(32, 32, 4, 1)
     d1, d2, split = head_dim_split(D)
     lanes = d1 + (d2 if split else 0)
@@ -403,13 +403,6 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
     if kernel == "dkdv":  # block_n keys stay in registers while block_m query rows stream by
         return AttnLaunchConfig(32, 128, 8, 2) if lanes <= 80 else AttnLaunchConfig(16, 64, 8, 1)
     return AttnLaunchConfig(128, 32, 8, 2) if lanes <= 80 else AttnLaunchConfig(32, 32, 8, 1)
-
-
-def _capture_free() -> bool:
-    """True unless the AOT check is recording launches (then the CUDA tiles apply)."""
-    from mugv_kernels import _registry
-
-    return _registry._capture is None
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -546,8 +539,9 @@ def _varlen_attn_setup_context(ctx, inputs, output):
 def _varlen_attn_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.mugv.varlen_attn_bwd(
-        last_dim_contiguous(dout), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale
-    )
+        dout=last_dim_contiguous(dout), q=q, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=ctx.max_q, max_seqlen_k=ctx.max_k, scale=ctx.scale,
+    )  # fmt: skip
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -593,8 +587,9 @@ def varlen_flash_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     return torch.ops.mugv.varlen_attn_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale
-    )[0]
+        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k), scale=scale,
+    )[0]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -604,7 +599,7 @@ def varlen_flash_attention(
 
 @register_aot_cases("varlen_attention")
 def _aot_cases() -> None:
-    """Issue 4's benchmark: four clips (36002, 18002, 9002, 4502 tokens), 48 heads,
+    """The benchmark shapes: four clips (36002, 18002, 9002, 4502 tokens), 48 heads,
     head_dim 72 (MUG-V 10B), bf16, forward and backward; plus head_dim 128 and 64."""
     lengths = [36002, 18002, 9002, 4502]
     T, B = sum(lengths), len(lengths)
