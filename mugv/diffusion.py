@@ -265,6 +265,39 @@ class RectifiedFlow:
             t = timestep_shift(t, self._ratio(x0, height, width, num_frames))
         return t
 
+    def public_timesteps(self, num_steps: int | None = None, *, height: float, width: float, num_frames: float,
+                         batch: int = 1, ratio_dtype: torch.dtype = torch.float32,
+                         device: torch.device | str | None = None) -> list[Tensor]:
+        """The sampling timesteps exactly as the public ``RFlow.sample`` computes them: per step
+        ``i`` a float32 ``[batch]`` tensor ``1000 * shift((1 - i/N))`` in model units (``[0,
+        num_timesteps]``), the shift ratio ``sqrt(H W / 512^2) sqrt(T / 1)`` evaluated in
+        ``ratio_dtype`` (the public pipeline passes ``height``/``width``/``num_frames`` as tensors
+        of its model dtype, so a bf16 model rounds the ratio to bf16) and the transform in
+        float32. Pass the result as ``sample(..., timesteps=...)`` to reproduce the public
+        schedule bit for bit. ``height``/``width`` in pixels, ``num_frames`` latent frames.
+
+        Raises:
+            ValueError: ``num_steps < 1`` or non-positive sizes.
+        """
+        n = self.num_sampling_steps if num_steps is None else int(num_steps)
+        if n < 1:
+            raise ValueError(f"num_steps must be >= 1, got {n}")
+        if height <= 0 or width <= 0 or num_frames <= 0:
+            raise ValueError(f"height, width and num_frames must be > 0, got {height}, {width}, {num_frames}")
+        nt = self.num_timesteps
+        out = []
+        for i in range(n):
+            t = torch.tensor([(1.0 - i / n) * nt] * batch, device=device)
+            if self.use_timestep_shift:
+                h = torch.tensor([height], dtype=ratio_dtype, device=device)
+                w = torch.tensor([width], dtype=ratio_dtype, device=device)
+                f = torch.tensor([num_frames], dtype=ratio_dtype, device=device)
+                ratio = (h * w / self.base_resolution).sqrt() * (f / self.base_num_frames).sqrt() * self.shift_scale
+                tp = t / nt
+                t = ratio * tp / (1 + (ratio - 1) * tp) * nt
+            out.append(t.float())
+        return out
+
     def sampling_times(self, x: Tensor, num_steps: int | None = None, *, height: float | None = None,
                        width: float | None = None, num_frames: float | None = None) -> list[float]:
         """The ``N`` Euler times ``shift(1 - i/N)``, ``i = 0..N-1`` (the last step goes to 0)."""
@@ -380,6 +413,9 @@ class RectifiedFlow:
         num_frames: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
+        timesteps: list[Tensor] | Tensor | None = None,
+        noise_draws: str = "none",
+        callback: Callable[[int, Tensor], None] | None = None,
     ) -> Tensor:
         """Euler sampling from ``t = 1`` to 0 with classifier-free guidance.
 
@@ -401,10 +437,28 @@ class RectifiedFlow:
             height, width, num_frames: for the time shift (pixels / latent frames).
             model_kwargs: extra model arguments (tensors whose first dim is ``B`` are
                 repeated for the CFG batch; e.g. ``frame_indice``).
+            progress: a tqdm bar over the steps.
+            timesteps: explicit descending timesteps in model units (``[0, num_timesteps]``):
+                a list of ``[B]`` (or scalar) float32 tensors or one ``[N]`` tensor, e.g.
+                :meth:`public_timesteps`; then ``dt = (T_i - T_{i+1}) / num_timesteps`` in
+                float32 (the last step goes to 0), as the public ``RFlow.sample``.
+                ``None``: :meth:`sampling_times`.
+            noise_draws: ``"none"`` (default: no random numbers drawn; ``noise`` is the
+                starting point) or ``"public"``: the random draws of the public
+                ``RFlow.sample``, from ``generator`` on ``noise``'s device, in its order:
+                one ``randn`` of ``noise``'s shape and dtype that noises the non-conditioning
+                frames to the first timestep (``x = s x0 + (1 - s) eps``, ``s = 1 - T_0 /
+                num_timesteps``, which is 0 at ``T_0 = 1000``: the first draw *replaces*
+                ``noise`` there), then one float32 ``randn`` per step, which the public loop
+                draws for re-noising and (its mask being 0/1) never uses. The latents are then
+                float32 from the start, as there. Seed ``generator`` as the public code seeds
+                the global generator to get its latents.
+            callback: called as ``callback(i, z)`` after step ``i``.
 
         Returns:
-            ``[B, C, T, H, W]`` latents in ``noise.dtype``. Deterministic given ``noise``
-            (no random numbers are drawn inside).
+            ``[B, C, T, H, W]`` latents in ``noise.dtype`` (float32 with
+            ``noise_draws="public"``). With ``noise_draws="none"`` deterministic given
+            ``noise`` (no random numbers are drawn inside).
 
         Raises:
             ValueError: bad shapes, a missing ``y_null`` with guidance, a model output of
@@ -414,6 +468,8 @@ class RectifiedFlow:
             noise = torch.randn(tuple(noise), generator=generator, device=device, dtype=dtype)
         if not isinstance(noise, Tensor) or noise.dim() != 5:
             raise ValueError(f"noise must be a 5-D [B, C, T, H, W] tensor, got {getattr(noise, 'shape', type(noise))}")
+        if noise_draws not in ("none", "public"):
+            raise ValueError(f"noise_draws must be 'none' or 'public', got {noise_draws!r}")
         B, C, T = noise.shape[:3]
         s = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         cfg = s != 1.0
@@ -443,28 +499,64 @@ class RectifiedFlow:
         if x_mask_in is not None:
             kw["x_mask"] = x_mask_in
 
-        times = self.sampling_times(noise, num_steps, height=height, width=width, num_frames=num_frames)
-        steps = range(len(times))
+        nb = 2 * B if cfg else B
+        if timesteps is None:
+            times = self.sampling_times(noise, num_steps, height=height, width=width, num_frames=num_frames)
+            ts = [torch.full((nb,), t * self.num_timesteps, device=z.device, dtype=torch.float32) for t in times]
+            dts = [torch.tensor(times[i] - (times[i + 1] if i + 1 < len(times) else 0.0), dtype=torch.float32,
+                                device=z.device) for i in range(len(times))]
+        else:
+            ts, dts = self._explicit_timesteps(timesteps, B, z.device)
+            ts = [torch.cat([t, t]) if cfg else t for t in ts]
+        out_dtype = noise.dtype
+        if noise_draws == "public":
+            eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            keep = 1.0 - ts[0][:B].float() / self.num_timesteps  # public add_noise: keep * x0 + (1 - keep) * eps
+            keep = keep.view(-1, 1, 1, 1, 1)
+            z = torch.where(noised[:, None, :, None, None], keep * z + (1 - keep) * eps, z.float())
+            x_cond = z[:, :, :tc].clone()
+            out_dtype = torch.float32
+        steps = range(len(ts))
         if progress:
-            steps = tqdm(steps)
+            steps = tqdm(steps, desc="sampling", unit="step")
         sign = 1.0 if self.velocity == "noise_minus_data" else -1.0
         for i in steps:
-            t_cur = times[i]
-            t_next = times[i + 1] if i + 1 < len(times) else 0.0
-            timestep = torch.full((2 * B if cfg else B,), t_cur * self.num_timesteps, device=z.device,
-                                  dtype=torch.float32)
+            if noise_draws == "public":  # drawn (and unused) by the public loop's re-noising
+                torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z_in = torch.cat([z, z], dim=0) if cfg else z
-            out = _velocity_from_output(model(z_in, timestep, y_in, mask=mask_in, fps=fps_in, **kw), C)
+            out = _velocity_from_output(model(z_in, ts[i], y_in, mask=mask_in, fps=fps_in, **kw), C)
             if cfg:
                 v_cond, v_uncond = out.float().chunk(2, dim=0)
                 v = v_uncond + s * (v_cond - v_uncond)
             else:
                 v = out.float()
-            # dx/dt = sign * v ; step from t_cur down to t_next
-            z = (z.float() + sign * v * (t_next - t_cur)).to(noise.dtype)
+            # dx/dt = sign * v ; step from t_cur down to t_next (dt > 0 is the decrease of t)
+            z = (z.float() - sign * v * dts[i]).to(out_dtype)
             if tc:
                 z[:, :, :tc] = x_cond
+            if callback is not None:
+                callback(i, z)
         return z
+
+    def _explicit_timesteps(self, timesteps: list[Tensor] | Tensor, B: int,
+                            device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
+        """``[B]`` float32 timesteps and float32 ``dt`` per step from explicit model-unit timesteps."""
+        if isinstance(timesteps, Tensor):
+            if timesteps.dim() != 1 or timesteps.numel() < 1:
+                raise ValueError(f"timesteps as a tensor must be [N], got {tuple(timesteps.shape)}")
+            timesteps = list(timesteps.unbind(0))
+        if len(timesteps) < 1:
+            raise ValueError("timesteps must hold at least one step")
+        ts = []
+        for t in timesteps:
+            t = torch.as_tensor(t, dtype=torch.float32).to(device).reshape(-1)
+            if t.numel() == 1 and B > 1:
+                t = t.expand(B)
+            if t.numel() != B:
+                raise ValueError(f"each timestep must be a scalar or [B] = [{B}], got {tuple(t.shape)}")
+            ts.append(t)
+        dts = [((ts[i] - ts[i + 1]) if i + 1 < len(ts) else ts[i]) / self.num_timesteps for i in range(len(ts))]
+        return ts, [d.view(-1, 1, 1, 1, 1) for d in dts]
 
     @staticmethod
     def _cfg_text(y: Any, mask: Tensor | None, y_null: Any, mask_null: Tensor | None) -> tuple[Any, Tensor | None]:

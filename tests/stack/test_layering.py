@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Lowest first. A unit may import units of lower layers only (and itself). ``mugv`` is the
 #: package ``__init__``; ``mugv.config`` needs only the standard library; ``mugv.perf`` models
 #: the DiT's cost; the sampler reads the run checkpoints that training writes, so it sits
-#: above ``mugv.train``.
+#: above ``mugv.train``; the generation pipeline uses the sampler's run loading.
 LAYERS: list[tuple[str, ...]] = [
     ("mugv_kernels",),
     ("mugv", "mugv.config"),
@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mugv.data",),
     ("mugv.train",),
     ("mugv.sample",),
+    ("mugv.pipeline",),
     ("mugv.demo",),
     ("mugv.cli",),
 ]

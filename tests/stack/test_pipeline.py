@@ -1,0 +1,357 @@
+"""The released MUG-V pipeline: ``vae.pt``/``dit.pt`` in the released key layout (small random
+weights written by an independent re-implementation of the public modules), the loaders, and
+:class:`mugv.pipeline.MUGVPipeline` against the public pipeline's reference, seed for seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from mugv.diffusion import MUGV_NEGATIVE_PROMPT, RectifiedFlow
+from mugv.models.released import dit_config_from_state_dict, load_released_dit
+from mugv.models.vae_released import ReleasedVideoVAE
+from mugv.pipeline import (ASPECT_RATIO_720P, DURATIONS, MUGVPipeline, frame_size, num_frames_for, read_image,
+                           save_video, to_uint8)
+from mugv.text import TextEmbeddings
+from tests.stack import _mugv_public_pipeline as pub
+from tests.stack._mugv_public_ref import PublicMUGDiT
+
+# the released structure (4 SDXL levels = 8x, a 4-level temporal VAE = 8x) at reduced widths
+SPATIAL = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, groups=32)
+TEMPORAL = dict(filters=32, num_res_blocks=1, channel_multipliers=(1, 1, 2, 2), temporal_groups=32)
+TEXT_DIM, HIDDEN, DEPTH = 32, 144, 2  # head_dim 72 -> 2 heads
+
+
+def _perturb(module, gen, scale=0.05):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A released-layout directory with ``vae.pt`` and ``dit.pt``; returns (dir, ref_vae, ref_dit)."""
+    d = tmp_path_factory.mktemp("released")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    vae = pub.PubVAEPipeline(**SPATIAL, **TEMPORAL).eval()
+    _perturb(vae, gen)
+    torch.save(vae.state_dict(), d / "vae.pt")
+    dit = PublicMUGDiT(hidden_size=HIDDEN, depth=DEPTH, num_heads=HIDDEN // 72, text_dim=TEXT_DIM).eval()
+    _perturb(dit, gen, 0.02)
+    torch.save(dit.state_dict(), d / "dit.pt")
+    return d, vae, dit
+
+
+class FakeT5:
+    """Deterministic stand-in for T5: per caption ``len(words)`` tokens (at most 12) of states drawn
+    from a hash of the caption. ``__call__`` is the mugv encoder interface, ``encode`` the public one
+    (padded to 12, with a mask)."""
+
+    L = 12
+
+    def _states(self, text):
+        n = min(len(text.split()), self.L)
+        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        return torch.randn(n, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, texts):
+        parts = [self._states(t) for t in texts]
+        cu = torch.tensor([0] + np.cumsum([p.shape[0] for p in parts]).tolist(), dtype=torch.int32)
+        return TextEmbeddings(torch.cat(parts), cu, max(p.shape[0] for p in parts))
+
+    def encode(self, texts):
+        y = torch.zeros(len(texts), 1, self.L, TEXT_DIM)
+        mask = torch.zeros(len(texts), self.L, dtype=torch.long)
+        for i, t in enumerate(texts):
+            s = self._states(t)
+            y[i, 0, :s.shape[0]], mask[i, :s.shape[0]] = s, 1
+        return y, mask
+
+
+PROMPT = "a red fox runs through fresh snow at dawn"
+
+
+def _image(tmp_path, h=40, w=56):
+    from PIL import Image
+
+    arr = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    p = tmp_path / "ref.png"
+    Image.fromarray(arr).save(p)
+    return p
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def test_tables_match_the_public_code():
+    assert ASPECT_RATIO_720P == pub.ASPECT_RATIO_720P
+    assert DURATIONS == pub.NUM_FRAMES_MAP
+    assert frame_size("16:9") == (1280, 720) and frame_size("3:4") == (832, 1110)
+    assert num_frames_for("5s") == 105 and num_frames_for("3s") == 73
+    assert MUGV_NEGATIVE_PROMPT == pub.NEGATIVE
+    with pytest.raises(ValueError, match="16:9"):
+        frame_size("2:1")
+    with pytest.raises(ValueError, match="5s"):
+        num_frames_for("4s")
+
+
+# ----------------------------------------------------------------------------------------- VAE
+
+
+def test_released_vae_loads_strictly_and_matches_the_public_pipeline(released):
+    d, ref, _ = released
+    sd = torch.load(d / "vae.pt", weights_only=True)
+    assert {"scale", "shift", "logvar", "spatial_vae.module.encoder.conv_out.weight",
+            "spatial_vae.module.decoder.conv_in.weight", "temporal_vae.encoder.conv_in.conv.weight"} <= set(sd)
+    vae = ReleasedVideoVAE.from_released(d, dtype=torch.float32, kernels=False)
+    assert vae.spatial_vae.compression == 8 and vae.num_latent_frames(105) == ref.latent_frames(105) == 14
+    own = vae.state_dict()
+    assert set(sd) - set(own) == {"spatial_vae.module." + k for k in
+                                  ("encoder.conv_norm_out.weight", "encoder.conv_norm_out.bias",
+                                   "encoder.conv_out.weight", "encoder.conv_out.bias",
+                                   "decoder.conv_in.weight", "decoder.conv_in.bias")}
+    x = torch.rand(1, 3, 9, 16, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1  # 8k+1: first frame x8
+    with torch.no_grad():
+        mean = vae.encode(x).mean
+        ref_mean = ref.encode(x, sample=False)
+        assert mean.shape == (1, 24, 2, 2, 3)
+        assert (mean - ref_mean).abs().max() < 1e-4
+        out, ref_out = vae.decode(mean, num_frames=9), ref.decode(ref_mean, num_frames=9)
+    assert out.shape == (1, 3, 9, 16, 24)
+    assert (out - ref_out).abs().max() < 1e-4
+
+
+def test_released_vae_micro_frame_chunks_and_posterior_draws(released):
+    """micro_frame_size chunks (8 frames here, so a 9-frame clip, first frame repeated, spans two) and the public
+    posterior draw (CPU randn per chunk) give the public latents for the same seed."""
+    from mugv.pipeline import sample_posterior
+
+    d, ref, _ = released
+    vae = ReleasedVideoVAE.from_released(d / "vae.pt", dtype=torch.float32, kernels=False, micro_frame_size=8)
+    ref.micro_frame_size = 8
+    try:
+        x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+        with torch.no_grad():
+            torch.manual_seed(5)
+            z_ref = ref.encode(x)
+            z = vae.normalize(sample_posterior(vae.encode(x, normalize=False), 1, torch.Generator().manual_seed(5)))
+            assert z.shape == (1, 24, 2, 2, 2)
+            assert (z - z_ref).abs().max() < 1e-4
+            assert (vae.decode(z, 9) - ref.decode(z_ref, 9)).abs().max() < 1e-4
+    finally:
+        ref.micro_frame_size = 48
+
+
+def test_spatial_stage_through_the_fused_group_norm():
+    """kernels=True (mugv_kernels.group_norm_silu, the Triton kernel under the interpreter) gives the
+    plain-torch result, encoder and decoder (two levels, few groups: the interpreter is slow)."""
+    from mugv.models.vae_spatial import SpatialVAE
+
+    torch.manual_seed(3)
+    sp = SpatialVAE(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=2)
+    _perturb(sp, torch.Generator().manual_seed(3))
+    x = torch.rand(1, 3, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        a, da = sp.encode(x), sp.decode(torch.randn(1, 8, 1, 4, 4, generator=torch.Generator().manual_seed(4)))
+        sp.set_kernels(False)
+        b, db = sp.encode(x), sp.decode(torch.randn(1, 8, 1, 4, 4, generator=torch.Generator().manual_seed(4)))
+    assert (a - b).abs().max() < 1e-4 and (da - db).abs().max() < 1e-4
+
+
+def test_released_vae_real_widths_on_meta():
+    """The real released structure: our module and the reference have the same keys and shapes, and
+    the reference's full state dict (unused layers included) is accepted by the shape inference."""
+    with torch.device("meta"):
+        ref = pub.PubVAEPipeline()
+    sd = ref.state_dict()
+    with torch.device("meta"):
+        ours = ReleasedVideoVAE._from_state_dict_shapes(sd, "meta")
+    own = ours.state_dict()
+    unused = {k for k in sd if k.startswith(("spatial_vae.module.encoder.conv_norm_out",
+                                              "spatial_vae.module.encoder.conv_out",
+                                              "spatial_vae.module.decoder.conv_in"))}
+    assert set(sd) - unused == set(own)
+    assert all(own[k].shape == sd[k].shape for k in own)
+    ours.load_state_dict(sd, strict=True, assign=True)
+    n_ref = sum(v.numel() for k, v in sd.items() if k not in unused)
+    assert ours.num_params() + 2 * 24 == n_ref  # scale and shift are buffers
+    assert ours.spatial_vae.feature_channels == 512 and ours.config.filters == 128
+
+
+def test_released_vae_errors(tmp_path, released):
+    with pytest.raises(FileNotFoundError, match="vae.pt"):
+        ReleasedVideoVAE.from_released(tmp_path)
+    torch.save({"x_embedder.proj.weight": torch.zeros(1)}, tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="not a released MUG-V VAE.*x_embedder"):
+        ReleasedVideoVAE.from_released(tmp_path / "vae.pt")
+    d, _, _ = released
+    sd = torch.load(d / "vae.pt", weights_only=True)
+    sd.pop("logvar")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="logvar") as e:
+        ReleasedVideoVAE.from_released(tmp_path / "vae.pt")
+    assert "extra.weight" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- DiT
+
+
+def test_released_dit_custom_config_bf16_and_forward(released):
+    d, _, ref = released
+    model = load_released_dit(d / "dit.pt")  # default bf16
+    assert model.cfg.depth == DEPTH and model.cfg.hidden_size == HIDDEN and model.cfg.num_heads == 2
+    assert model.cfg.text_dim == TEXT_DIM and model.cfg.flavor is None
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
+    model = load_released_dit(d, dtype=torch.float32, kernels=False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 24, 3, 4, 6, generator=g)
+    y, mask = FakeT5().encode([PROMPT, "short one"])
+    t = torch.tensor([700.0, 300.0])
+    fps = torch.tensor([30.0])
+    x_mask = torch.tensor([[False, True, True], [True, True, True]])
+    fi = torch.arange(5)[None].repeat(2, 1)
+    with torch.no_grad():
+        out = model(x, t, y, mask=mask, x_mask=x_mask, fps=fps)
+        want = ref(x, t, y, mask, x_mask, fps, fi)
+    assert (out - want).abs().max() < 1e-4
+
+
+def test_released_dit_10b_shapes_on_meta():
+    with torch.device("meta"):
+        ref = PublicMUGDiT(hidden_size=3456, depth=56, num_heads=48, text_dim=4096)
+    sd = ref.state_dict()
+    cfg = dit_config_from_state_dict(sd)
+    assert cfg.flavor == "10b" and cfg.num_heads == 48 and cfg.depth == 56
+    model = load_released_dit(sd, device="meta")
+    assert model.num_params() == sum(v.numel() for v in ref.state_dict().values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_released_dit_errors(tmp_path, released):
+    d, _, _ = released
+    with pytest.raises(FileNotFoundError, match="dit.pt"):
+        load_released_dit(tmp_path)
+    with pytest.raises(ValueError, match="not a MUG-V DiT.*spatial_vae.*vae.pt"):
+        load_released_dit(d / "vae.pt")
+
+
+# ----------------------------------------------------------------------------------------- sampler
+
+
+def test_public_sampler_draws_are_bitwise_the_public_loop(released):
+    """RectifiedFlow.sample(noise_draws='public', timesteps=public_timesteps(...)) with the same model
+    callable reproduces the public RFlow.sample bit for bit, I2V masks included."""
+    d, _, ref = released
+    y, mask = FakeT5().encode([PROMPT, MUGV_NEGATIVE_PROMPT])
+    flow = RectifiedFlow.from_preset("mugv")
+    for cond in (False, True):
+        torch.manual_seed(11)
+        z0 = torch.randn(1, 24, 3, 4, 4)
+        x_mask = torch.ones(1, 3)
+        if cond:
+            x_mask[:, :1] = 0
+        args = dict(fps=torch.tensor([30.0]), height=torch.tensor([32.0]), width=torch.tensor([32.0]),
+                    num_frames=torch.tensor([3.0]), frame_indice=torch.arange(5)[None])
+        torch.manual_seed(12)
+        want = pub.rflow_sample(ref, z0.clone(), y, mask, args, x_mask, num_steps=4)
+        ts = flow.public_timesteps(4, height=32, width=32, num_frames=3)
+
+        def model(x, t, yy, mask=None, x_mask=None, fps=None):
+            xm = torch.ones(x.shape[0], x.shape[2], dtype=torch.bool) if x_mask is None else x_mask
+            return ref(x, t, yy, mask, xm, fps, torch.arange(5)[None].repeat(x.shape[0], 1))
+
+        got = flow.sample(model, z0.clone(), y[:1], y[1:], mask=mask[:1], mask_null=mask[1:],
+                          fps=torch.tensor([30.0]), cond_latents=z0[:, :, :1] if cond else None, num_steps=4,
+                          timesteps=ts, noise_draws="public", generator=torch.Generator().manual_seed(12))
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(released):
+    d, _, _ = released
+    return MUGVPipeline.from_released(d, text_encoder=FakeT5(), device="cpu", dtype=torch.float32, kernels=False)
+
+
+def _reference(released, image, T, steps, seed):
+    _, vae, dit = released
+    y, mask = FakeT5().encode([f"{PROMPT} aesthetic score: 6.0.", MUGV_NEGATIVE_PROMPT])
+    img = None if image is None else read_image(image, 16, 32)
+    with torch.no_grad():
+        return pub.generate(dit, vae, y, mask, image=img, num_frames=T, height=16, width=32, steps=steps,
+                            seed=seed)
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_pipeline_matches_the_public_pipeline_seed_for_seed(pipe, released, tmp_path, i2v):
+    image = _image(tmp_path) if i2v else None
+    kw = dict(image=image, height=16, width=32, num_frames=9, steps=3, seed=7, progress=False)
+    z = pipe(PROMPT, output="latents", **kw)
+    frames = pipe(PROMPT, **kw)
+    z_ref, video_ref = _reference(released, image, 9, 3, 7)
+    assert z.shape == z_ref.shape == (1, 24, 2, 2, 4)
+    err = (z - z_ref).abs().max().item()
+    assert err < 1e-4, err
+    want = pub.to_uint8(video_ref)
+    assert frames.shape == want.shape == (9, 16, 32, 3) and frames.dtype == torch.uint8
+    assert (frames.int() - want.int()).abs().max() <= 1
+    if i2v:  # the reference frame is prepended as it was read
+        assert torch.equal(frames[0], to_uint8(read_image(image, 16, 32))[0])
+    other = pipe(PROMPT, output="latents", **{**kw, "seed": 8})
+    assert (other - z).abs().max() > 1e-2
+
+
+def test_offload_blocks_is_a_no_op_on_cpu(released):
+    d, _, _ = released
+    base = MUGVPipeline.from_released(d, text_encoder=FakeT5(), device="cpu", dtype=torch.float32, kernels=False)
+    for mode in ("model", "blocks"):
+        p = MUGVPipeline.from_released(d, text_encoder=FakeT5(), device="cpu", dtype=torch.float32, kernels=False,
+                                       offload=mode)
+        kw = dict(height=16, width=32, num_frames=9, steps=2, seed=1, progress=False, output="latents")
+        assert torch.equal(p(PROMPT, **kw), base(PROMPT, **kw))
+        if mode == "blocks":
+            assert p.streamer.prefetches == 2 * DEPTH  # every block fetched once per step
+            assert set(p.profile) == {"encode_text", "sample"}
+
+
+def test_pipeline_errors(pipe, tmp_path):
+    with pytest.raises(ValueError, match="aspect ratio"):
+        pipe(PROMPT, aspect_ratio="2:1")
+    with pytest.raises(ValueError, match="duration"):
+        pipe(PROMPT, duration="7s")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pipe(PROMPT, height=40, width=32)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        pipe(PROMPT, image=tmp_path / "nope.png", height=32, width=32, num_frames=9)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="does not open"):
+        pipe(PROMPT, image=bad, height=32, width=32, num_frames=9)
+    with pytest.raises(ValueError, match="offload"):
+        MUGVPipeline(pipe.dit, pipe.vae, pipe.text_encoder, offload="disk")
+    with pytest.raises(FileNotFoundError, match="dit.pt"):
+        MUGVPipeline.from_released(tmp_path, text_encoder=FakeT5())
+
+
+def test_save_video_round_trip(tmp_path):
+    import av
+
+    frames = torch.from_numpy((np.random.default_rng(1).random((5, 32, 48, 3)) * 255).astype(np.uint8))
+    p = save_video(frames, tmp_path / "out" / "clip.mp4", fps=20)
+    with av.open(str(p)) as c:
+        s = c.streams.video[0]
+        got = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        assert float(s.average_rate) == 20
+    assert len(got) == 5 and got[0].shape == (32, 48, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        save_video(frames.float(), tmp_path / "x.mp4", fps=20)
+    with pytest.raises(ValueError, match="fps"):
+        save_video(frames, tmp_path / "x.mp4", fps=0)
