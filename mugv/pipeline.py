@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from mugv.config import ConfigError
 from mugv.diffusion import MUGV_NEGATIVE_PROMPT, RectifiedFlow
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "frame_size",
     "num_frames_for",
     "read_image",
+    "resolve_checkpoint",
     "sample_posterior",
     "save_video",
     "to_uint8",
@@ -90,14 +92,34 @@ DURATIONS: dict[str, int] = {"5s": 105, "3s": 73}
 OFFLOAD_MODES = ("none", "model", "blocks")
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(run_dir, step_dir)`` for a ``mugv train`` run directory (its newest checkpoint) or a
+    checkpoint directory ``<run>/checkpoints/step_N``.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` / no checkpoint found.
+    """
+    from mugv.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        step = latest_checkpoint(p)
+        if step is None:
+            raise FileNotFoundError(f"--checkpoint {p}: the run has no checkpoint yet")
+        return p, step
+    if (p / ".metadata").exists() and (p.parent.parent / "config.json").exists():
+        return p.parent.parent, p
+    raise FileNotFoundError(f"--checkpoint {p}: expected a run directory (with config.json) or <run>/checkpoints/step_N")
+
+
 def frame_size(aspect_ratio: str) -> tuple[int, int]:
     """``(height, width)`` of a 720p bucket, e.g. ``"16:9" -> (1280, 720)``.
 
     Raises:
-        ValueError: an unknown key (the message lists the supported ones).
+        ConfigError: (a ``ValueError``) an unknown key (the message lists the supported ones).
     """
     if aspect_ratio not in ASPECT_RATIO_720P:
-        raise ValueError(f"unsupported aspect ratio {aspect_ratio!r} (height:width); supported: "
+        raise ConfigError(f"unsupported aspect ratio {aspect_ratio!r} (height:width); supported: "
                          f"{', '.join(ASPECT_RATIO_720P)}")
     return ASPECT_RATIO_720P[aspect_ratio]
 
@@ -106,10 +128,10 @@ def num_frames_for(duration: str) -> int:
     """Frames of a duration label: ``"5s" -> 105``, ``"3s" -> 73``.
 
     Raises:
-        ValueError: an unknown label (the message lists the supported ones).
+        ConfigError: (a ``ValueError``) an unknown label (the message lists the supported ones).
     """
     if duration not in DURATIONS:
-        raise ValueError(f"unsupported duration {duration!r}; supported: {', '.join(DURATIONS)} "
+        raise ConfigError(f"unsupported duration {duration!r}; supported: {', '.join(DURATIONS)} "
                          f"({', '.join(f'{k} = {v} frames' for k, v in DURATIONS.items())}), or pass num_frames")
     return DURATIONS[duration]
 
@@ -131,7 +153,7 @@ def read_image(image: str | os.PathLike | Any, height: int, width: int) -> Tenso
             with Image.open(p) as im:
                 img = im.convert("RGB")
         except Exception as e:  # PIL raises several types
-            raise ValueError(f"reference image {p} does not open as an image: {e}") from e
+            raise ConfigError(f"reference image {p} does not open as an image: {e}") from e
     elif isinstance(image, Image.Image):
         img = image.convert("RGB")
     else:
@@ -147,7 +169,7 @@ def read_image(image: str | os.PathLike | Any, height: int, width: int) -> Tenso
         img = img.resize((sw, sh), Image.BICUBIC)
         i, j = int(round((sh - height) / 2.0)), 0
     arr = np.asarray(img)[i:i + height, j:j + width]
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div(255)
     return x.sub(0.5).div(0.5)[:, None]
 
 
@@ -346,7 +368,8 @@ class MUGVPipeline:
 
         Raises:
             FileNotFoundError: a missing ``dit.pt``/``vae.pt``/T5 (names the file and the layout).
-            ValueError: files that are not the released state dicts.
+            ConfigError: (a ``ValueError``) files that are not the released state dicts (lists
+                what they hold).
         """
         from mugv.models.released import load_released_dit
         from mugv.models.vae_released import ReleasedVideoVAE
@@ -365,10 +388,13 @@ class MUGVPipeline:
         k = dev.type == "cuda" if kernels is None else kernels
         stage = "cpu" if offload != "none" else dev
         bar = _bar(3, "loading", progress)
-        vae = ReleasedVideoVAE.from_released(d / "vae.pt", device=stage, dtype=dt, kernels=k)
-        bar.update(1)
-        dit = load_released_dit(d / "dit.pt", device="cpu" if offload != "none" else dev, dtype=dt, kernels=k)
-        bar.update(1)
+        try:
+            vae = ReleasedVideoVAE.from_released(d / "vae.pt", device=stage, dtype=dt, kernels=k)
+            bar.update(1)
+            dit = load_released_dit(d / "dit.pt", device="cpu" if offload != "none" else dev, dtype=dt, kernels=k)
+            bar.update(1)
+        except ValueError as e:  # a file that is not the released state dict: an input error
+            raise ConfigError(str(e)) from e
         if text_encoder is None or isinstance(text_encoder, (str, os.PathLike)):
             from mugv.text import load_t5
 
@@ -386,17 +412,17 @@ class MUGVPipeline:
         Raises:
             FileNotFoundError: no run / checkpoint / VAE.
         """
-        from mugv.models import DiTConfig, MUGDiT
-        from mugv.sample import resolve_checkpoint
+        from dataclasses import fields
+
+        from mugv.config import pick_device
+        from mugv.models import DiTConfig, MUGDiT, VideoVAE
+        from mugv.text import load_text_encoder
         from mugv.train.checkpoint import load_ema_weights
-        from mugv.train.vae_trainer import load_text_encoder, load_vae, pick_device
 
         run_dir, step_dir = resolve_checkpoint(run_dir)
         run = json.loads((run_dir / "config.json").read_text())
         dev = pick_device(str(device) if device is not None else "auto")
         on_gpu = dev.type == "cuda"
-        from dataclasses import fields
-
         names = {f.name for f in fields(DiTConfig)}
         dcfg = DiTConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in run["dit"].items() if k in names})
         with torch.device("meta"):
@@ -407,8 +433,8 @@ class MUGVPipeline:
         vae_dir = vae or run.get("vae")
         if not vae_dir:
             raise FileNotFoundError("the run does not record its VAE; pass vae=")
-        vae_m = load_vae(vae_dir, dev)
-        enc = load_text_encoder(run.get("text_encoder") or "minilm", dev)
+        vae_m = VideoVAE.from_pretrained(vae_dir, device=dev)
+        enc = load_text_encoder(run.get("text_encoder") or "minilm", device=dev)
         flow = RectifiedFlow(use_timestep_shift=bool(run.get("train", {}).get("timestep_shift", True)),
                              spatial_compression=vae_m.config.spatial_compression)
         pipe = cls(model, vae_m, enc, flow, device=dev, offload=offload)
@@ -448,6 +474,11 @@ class MUGVPipeline:
         if mf is None:
             mf = getattr(getattr(self.vae, "config", None), "micro_frame_size", None)
         return None if mf is None else mf // 8
+
+    def _public_vae(self) -> bool:
+        """The released VAE: the public I2V path (image as 8 frames, latents ``1:`` decoded). A
+        causal VAE (``"compact"``) encodes the image alone as the first latent and decodes all."""
+        return getattr(self.vae, "preset", None) == "mugv-released"
 
     def _vae_dtype(self) -> torch.dtype:
         return getattr(self.vae, "dtype", self.dtype)
@@ -489,21 +520,21 @@ class MUGVPipeline:
             FileNotFoundError / ValueError: an image that does not exist or does not open.
         """
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
+            raise ConfigError("prompt must be a non-empty string")
         if output not in ("frames", "latents"):
             raise ValueError(f"output must be 'frames' or 'latents', got {output!r}")
         if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise ConfigError(f"steps must be >= 1, got {steps}")
         H, W = frame_size(aspect_ratio)
         if (height is None) != (width is None):
-            raise ValueError("pass both height and width, or neither")
+            raise ConfigError("pass both height and width, or neither")
         if height is not None:
             if height < 16 or width < 16 or height % 16 or width % 16:
-                raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
+                raise ConfigError(f"height and width must be positive multiples of 16, got {height}x{width}")
             H, W = int(height), int(width)
         T = int(num_frames) if num_frames is not None else num_frames_for(duration)
         if T < 1 or (image is not None and T < 2):
-            raise ValueError(f"num_frames must be >= 1 (>= 2 with an image), got {T}")
+            raise ConfigError(f"num_frames must be >= 1 (>= 2 with an image), got {T}")
         text = prompt if aes_score is None else f"{prompt} aesthetic score: {aes_score:.1f}."
         self.profile = {}
         dev = self.device
@@ -514,10 +545,11 @@ class MUGVPipeline:
         h, w = H // f, W // f
 
         ref = ref_img = None
+        public_i2v = self._public_vae()
         if image is not None:
             ref_img = read_image(image, H, W)  # [3, 1, H, W]
             with self._on_device(self.vae, "encode_image"):
-                x = ref_img.repeat(1, 8, 1, 1)[None].to(dev, self._vae_dtype())
+                x = ref_img.repeat(1, 8 if public_i2v else 1, 1, 1)[None].to(dev, self._vae_dtype())
                 post = self.vae.encode(x, normalize=False)
                 ref = self.vae.normalize(sample_posterior(post, self._vae_chunk(), cpu_gen))  # [1, 24, 1, h, w]
         noise = torch.randn(1, self.flow_channels(), L, h, w, generator=gen, device=dev, dtype=self.dtype)
@@ -536,7 +568,7 @@ class MUGVPipeline:
         with self._on_device(self.vae, "decode"):
             bar = _bar(1, "decoding", progress)
             vd = self._vae_dtype()
-            if ref is None:
+            if ref is None or not public_i2v:
                 video = self.vae.decode(z.to(vd), num_frames=T)[0]
             else:
                 video = self.vae.decode(z[:, :, 1:].to(vd), num_frames=T - 1)[0]

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Lowest first. A unit may import units of lower layers only (and itself). ``mugv`` is the
 #: package ``__init__``; ``mugv.config`` needs only the standard library; ``mugv.perf`` models
-#: the DiT's cost; the sampler reads the run checkpoints that training writes, so it sits
-#: above ``mugv.train``; the generation pipeline uses the sampler's run loading.
+#: the DiT's cost; the generation pipeline reads the run checkpoints that training writes, so
+#: it sits above ``mugv.train``, and the run sampler on it.
 LAYERS: list[tuple[str, ...]] = [
     ("mugv_kernels",),
     ("mugv", "mugv.config"),
@@ -23,8 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("mugv.diffusion", "mugv.perf"),
     ("mugv.data",),
     ("mugv.train",),
-    ("mugv.sample",),
     ("mugv.pipeline",),
+    ("mugv.sample",),
     ("mugv.demo",),
     ("mugv.cli",),
 ]
