@@ -60,6 +60,7 @@ def run(
     bytes_moved: float | None = None,
     flops: float | None = None,
     rounds: int = 20,
+    per_call: dict[str, float] | None = None,
     **info,
 ) -> dict:
     """Time ``fn`` with pytest-benchmark (synchronized), attach derived figures.
@@ -72,6 +73,8 @@ def run(
         bytes_moved: bytes that must move (reads + writes) per call, for GB/s.
         flops: useful FLOPs per call, for TFLOP/s.
         rounds: measured rounds after one warm-up (2 on CPU, where figures mean nothing).
+        per_call: counts per call turned into rates, e.g. ``{"tokens": 75600}`` records
+            ``tokens_per_s``.
         **info: shapes, dtype and anything else to record.
 
     Returns:
@@ -98,6 +101,8 @@ def run(
         figures["TFLOP_per_s"] = flops / median / 1e12
         if peaks:
             figures["frac_bf16_peak"] = flops / median / peaks.bf16_flops
+    for name, count in (per_call or {}).items():
+        figures[f"{name}_per_s"] = count / median
     benchmark.extra_info.update(figures)
     record(suite, figures)
     return figures
