@@ -29,6 +29,8 @@ from mugv.config import (
 
 __all__ = ["build_parser", "main"]
 
+# Each handler imports its stage when it runs, so that `mugv --help` answers without torch.
+
 
 def _cmd_preprocess(args) -> int:
     from mugv.data.preprocess import preprocess

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 
@@ -182,8 +183,6 @@ def decode_video(
         VideoDecodeError: the file cannot be opened, has no video stream, or fails mid-decode
             (truncated/corrupt data). Decoding errors from FFmpeg are wrapped, never swallowed.
     """
-    import av  # local: PyAV is an extra of the stack
-
     path = Path(path)
     try:
         container = av.open(str(path))
@@ -274,8 +273,6 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0, crf: int =
 
     Odd sizes are padded by one pixel (edge) since yuv420p needs even sides.
     """
-    import av
-
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"write_mp4: expected non-empty uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
     t, h, w, _ = frames.shape

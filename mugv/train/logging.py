@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mugv_kernels.device import device_peaks
 
@@ -95,12 +96,10 @@ class MetricsLogger:
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / f"{name}.jsonl", "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # on use: importing TensorBoard costs seconds
 
             self.tb = SummaryWriter(str(out / "tb"))
         if progress:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True, leave=True)
         self._t = time.perf_counter()
 
