@@ -30,7 +30,6 @@ from mugv_kernels.reference.varlen_attention import varlen_attention_bwd_ref, va
 __all__ = ["attn_launch_config", "head_dim_split", "varlen_flash_attention"]
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 MAX_SEGMENTS = 65535
 """Largest segment count B (it is the grid's second axis, limited to 65535 by CUDA)."""
 
