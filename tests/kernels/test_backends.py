@@ -159,3 +159,25 @@ def test_triton_backend_needs_a_device_where_triton_runs(monkeypatch):
     monkeypatch.setattr(_registry, "INTERPRET", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         mk.ada_layer_norm(torch.randn(1, 2, 8), None, None, backend="triton")
+
+
+def test_reference_backend_compiles_fullgraph():
+    """A model built with ``backend="reference"`` compiles with ``fullgraph=True``: the
+    dispatch is plain Python and the references are plain PyTorch."""
+    torch.manual_seed(0)
+    x, mod = torch.randn(1, 3, 12), torch.randn(1, 12)
+    q = torch.randn(3, 2, 12)
+    pos = mk.video_positions(1, 1, 1)
+    v = torch.randn(1, 2, 3, 4, 4)
+    wc = torch.randn(4, 2, 3, 3, 3)
+
+    def model(x, q, v):
+        y = mk.ada_layer_norm(x, mod, mod, backend="reference")
+        r, y = mk.gated_residual_ada_layer_norm(x, y, mod, mod, mod, backend="reference")
+        qo, ko = mk.qk_norm_rope3d(q, q, pos, (4, 4, 4), q_weight=x[0, 0], backend="reference")
+        h = mk.group_norm_silu(mk.causal_conv3d(v, wc, backend="reference"), 2, backend="reference")
+        return mk.gated_residual(r, y, mod, backend="reference"), qo + ko, h
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x, q, v), model(x, q, v), strict=True):
+        torch.testing.assert_close(a, b)
