@@ -1053,7 +1053,7 @@ def apply_mugv_kernels(
             the block forwards replaced (transformers).
         rope: QK RMSNorm + 3D RoPE as one op (transformers).
         backend: transformers: the varlen attention backend (``"auto"`` or a name of
-            :data:`mugv_kernels.ops.attention.BACKENDS`); ``AutoencoderKLWan``: the conv
+            :data:`mugv_kernels.ops.varlen_attention.BACKENDS`); ``AutoencoderKLWan``: the conv
             backend (``"auto"``, ``"triton"``, ``"cuda"``, ``"reference"``). The flags do
             not apply to the VAE (its causal convs are always switched).
 
