@@ -384,8 +384,10 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
     CUDA: the largest tiles that compile for sm_90a without register spills at the
     benchmark shapes (``python -m mugv_kernels.aot --family varlen_attention``), by the
     lanes the head dim occupies (80 for D = 72): forward 128 x 64 up to 80 lanes, 128 x 32
-    up to 128, 64 x 32 beyond (8 warps, 2 stages); up to 80 lanes dK/dV 32 x 128 and dQ
-    128 x 32 (2 stages), up to 128 lanes 16 x 64 and 32 x 32, 16 x 32 beyond. The
+    up to 128, 64 x 32 beyond (8 warps, 2 stages); dK/dV 32 x 128 (2 stages) up to 80
+    lanes, 16 x 64 up to 128; dQ 128 x 32 (2 stages) up to 128 lanes; 16 x 32 beyond.
+    Every dQ tile up to 128 lanes has 128 query rows: with 8 warps (two warpgroups of 64
+    rows) its dots lower to Hopper's ``wgmma`` (a 32-row tile would use ``mma.sync``). The
     interpreter: 32 x 32 tiles (each program costs Python time; tests cross a tile
     boundary with segments longer than 32).
     """
@@ -401,7 +403,7 @@ def attn_launch_config(kernel: str, D: int, device: torch.device) -> AttnLaunchC
         return AttnLaunchConfig(16, 32, 8, 1)
     if kernel == "dkdv":  # block_n keys stay in registers while block_m query rows stream by
         return AttnLaunchConfig(32, 128, 8, 2) if lanes <= 80 else AttnLaunchConfig(16, 64, 8, 1)
-    return AttnLaunchConfig(128, 32, 8, 2) if lanes <= 80 else AttnLaunchConfig(32, 32, 8, 1)
+    return AttnLaunchConfig(128, 32, 8, 2)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

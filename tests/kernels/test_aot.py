@@ -299,7 +299,6 @@ _XF_GN_CL = ("channels-last GroupNorm tiles are [positions, Cg channels of one g
              "(256 and 128 channels in 32 groups) the channel run is not proven 16-byte aligned and contiguous")
 _XF_D72 = ("head_dim 72 reaches the kernels as a runtime D (72 % 16 != 0, no divisibility), so the column "
            "bound check of the [64 + 16]-column tiles has unknown constancy: scalar 16-bit accesses")
-_XF_DQ128 = "the dQ kernel's BLOCK_M = 32 tile at head_dim 128 is below wgmma's 64-row warpgroup tile: mma.sync"
 
 
 _GN = ("_gn_stats_kernel", "_gn_apply_kernel", "_gn_bwd_partial_kernel", "_gn_bwd_dx_kernel")
@@ -329,7 +328,7 @@ WGMMA_GATES = [
     *[_gate(k, v) for k in _ATTN[:2] for v in ("D=72", "D=64", "D=128")],
     _gate("_varlen_attn_bwd_dq_kernel", "D=72"),
     _gate("_varlen_attn_bwd_dq_kernel", "D=64"),
-    _gate("_varlen_attn_bwd_dq_kernel", "D=128", _XF_DQ128),
+    _gate("_varlen_attn_bwd_dq_kernel", "D=128"),
     *[_gate(k, v) for k in ("_conv3d_fwd_kernel", "_conv3d_bwd_dx_kernel", "_conv3d_bwd_dw_kernel")
       for v in ("ncdhw", "channels_last")],
 ]
