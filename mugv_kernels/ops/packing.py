@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mugv_kernels._validate import INDEX_DTYPES, check_tensor
+
 __all__ = ["check_cu_seqlens", "pack", "seqlens_from_cu", "unpack"]
 
 _INT32_MAX = 2**31 - 1
@@ -49,16 +51,12 @@ def check_cu_seqlens(
         The offsets as a Python list when they were read, else None.
 
     Raises:
-        ValueError: not a tensor, wrong rank or dtype, wrong device, or bad values.
+        TypeError: not a tensor, or a dtype other than int32/int64.
+        ValueError: wrong rank, wrong device, or bad values.
     """
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of int32/int64 offsets, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must have dtype int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
-    if device is not None and cu_seqlens.device != device:
-        raise ValueError(f"{name} is on {cu_seqlens.device} but the packed tensors are on {device}")
     if not check_values or torch.compiler.is_compiling():
         return None
     offsets = cu_seqlens.tolist()
@@ -93,15 +91,16 @@ def pack(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor, int]:
         int. Lengths come from the shapes: no device-to-host sync.
 
     Raises:
-        ValueError: an empty list, a non-tensor, a 0-d tensor, or mismatched trailing
-            shapes, dtypes or devices.
+        TypeError: a non-tensor in the list, or dtypes that differ.
+        ValueError: an empty list (or not a list), a 0-d tensor, or mismatched trailing
+            shapes or devices.
     """
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or len(tensors) == 0:
         raise ValueError("tensors must be a non-empty list of [N_i, ...] tensors")
     first = tensors[0]
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
-            raise ValueError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() == 0:
             raise ValueError(f"tensors[{i}] must have a sequence axis ([N_i, ...]), got a 0-d tensor")
         if t.shape[1:] != first.shape[1:]:
@@ -110,7 +109,7 @@ def pack(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor, int]:
                 "(all sequences must share every axis but the first)"
             )
         if t.dtype != first.dtype:
-            raise ValueError(f"tensors[{i}] has dtype {t.dtype}, expected {first.dtype} (as tensors[0])")
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}, expected {first.dtype} (as tensors[0])")
         if t.device != first.device:
             raise ValueError(f"tensors[{i}] is on {t.device}, expected {first.device} (as tensors[0])")
     lengths = [int(t.shape[0]) for t in tensors]
@@ -134,6 +133,7 @@ def unpack(packed: Tensor, cu_seqlens: Tensor) -> list[Tensor]:
         B tensors ``[N_b, ...]``: views of ``packed`` (differentiable).
 
     Raises:
+        TypeError: ``cu_seqlens`` not an int32/int64 tensor.
         ValueError: ``packed`` is not a tensor of rank >= 1, or ``cu_seqlens`` is invalid
             (see :func:`check_cu_seqlens`).
     """

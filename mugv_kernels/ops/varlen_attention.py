@@ -418,9 +418,10 @@ def varlen_attention(
         ``[Tq, H, D]`` in ``q.dtype`` (may be a strided view).
 
     Raises:
-        TypeError: a non-tensor or float dtype mismatch among q, k, v.
+        TypeError: a non-tensor, an unsupported or mismatched float dtype among q, k, v;
+            cu_seqlens not int32/int64.
         ValueError: wrong ranks; q/k/v head counts or head dims that differ; k and v of
-            different lengths; cu_seqlens not int32/int64, not 1-D, not starting at 0, not
+            different lengths; cu_seqlens not 1-D, not starting at 0, not
             non-decreasing, not ending at the tensor length; q and k segment counts that
             differ; max_seqlen not an int or below the longest segment; an unknown
             backend or a forced backend that cannot run here (the message says why).
