@@ -70,11 +70,21 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from mugv.sample import generate
+    import mugv.sample as sample
 
-    res = generate(args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames, height=args.height,
-                   width=args.width, steps=args.steps, cfg=args.cfg, seed=args.seed, fps=args.fps, vae=args.vae,
-                   use_ema=not args.no_ema, device=args.device)
+    if args.released is not None:
+        res = sample.generate_released(
+            args.released, args.prompt, args.out, t5=args.t5, image=args.image, negative_prompt=args.negative_prompt,
+            aspect_ratio=args.aspect_ratio, duration=args.duration, frames=args.frames, height=args.height,
+            width=args.width, steps=args.steps, cfg=args.cfg, seed=42 if args.seed is None else args.seed,
+            fps=30.0 if args.fps is None else args.fps, video_fps=20.0 if args.video_fps is None else args.video_fps,
+            offload=args.offload, device=args.device, profile=args.profile)
+    else:
+        res = sample.generate(
+            args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames or 17,
+            height=args.height or 64, width=args.width or 128, steps=args.steps, cfg=args.cfg,
+            seed=0 if args.seed is None else args.seed, fps=args.fps, vae=args.vae, use_ema=not args.no_ema,
+            device=args.device)
     print(f"wrote {res.video} and {res.sheet} ({res.frames} frames {res.height}x{res.width}, {res.seconds:.1f} s)")
     return 0
 
@@ -114,20 +124,37 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     s = sub.add_parser("generate", help="sample a video (T2V or I2V)", formatter_class=fmt, description=(
-        "Sample one clip from a training run: text-to-video, or image-to-video with --image. Writes the mp4 and a "
-        "PNG contact sheet next to it."))
-    s.add_argument("--checkpoint", required=True, help="run directory of `mugv train` or a checkpoint inside it")
+        "Sample one clip, text-to-video or image-to-video with --image, from the released MUG-V 10B "
+        "(--released DIR with dit.pt and vae.pt, --t5 PATH) or from a training run (--checkpoint RUN). Writes the "
+        "mp4 and a PNG contact sheet next to it (and <out>.profile.json with --profile)."))
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--released", default=None, help="MUG-V-inference directory holding dit.pt and vae.pt")
+    src.add_argument("--checkpoint", default=None, help="run directory of `mugv train` or a checkpoint inside it")
+    s.add_argument("--t5", default=None, help="--released: local T5-v1.1-XXL directory (default $MUGV_T5_PATH)")
     s.add_argument("--prompt", required=True, help="the caption")
     s.add_argument("--image", default=None, help="reference image for image-to-video")
-    s.add_argument("--frames", type=int, default=17, help="frames (8k+1)")
-    s.add_argument("--height", type=int, default=64, help="height in pixels (multiple of 16)")
-    s.add_argument("--width", type=int, default=128, help="width in pixels (multiple of 16)")
+    s.add_argument("--negative-prompt", default=None, help="--released: CFG negative (default: the released one)")
+    s.add_argument("--aspect-ratio", default="16:9", help="--released: 720p bucket, height:width "
+                   "(9:16, 3:4, 1:1, 4:3, 16:9; 16:9 is 1280 high x 720 wide)")
+    s.add_argument("--duration", default="5s", help="--released: 5s (105 frames) or 3s (73)")
+    s.add_argument("--frames", type=int, default=None, help="frames (8k+1; --checkpoint default 17; overrides "
+                   "--duration)")
+    s.add_argument("--height", type=int, default=None, help="height in pixels, multiple of 16 (--checkpoint default "
+                   "64; overrides --aspect-ratio)")
+    s.add_argument("--width", type=int, default=None, help="width in pixels, multiple of 16 (--checkpoint default 128)")
     s.add_argument("--steps", type=int, default=25, help="Euler steps")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--seed", type=int, default=0, help="noise seed")
-    s.add_argument("--fps", type=float, default=None, help="frame rate (default: the training data's)")
-    s.add_argument("--vae", default=None, help="VAE checkpoint (default: the one recorded by the run)")
-    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--seed", type=int, default=None, help="seed (default 42 released, 0 for runs)")
+    s.add_argument("--fps", type=float, default=None, help="frame rate the model is conditioned on (default 30 "
+                   "released; the training data's for runs)")
+    s.add_argument("--video-fps", type=float, default=None, help="--released: mp4 frame rate (default 20, as the "
+                   "public save_video)")
+    s.add_argument("--offload", default="none", choices=("none", "model", "blocks"), help="--released: keep models "
+                   "on the GPU only while they run (model), and stream DiT blocks from host memory (blocks)")
+    s.add_argument("--profile", action="store_true", help="--released: per-stage seconds and peak memory to "
+                   "<out>.profile.json")
+    s.add_argument("--vae", default=None, help="--checkpoint: VAE checkpoint (default: the one recorded by the run)")
+    s.add_argument("--no-ema", action="store_true", help="--checkpoint: use the raw weights instead of the EMA")
     s.add_argument("--device", default="auto", choices=DEVICES, help="device")
     s.add_argument("--out", required=True, help="output mp4 path (the contact sheet goes next to it as .png)")
     s.set_defaults(func=_cmd_generate)

@@ -387,7 +387,12 @@ class MUGVPipeline:
         dt = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         k = dev.type == "cuda" if kernels is None else kernels
         stage = "cpu" if offload != "none" else dev
+        if text_encoder is None or isinstance(text_encoder, (str, os.PathLike)):
+            from mugv.text import load_t5
+
+            text_encoder = load_t5(text_encoder, device=stage)  # first: a missing T5 fails before the big loads
         bar = _bar(3, "loading", progress)
+        bar.update(1)
         try:
             vae = ReleasedVideoVAE.from_released(d / "vae.pt", device=stage, dtype=dt, kernels=k)
             bar.update(1)
@@ -395,11 +400,6 @@ class MUGVPipeline:
             bar.update(1)
         except ValueError as e:  # a file that is not the released state dict: an input error
             raise ConfigError(str(e)) from e
-        if text_encoder is None or isinstance(text_encoder, (str, os.PathLike)):
-            from mugv.text import load_t5
-
-            text_encoder = load_t5(text_encoder, device=stage)
-        bar.update(1)
         bar.close()
         return cls(dit, vae, text_encoder, RectifiedFlow.from_preset("mugv"), device=dev, offload=offload)
 
@@ -532,7 +532,9 @@ class MUGVPipeline:
             if height < 16 or width < 16 or height % 16 or width % 16:
                 raise ConfigError(f"height and width must be positive multiples of 16, got {height}x{width}")
             H, W = int(height), int(width)
-        T = int(num_frames) if num_frames is not None else num_frames_for(duration)
+        T = num_frames_for(duration)
+        if num_frames is not None:
+            T = int(num_frames)
         if T < 1 or (image is not None and T < 2):
             raise ConfigError(f"num_frames must be >= 1 (>= 2 with an image), got {T}")
         text = prompt if aes_score is None else f"{prompt} aesthetic score: {aes_score:.1f}."

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mugv.config import ConfigError, check_num_frames, pick_device
-from mugv.pipeline import MUGVPipeline, resolve_checkpoint, save_video
+from mugv.pipeline import MUGVPipeline, frame_size, num_frames_for, resolve_checkpoint, save_video
 
-__all__ = ["GenerateResult", "contact_sheet", "generate", "resolve_checkpoint"]
+__all__ = ["GenerateResult", "contact_sheet", "generate", "generate_released", "resolve_checkpoint"]
 
 
 @dataclass
@@ -108,3 +109,84 @@ def generate(
     save_video(arr, out, fps=fps)
     sheet = contact_sheet(arr, out.with_suffix(".png"))
     return GenerateResult(str(out), str(sheet), int(arr.shape[0]), height, width, time.perf_counter() - t0)
+
+
+def generate_released(
+    released: str | Path,
+    prompt: str,
+    out: str | Path,
+    *,
+    t5: str | Path | None = None,
+    image: str | Path | None = None,
+    negative_prompt: str | None = None,
+    aspect_ratio: str = "16:9",
+    duration: str = "5s",
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 25,
+    cfg: float = 4.0,
+    seed: int = 42,
+    fps: float = 30.0,
+    video_fps: float = 20.0,
+    offload: str = "none",
+    device: str = "auto",
+    profile: bool = False,
+    progress: bool = True,
+    text_encoder: Any = None,
+) -> GenerateResult:
+    """Sample one clip with the released MUG-V 10B (``mugv generate --released DIR --t5 PATH``)
+    and write ``out`` (mp4 at ``video_fps``), its contact sheet (``.png``) and, with ``profile``,
+    ``<out>.profile.json`` (seconds and peak device memory per stage).
+
+    Args:
+        released: the ``MUG-V-inference`` directory (``dit.pt``, ``vae.pt``).
+        t5: the local T5-v1.1-XXL directory (default ``$MUGV_T5_PATH``); ``text_encoder``: an
+            already built encoder instead (tests).
+        image: a reference image (image-to-video).
+        negative_prompt: default the released sampler's.
+        aspect_ratio, duration: the public 720p bucket (height:width) and length (``5s``, ``3s``);
+            ``frames``/``height``/``width`` override them.
+        steps, cfg, seed: public defaults 25, 4.0, 42.
+        fps: the frame rate the model is conditioned on (public 30). video_fps: the mp4's frame
+            rate (public 20).
+        offload: ``none`` | ``model`` | ``blocks`` (see :class:`mugv.pipeline.MUGVPipeline`).
+        device: auto | cpu | cuda.
+
+    Raises:
+        FileNotFoundError: a missing directory, ``dit.pt``, ``vae.pt``, T5 or image (names it).
+        ConfigError: an unsupported aspect ratio / duration, sizes that are not multiples of 16,
+            files that are not the released checkpoints, an image that does not open.
+    """
+    from mugv.diffusion import MUGV_NEGATIVE_PROMPT
+
+    t0 = time.perf_counter()
+    if not prompt.strip():
+        raise ConfigError("--prompt must not be empty")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if not video_fps > 0:
+        raise ConfigError(f"--video-fps must be > 0, got {video_fps}")
+    if image is not None and not Path(image).exists():
+        raise FileNotFoundError(f"--image {image}: no such file")
+    frame_size(aspect_ratio)  # both checked before any loading
+    num_frames_for(duration)
+    dev = pick_device(device)
+    load_start = time.perf_counter()
+    pipe = MUGVPipeline.from_released(released, text_encoder if text_encoder is not None else t5, device=dev,
+                                      offload=offload, progress=progress)
+    load_s = time.perf_counter() - load_start
+    arr = pipe(prompt, image=image, negative_prompt=MUGV_NEGATIVE_PROMPT if negative_prompt is None else
+               negative_prompt, aspect_ratio=aspect_ratio, duration=duration, num_frames=frames, height=height,
+               width=width, steps=steps, cfg=cfg, seed=seed, fps=fps, progress=progress).numpy()
+    out = Path(out)
+    write_start = time.perf_counter()
+    save_video(arr, out, fps=video_fps)
+    sheet = contact_sheet(arr, out.with_suffix(".png"))
+    if profile:
+        pipe.profile["load"] = {"seconds": load_s}
+        pipe.profile["write"] = {"seconds": time.perf_counter() - write_start}
+        pipe.profile_json(out.with_suffix(".profile.json"), frames=int(arr.shape[0]), height=int(arr.shape[1]),
+                          width=int(arr.shape[2]), steps=steps, total_seconds=time.perf_counter() - t0)
+    return GenerateResult(str(out), str(sheet), int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]),
+                          time.perf_counter() - t0)

@@ -355,3 +355,58 @@ def test_save_video_round_trip(tmp_path):
         save_video(frames.float(), tmp_path / "x.mp4", fps=20)
     with pytest.raises(ValueError, match="fps"):
         save_video(frames, tmp_path / "x.mp4", fps=0)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A T5 encoder directory in the real format (random weights, d_model = the tiny DiT's text
+    width) with the all-MiniLM tokenizer files (offline)."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from mugv.text import minilm_path
+
+    d = tmp_path_factory.mktemp("t5")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=tok.vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    T5EncoderModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+def test_cli_generate_released(released, tiny_t5, tmp_path, capsys):
+    import json
+
+    import av
+
+    from mugv.cli import main
+
+    d, _, _ = released
+    img = _image(tmp_path)
+    out = tmp_path / "clip.mp4"
+    base = ["generate", "--released", str(d), "--t5", str(tiny_t5), "--prompt", PROMPT, "--height", "16",
+            "--width", "32", "--frames", "9", "--steps", "2", "--device", "cpu"]
+    assert main([*base, "--image", str(img), "--profile", "--out", str(out)]) == 0
+    with av.open(str(out)) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        assert float(s.average_rate) == 20  # the public mp4 rate; the model was conditioned on 30
+    assert len(frames) == 9 and frames[0].shape == (16, 32, 3) and out.with_suffix(".png").exists()
+    prof = json.loads(out.with_suffix(".profile.json").read_text())
+    assert {"load", "encode_image", "encode_text", "sample", "decode", "write"} <= set(prof["stages"])
+    assert all(v["seconds"] >= 0 for v in prof["stages"].values())
+    capsys.readouterr()
+    for argv, msg in (
+        (["generate", "--released", str(tmp_path), "--t5", str(tiny_t5), "--prompt", "x", "--out", str(out)],
+         "dit.pt"),
+        ([*base[:-2], "--aspect-ratio", "2:1", "--out", str(out)], "aspect ratio"),
+        ([*base[:-2], "--duration", "9s", "--out", str(out)], "duration"),
+        ([*base, "--t5", str(tmp_path / "no_t5"), "--out", str(out)], "no_t5"),
+        ([*base, "--image", str(tmp_path / "none.png"), "--out", str(out)], "none.png"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
