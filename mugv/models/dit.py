@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from mugv.models._backend import resolve_backend
 from mugv.models.dit_layers import (
     FinalLayer,
     FpsEmbedder,
@@ -206,11 +207,19 @@ class MUGDiT(nn.Module):
 
     Args:
         cfg: a :class:`DiTConfig` or a flavor name (default: the 10B config).
-        kernels: run the fused :mod:`mugv_kernels` ops (True) or the plain PyTorch
-            reference path (False); both give the same result within rounding. Can be
-            changed later through the ``kernels`` attribute.
-        attn_backend: ``backend`` of ``mugv_kernels.varlen_attention`` when ``kernels``
-            (default ``"auto"``); attribute ``attn_backend``.
+        kernels: the ``backend`` the :mod:`mugv_kernels` norm and RoPE ops run: True =
+            ``"auto"`` (the fused Triton kernels on CUDA, the PyTorch reference on a plain
+            CPU and in fp64), False = ``"reference"``, or a name among
+            ``"auto" | "triton" | "reference"``. Every backend gives the same result
+            within rounding. Setting the ``kernels`` attribute later switches the
+            ``backend`` attribute likewise.
+        attn_backend: ``backend`` of ``mugv_kernels.varlen_attention`` (default
+            ``"auto"``: flash-attn / PyTorch native / FlexAttention / per-segment SDPA,
+            whichever runs here; FlexAttention when compiled on a CPU); attribute
+            ``attn_backend``.
+
+    Raises:
+        TypeError: ``cfg`` of the wrong type. ValueError: an unknown ``kernels`` name.
 
     Parameters (public names): ``x_embedder.proj``, ``t_embedder.mlp.{0,2}``,
     ``fps_embedder.mlp.{0,2}``, ``t_block.1``, ``y_embedder.y_proj.fc{1,2}``,
@@ -220,7 +229,7 @@ class MUGDiT(nn.Module):
     ``final_layer.linear``, ``final_layer.scale_shift_table``. No buffers.
     """
 
-    def __init__(self, cfg: DiTConfig | str | None = None, kernels: bool = True, *, attn_backend: str = "auto"):
+    def __init__(self, cfg: DiTConfig | str | None = None, kernels: bool | str = True, *, attn_backend: str = "auto"):
         super().__init__()
         if cfg is None:
             cfg = DiTConfig()
@@ -229,7 +238,7 @@ class MUGDiT(nn.Module):
         elif not isinstance(cfg, DiTConfig):
             raise TypeError(f"cfg must be a DiTConfig or a flavor name, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.kernels = bool(kernels)
+        self.kernels = kernels
         self.attn_backend = attn_backend
         C = cfg.hidden_size
         self.x_embedder = PatchEmbed3D(cfg.patch_size, cfg.in_channels, C)
@@ -295,6 +304,16 @@ class MUGDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def kernels(self) -> bool | str:
+        """What was asked for (see the class docstring); :attr:`backend` is what the ops get."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: bool | str) -> None:
+        self.backend = resolve_backend(value)
+        self._kernels = value
 
     @property
     def dtype(self) -> torch.dtype:
@@ -426,13 +445,12 @@ class MUGDiT(nn.Module):
             t_mlp=self.t_block(t_emb),  # [2n, 6C]
             index=torch.cat(index)[None],  # [1, N]
             positions=torch.cat(positions),  # [N, 3]
-            cu_seqlens=cu, seqlens=tuple(seqlens), max_seqlen=max(seqlens),
-            text=text, text_cu_seqlens=text_cu, text_seqlens=tuple(text_seqlens), text_max_seqlen=max(text_seqlens),
-            kernels=self.kernels, attn_backend=self.attn_backend,
+            cu_seqlens=cu, max_seqlen=max(seqlens), text=text, text_cu_seqlens=text_cu, text_max_seqlen=max(text_seqlens),
+            backend=self.backend, attn_backend=self.attn_backend,
         )  # fmt: skip
         for block in self.blocks:
             x = block(x, batch)  # [1, N, C]
-        out = self.final_layer(x, t_emb, batch.index, self.kernels)[0]  # [N, prod(patch) * C_out]
+        out = self.final_layer(x, t_emb, batch)[0]  # [N, prod(patch) * C_out]
         return [o[1:-1] for o in out.split(seqlens)]
 
     # ------------------------------------------------------------------ public forward

@@ -9,17 +9,15 @@ order, end token), attention is variable-length over ``cu_seqlens``, and the ada
 modulation of a token is picked from a small table by an index instead of being
 materialized per token. :class:`PackedBatch` carries that per-forward metadata.
 
-Each op has two paths, chosen by ``PackedBatch.kernels``:
-
-* ``kernels=True``: the fused ops of :mod:`mugv_kernels` (``ada_layer_norm``,
-  ``gated_residual``, ``gated_residual_ada_layer_norm``, ``qk_norm_rope3d``,
-  ``varlen_attention``); an op that this ``mugv_kernels`` does not provide (yet) falls back
-  to the reference below, so the model always runs. The model builds the modulation index,
-  RoPE positions and ``cu_seqlens`` itself, so the ops' host-side value checks (one device
-  sync each) are switched off (``validate=False`` / ``check_positions=False``).
-* ``kernels=False``: plain PyTorch written here, independent of :mod:`mugv_kernels`
-  (normalizations and RoPE in fp32, one rounding to the activation dtype; attention one
-  segment at a time through ``torch.nn.functional.scaled_dot_product_attention``).
+Every normalization, RoPE and attention is one call of a :mod:`mugv_kernels` op
+(``ada_layer_norm``, ``gated_residual``, ``gated_residual_ada_layer_norm``,
+``qk_norm_rope3d``, ``varlen_attention``); the model has no computation path of its own.
+``PackedBatch.backend`` (chosen once, from ``MUGDiT(kernels=...)``) is passed to the ops as
+their ``backend`` keyword: ``"auto"`` (the fused Triton kernels on CUDA, the PyTorch
+reference on a plain CPU and in fp64), ``"triton"`` or ``"reference"``. Attention takes
+``PackedBatch.attn_backend``. The model builds the modulation index, RoPE positions and
+``cu_seqlens`` itself, so the ops' host-side value checks (one device sync each) are
+switched off (``validate=False`` / ``check_positions=False``).
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mugv_kernels as mk
+from mugv.models._backend import backend_kw
 
 __all__ = [
     "CrossAttention",
@@ -46,19 +45,8 @@ __all__ = [
     "SelfAttention",
     "TextEmbedder",
     "TimestepEmbedder",
-    "attention",
-    "gated_residual",
-    "gated_residual_norm",
-    "modulated_norm",
-    "qk_norm_rope",
-    "rms_norm",
     "timestep_embedding",
 ]
-
-
-def _kernel(name: str):
-    """The :mod:`mugv_kernels` op ``name``, or None where this install lacks it."""
-    return getattr(mk, name, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,253 +66,35 @@ class PackedBatch:
             start/end tokens use it).
         index: ``[1, N]`` int32, the row of ``t_mlp`` each token uses.
         positions: ``[N, 3]`` int32 RoPE positions in columns (h, w, t).
-        cu_seqlens: ``[n + 1]`` int32 token offsets of the clips; ``seqlens`` the same as
-            Python ints (length ``n``), ``max_seqlen`` their maximum.
+        cu_seqlens: ``[n + 1]`` int32 token offsets of the clips; ``max_seqlen`` the
+            longest clip (a Python int).
         text: ``[L, C]`` embedded caption tokens of all clips, packed, padding stripped.
-        text_cu_seqlens, text_seqlens, text_max_seqlen: the same segmentation for ``text``
+        text_cu_seqlens, text_max_seqlen: the same segmentation for ``text``
             (caption ``i`` belongs to clip ``i``).
-        kernels: run the fused :mod:`mugv_kernels` ops (True) or the plain PyTorch path.
-        attn_backend: ``backend`` of ``mugv_kernels.varlen_attention`` on the kernel path
-            (``"auto"``: flash-attn / PyTorch native / FlexAttention / SDPA, whichever runs here).
+        backend: ``backend`` of the norm and RoPE ops (``"auto" | "triton" | "reference"``).
+        attn_backend: ``backend`` of ``mugv_kernels.varlen_attention`` (``"auto"``:
+            flash-attn / PyTorch native / FlexAttention / SDPA, whichever runs here).
     """
 
     t_mlp: Tensor
     index: Tensor
     positions: Tensor
     cu_seqlens: Tensor
-    seqlens: tuple[int, ...]
     max_seqlen: int
     text: Tensor
     text_cu_seqlens: Tensor
-    text_seqlens: tuple[int, ...]
     text_max_seqlen: int
-    kernels: bool = True
+    backend: str = "auto"
     attn_backend: str = "auto"
 
-
-# ----------------------------------------------------------------------------------------
-# Functional ops: fused kernel or plain PyTorch
-# ----------------------------------------------------------------------------------------
-
-
-def _select(m: Tensor | None, index: Tensor) -> Tensor | None:
-    """Per-token rows of a modulation table: ``m [1, G, C]`` -> ``[1, N, C]`` by ``index [1, N]``."""
-    if m is None:
-        return None
-    return m[0].index_select(0, index[0].long()).unsqueeze(0)
-
-
-def _ref_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool) -> Tensor:
-    """LayerNorm / RMSNorm over the last dim in fp32 (affine optional); returns fp32."""
-    xf = x.float()
-    if rms:
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        y = F.layer_norm(xf, (xf.shape[-1],), eps=eps)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y
-
-
-def modulated_norm(
-    x: Tensor,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    *,
-    index: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-6,
-    kernels: bool = True,
-) -> Tensor:
-    """adaLN: ``(LayerNorm(x) * weight + bias) * (1 + scale[index]) + shift[index]``.
-
-    Public ``ada_modulate(norm(x), shift, scale)`` with the I2V ``torch.where`` between two
-    modulation sets folded into ``index`` (one normalization whatever the number of sets).
-
-    Args:
-        x: ``[1, N, C]`` activations.
-        shift, scale: ``[1, G, C]`` modulation table or None.
-        index: ``[1, N]`` int, the table row of each token (required when G is used).
-        weight, bias: optional ``[C]`` LayerNorm affine.
-        eps: LayerNorm epsilon (1e-6 in MUG-V).
-        kernels: use ``mugv_kernels.ada_layer_norm``.
-
-    Returns:
-        ``[1, N, C]`` in ``x.dtype``.
-    """
-    op = _kernel("ada_layer_norm") if kernels else None
-    if op is not None:
-        return op(x, shift, scale, index=index, weight=weight, bias=bias, eps=eps, validate=False)
-    y = _ref_norm(x, weight, bias, eps, rms=False)
-    if scale is not None:
-        y = y * (1 + _select(scale, index).float())
-    if shift is not None:
-        y = y + _select(shift, index).float()
-    return y.to(x.dtype)
-
-
-def gated_residual(residual: Tensor, y: Tensor, gate: Tensor | None, *, index: Tensor | None, kernels: bool = True) -> Tensor:
-    """``residual + gate[index] * y`` (``gate=None``: ``residual + y``).
-
-    Args:
-        residual, y: ``[1, N, C]``; gate: ``[1, G, C]`` or None; index: ``[1, N]`` int.
-
-    Returns:
-        ``[1, N, C]`` in ``residual.dtype`` (sum in fp32).
-    """
-    op = _kernel("gated_residual") if kernels else None
-    if op is not None:
-        return op(residual, y, gate, index=index, validate=False)
-    g = y.float() if gate is None else _select(gate, index).float() * y.float()
-    return (residual.float() + g).to(residual.dtype)
-
-
-def gated_residual_norm(
-    residual: Tensor,
-    y: Tensor,
-    gate: Tensor | None,
-    shift: Tensor | None,
-    scale: Tensor | None,
-    *,
-    index: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-6,
-    kernels: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """One sub-layer boundary: ``r = residual + gate * y``, ``out = modulated_norm(r)``.
-
-    Args:
-        residual, y: ``[1, N, C]``; gate/shift/scale: ``[1, G, C]`` or None;
-        index, weight, bias, eps, kernels: as :func:`modulated_norm`.
-
-    Returns:
-        ``(r, out)``, both ``[1, N, C]`` in ``residual.dtype``; ``out`` normalizes ``r``
-        as stored (rounded to its dtype), like the fused kernel.
-    """
-    op = _kernel("gated_residual_ada_layer_norm") if kernels else None
-    if op is not None:
-        return op(residual, y, gate, shift, scale, index=index, weight=weight, bias=bias, eps=eps, validate=False)
-    r = gated_residual(residual, y, gate, index=index, kernels=False)
-    return r, modulated_norm(r, shift, scale, index=index, weight=weight, bias=bias, eps=eps, kernels=False)
-
-
-def rms_norm(x: Tensor, weight: Tensor, *, eps: float = 1e-6, kernels: bool = True) -> Tensor:
-    """Per-head RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * weight``.
-
-    Public ``RMSNorm`` (``mug_v/dit/module.py``) as used for cross-attention Q/K.
-
-    Args:
-        x: ``[T, H, D]``; weight: ``[D]``.
-
-    Returns:
-        ``[T, H, D]`` in ``x.dtype`` (statistics in fp32).
-    """
-    T, H, D = x.shape
-    op = _kernel("ada_layer_norm") if kernels else None
-    if op is not None and x.numel() > 0:
-        return op(x.reshape(1, T * H, D), None, None, weight=weight, eps=eps, norm="rms").view(T, H, D)
-    return _ref_norm(x, weight, None, eps, rms=True).to(x.dtype)
-
-
-def _ref_rope(x: Tensor, positions: Tensor, sections: Sequence[int], theta: float) -> Tensor:
-    """Interleaved 3D RoPE of fp32 ``x [T, H, D]`` by ``positions [T, 3]``; fp32 out.
-
-    Section ``s`` (width ``d_s``) rotates the pairs ``(2j, 2j+1)`` of its slice by
-    ``positions[:, s] * theta ** (-2j / d_s)`` (public ``precompute_freqs_cis_for_3drope``
-    and ``Attention.apply_rotary_emb``: ``view_as_complex`` pairs)."""
-    inv_freq, column = [], []
-    for s, d in enumerate(sections):
-        j = torch.arange(0, d, 2, dtype=torch.float64, device=x.device)
-        inv_freq.append((theta ** (-j / d)).float())
-        column.append(torch.full((d // 2,), s, dtype=torch.long, device=x.device))
-    inv_freq, column = torch.cat(inv_freq), torch.cat(column)  # [P], [P] with P = sum(sections) / 2
-    angle = positions.float()[:, column] * inv_freq  # [T, P]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]  # [T, 1, P]
-    P2 = 2 * inv_freq.numel()
-    a, b = x[..., 0:P2:2], x[..., 1:P2:2]  # [T, H, P] each
-    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # [T, H, 2P]
-    return torch.cat([rot, x[..., P2:]], dim=-1)
-
-
-def qk_norm_rope(
-    q: Tensor,
-    k: Tensor,
-    positions: Tensor,
-    sections: Sequence[int],
-    *,
-    q_weight: Tensor,
-    k_weight: Tensor,
-    eps: float = 1e-6,
-    theta: float = 10000.0,
-    kernels: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Per-head RMSNorm of Q and K followed by interleaved 3D RoPE.
-
-    Args:
-        q, k: ``[T, H, D]``; positions: ``[T, 3]`` int in columns (h, w, t);
-        sections: three even widths summing to ``D`` (MUG-V: ``(24, 24, 24)``);
-        q_weight, k_weight: ``[D]`` RMSNorm weights; eps, theta: as MUG-V (1e-6, 1e4);
-        kernels: use ``mugv_kernels.qk_norm_rope3d``.
-
-    Returns:
-        ``(q, k)`` rotated, ``[T, H, D]`` in the input dtype.
-    """
-    op = _kernel("qk_norm_rope3d") if kernels else None
-    if op is not None:
-        return op(
-            q, k, positions, tuple(sections), q_weight=q_weight, k_weight=k_weight, eps=eps, theta=theta,
-            interleaved=True, check_positions=False,
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, cross: bool, scale: float) -> Tensor:
+        """``mugv_kernels.varlen_attention`` of ``q [N, H, D]`` within each clip, against the
+        clip's own tokens (self-attention) or its caption ``k, v [L, H, D]`` (``cross``)."""
+        cu_k, max_k = (self.text_cu_seqlens, self.text_max_seqlen) if cross else (self.cu_seqlens, self.max_seqlen)
+        return mk.varlen_attention(
+            q, k, v, self.cu_seqlens, cu_k, self.max_seqlen, max_k, scale=scale, backend=self.attn_backend,
+            validate=False,
         )  # fmt: skip
-    qn = _ref_norm(q, q_weight, None, eps, rms=True)
-    kn = _ref_norm(k, k_weight, None, eps, rms=True)
-    return _ref_rope(qn, positions, sections, theta).to(q.dtype), _ref_rope(kn, positions, sections, theta).to(k.dtype)
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    seqlens_q: Sequence[int],
-    seqlens_k: Sequence[int],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    *,
-    scale: float,
-    kernels: bool = True,
-    backend: str = "auto",
-) -> Tensor:
-    """Variable-length (block-diagonal) attention: query segment ``b`` attends to key segment ``b``.
-
-    Args:
-        q: ``[Tq, H, D]``; k, v: ``[Tk, H, D]`` (THD layout).
-        cu_seqlens_q, cu_seqlens_k: ``[n + 1]`` int32 segment offsets; ``seqlens_q/k`` the
-            segment lengths as Python ints; ``max_seqlen_q/k`` their maxima.
-        scale: softmax scale (``head_dim ** -0.5`` in MUG-V).
-        kernels: use ``mugv_kernels.varlen_attention`` with ``backend`` (the offsets are
-            built by the model, so its host-side value check is skipped).
-
-    Returns:
-        ``[Tq, H, D]`` in ``q.dtype``.
-    """
-    op = _kernel("varlen_attention") if kernels else None
-    if op is not None:
-        return op(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, backend=backend, validate=False
-        )
-    outs = []
-    for qi, ki, vi in zip(q.split(list(seqlens_q)), k.split(list(seqlens_k)), v.split(list(seqlens_k))):
-        # [1, H, L, D] per segment
-        o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None], scale=scale
-        )
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs, dim=0)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -354,17 +124,24 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class RMSNorm(nn.Module):
-    """Holds the ``[D]`` weight of a per-head RMSNorm (public ``RMSNorm``); the math is
-    :func:`rms_norm` / :func:`qk_norm_rope`, called by the attention modules."""
+    """Per-head RMSNorm ``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim with a
+    ``[D]`` weight (public ``RMSNorm``). Self-attention fuses it into ``qk_norm_rope3d``
+    and only reads ``weight``/``eps``; cross-attention calls it."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [..., D]`` -> RMS-normalized ``[..., D]`` (reference math)."""
-        return _ref_norm(x, self.weight, None, self.eps, rms=True).to(x.dtype)
+    def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
+        """``x [T, H, D]`` -> ``[T, H, D]`` in ``x.dtype`` (statistics in fp32):
+        ``mugv_kernels.ada_layer_norm(norm="rms")`` on the ``[1, T*H, D]`` view."""
+        T, H, D = x.shape
+        y = mk.ada_layer_norm(
+            x.reshape(1, T * H, D), None, None, weight=self.weight, eps=self.eps, norm="rms",
+            **backend_kw("ada_layer_norm", backend),
+        )  # fmt: skip
+        return y.view(T, H, D)
 
 
 class MLP(nn.Module):
@@ -461,15 +238,12 @@ class SelfAttention(nn.Module):
         N, C = h.shape[1], h.shape[2]
         H, D = self.num_heads, self.head_dim
         q, k, v = self.qkv(h).view(N, 3, H, D).unbind(1)  # [N, H, D] each
-        q, k = qk_norm_rope(
-            q, k, batch.positions, self.rope_sections,
-            q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
-            eps=self.q_norm.eps, theta=self.rope_theta, kernels=batch.kernels,
+        q, k = mk.qk_norm_rope3d(
+            q, k, batch.positions, self.rope_sections, q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
+            eps=self.q_norm.eps, theta=self.rope_theta, interleaved=True, check_positions=False,
+            **backend_kw("qk_norm_rope3d", batch.backend),
         )  # fmt: skip
-        o = attention(
-            q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.seqlens, batch.seqlens,
-            batch.max_seqlen, batch.max_seqlen, scale=D**-0.5, kernels=batch.kernels, backend=batch.attn_backend,
-        )  # fmt: skip  # [N, H, D]
+        o = batch.attention(q, k, v, cross=False, scale=D**-0.5)  # [N, H, D]
         return self.proj(o.reshape(1, N, C))
 
 
@@ -494,12 +268,8 @@ class CrossAttention(nn.Module):
         L = batch.text.shape[0]
         q = self.q_linear(h).view(N, H, D)
         k, v = self.kv_linear(batch.text).view(L, 2, H, D).unbind(1)  # [L, H, D] each
-        q = rms_norm(q, self.q_norm.weight, eps=self.q_norm.eps, kernels=batch.kernels)
-        k = rms_norm(k, self.k_norm.weight, eps=self.k_norm.eps, kernels=batch.kernels)
-        o = attention(
-            q, k, v, batch.cu_seqlens, batch.text_cu_seqlens, batch.seqlens, batch.text_seqlens,
-            batch.max_seqlen, batch.text_max_seqlen, scale=D**-0.5, kernels=batch.kernels, backend=batch.attn_backend,
-        )  # fmt: skip  # [N, H, D]
+        q, k = self.q_norm(q, batch.backend), self.k_norm(k, batch.backend)
+        o = batch.attention(q, k, v, cross=True, scale=D**-0.5)  # [N, H, D]
         return self.proj(o.reshape(1, N, C))
 
 
@@ -539,17 +309,21 @@ class MUGDiTBlock(nn.Module):
         G, C = batch.t_mlp.shape[0], x.shape[-1]
         mod = (batch.t_mlp.view(G, 6, C) + self.scale_shift_table[None]).unsqueeze(0)  # [1, G, 6, C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(2)  # [1, G, C] each
-        idx, kern, eps = batch.index, batch.kernels, self.eps
-        h = modulated_norm(x, shift_msa, scale_msa, index=idx, eps=eps, kernels=kern)  # [1, N, C]
+        b, idx = batch.backend, batch.index
+        h = mk.ada_layer_norm(x, shift_msa, scale_msa, index=idx, eps=self.eps, validate=False, **backend_kw("ada_layer_norm", b))
         a = self.attn(h, batch)  # [1, N, C]
-        x, h = gated_residual_norm(
-            x, a, gate_msa, None, None, index=idx,
-            weight=self.cross_attn_norm.weight, bias=self.cross_attn_norm.bias, eps=self.cross_attn_norm.eps, kernels=kern,
+        cn = self.cross_attn_norm
+        x, h = mk.gated_residual_ada_layer_norm(
+            x, a, gate_msa, None, None, index=idx, weight=cn.weight, bias=cn.bias, eps=cn.eps, validate=False,
+            **backend_kw("gated_residual_ada_layer_norm", b),
         )  # fmt: skip
         c = self.cross_attn(h, batch)  # [1, N, C]
-        x, h = gated_residual_norm(x, c, None, shift_mlp, scale_mlp, index=idx, eps=eps, kernels=kern)
+        x, h = mk.gated_residual_ada_layer_norm(
+            x, c, None, shift_mlp, scale_mlp, index=idx, eps=self.eps, validate=False,
+            **backend_kw("gated_residual_ada_layer_norm", b),
+        )  # fmt: skip
         m = self.mlp(h)  # [1, N, C]
-        return gated_residual(x, m, gate_mlp, index=idx, kernels=kern)
+        return mk.gated_residual(x, m, gate_mlp, index=idx, validate=False, **backend_kw("gated_residual", b))
 
 
 class FinalLayer(nn.Module):
@@ -562,8 +336,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, num_patch * out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x: Tensor, t_emb: Tensor, index: Tensor, kernels: bool) -> Tensor:
-        """``x [1, N, C]``, ``t_emb [G, C]``, ``index [1, N]`` -> ``[1, N, prod(patch) * C_out]``."""
+    def forward(self, x: Tensor, t_emb: Tensor, batch: PackedBatch) -> Tensor:
+        """``x [1, N, C]``, ``t_emb [G, C]`` -> ``[1, N, prod(patch) * C_out]``."""
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unsqueeze(0).unbind(2)  # [1, G, C] each
-        h = modulated_norm(x, shift, scale, index=index, eps=self.eps, kernels=kernels)
+        h = mk.ada_layer_norm(
+            x, shift, scale, index=batch.index, eps=self.eps, validate=False, **backend_kw("ada_layer_norm", batch.backend)
+        )
         return self.linear(h)

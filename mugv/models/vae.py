@@ -53,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugv.models._vae_ops import group_norm_silu, has_kernel_ops
-from mugv.models.vae_compat import CausalConv3d, CompatDecoder, CompatEncoder
+from mugv.models._backend import resolve_backend
+from mugv.models.vae_compat import CompatDecoder, CompatEncoder, ConvSlot, group_norm, norm_act
 
 __all__ = ["DiagonalGaussian", "VAEConfig", "VideoVAE", "MUGV_LATENT_MEAN", "MUGV_LATENT_STD"]
 
@@ -355,19 +355,28 @@ class _Stream:
         self.started: set[nn.Module] = set()
 
 
-def _stream_conv(conv: CausalConv3d, x: Tensor, stream: _Stream | None) -> Tensor:
+def _stream_conv(slot: ConvSlot, x: Tensor, stream: _Stream | None) -> Tensor:
     """``conv(x)`` as part of a stream: the conv sees the frames kept from the previous
-    chunks (``context``) instead of zero padding, then keeps the frames its next window
-    starts from. Without a stream: the one-pass causal conv."""
+    chunks instead of zero padding, then keeps the frames its next window starts from.
+    Without a stream: the one-pass causal conv.
+
+    A strided conv can leave fewer than ``P = dilation_t * (kT - 1)`` frames for the next
+    window; then the kept frames and ``x`` are joined and their first ``P`` frames serve as
+    ``context``, which is the same convolution without padding."""
+    conv = slot.conv
     if stream is None:
         return conv(x)
-    st = conv.stride[0]
-    P = conv.dilation[0] * (conv.kernel_t - 1)
+    st, P = conv.stride[0], conv.context_frames
     hist = stream.history.get(conv)
-    y = conv(x, context=hist)
-    prev_len = P if hist is None else hist.shape[2]
+    if hist is None or hist.shape[2] == P:
+        y = conv(x, context=hist)
+        seq_len = P + x.shape[2]
+    else:
+        seq = torch.cat([hist, x], dim=2)
+        seq_len = seq.shape[2]
+        y = conv(seq[:, :, P:], context=seq[:, :, :P]) if seq_len > P else conv(seq[:, :, :0])
     T = x.shape[2]
-    keep = prev_len + T - y.shape[2] * st  # frames from the next window's start on
+    keep = seq_len - y.shape[2] * st  # frames from the next window's start on
     if keep <= T:
         new = x[:, :, T - keep:]
     else:
@@ -378,38 +387,18 @@ def _stream_conv(conv: CausalConv3d, x: Tensor, stream: _Stream | None) -> Tenso
     return y
 
 
-def _fused_ops_run_kernels(x: Tensor) -> bool:
-    """Whether ``mugv_kernels`` would run its Triton kernel (not its PyTorch reference) on ``x``."""
-    if not has_kernel_ops():
-        return False
-    try:
-        from mugv_kernels._registry import use_triton
-    except ImportError:  # pragma: no cover
-        return x.is_cuda
-    return bool(use_triton(x))
-
-
-def _frame_norm_act(norm: nn.GroupNorm, x: Tensor, activation: str, kernels: bool) -> Tensor:
+def _frame_norm_act(norm: nn.Module, x: Tensor, activation: str) -> Tensor:
     """GroupNorm over (group channels, H, W) of each frame separately, then the activation.
-    ``[B, C, T, H, W] -> [B, C, T, H, W]`` (per-frame statistics keep the model causal)."""
-    B, C, T, H, W = x.shape
-    if T == 0:
+    ``[B, C, T, H, W] -> [B, C, T, H, W]`` (per-frame statistics keep the model causal).
+
+    Each sample's ``[C, T, H, W]`` goes to the op as ``T`` frames ``[T, C, H, W]``, a
+    transposed view (``mugv_kernels.group_norm_silu`` reads any batch and channel
+    strides), and the result is transposed back: no copy of the activations for ``B = 1``,
+    one (the stack of the samples) otherwise."""
+    if x.shape[2] == 0:
         return x
-    silu = activation == "swish"
-    if not (kernels and _fused_ops_run_kernels(x)):
-        # plain PyTorch without the two layout copies: statistics over (C/G, H, W) per frame
-        G = norm.num_groups
-        xg = x.float().reshape(B, G, C // G, T, H, W)
-        var, mean = torch.var_mean(xg, dim=(2, 4, 5), keepdim=True, unbiased=False)
-        y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(B, C, T, H, W)
-        y = y * norm.weight.float().view(1, C, 1, 1, 1) + norm.bias.float().view(1, C, 1, 1, 1)
-        y = F.silu(y) if silu else F.relu(y)
-        return y.to(x.dtype)
-    xf = x.transpose(1, 2).reshape(B * T, C, 1, H, W)
-    y = group_norm_silu(xf, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, silu=silu, kernels=kernels)
-    if not silu:
-        y = F.relu(y)
-    return y.reshape(B, T, C, H, W).transpose(1, 2).contiguous()
+    ys = [norm_act(norm, xb.transpose(0, 1), activation).transpose(0, 1) for xb in x.unbind(0)]
+    return ys[0].unsqueeze(0) if len(ys) == 1 else torch.stack(ys)
 
 
 def _space_to_depth(x: Tensor, p: int) -> Tensor:
@@ -437,16 +426,15 @@ class _CausalResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int, activation: str) -> None:
         super().__init__()
         self.activation = activation
-        self.kernels = True
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
-        self.conv1 = CausalConv3d(cin, cout, 3, time_padding="causal", bias=True)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
-        self.conv2 = CausalConv3d(cout, cout, 3, time_padding="causal", bias=True)
-        self.shortcut = CausalConv3d(cin, cout, 1, time_padding="causal", bias=False) if cin != cout else None
+        self.norm1 = group_norm(groups, cin, activation, eps=1e-6)
+        self.conv1 = ConvSlot(cin, cout, 3, time_padding="causal", bias=True)
+        self.norm2 = group_norm(groups, cout, activation, eps=1e-6)
+        self.conv2 = ConvSlot(cout, cout, 3, time_padding="causal", bias=True)
+        self.shortcut = ConvSlot(cin, cout, 1, time_padding="causal", bias=False) if cin != cout else None
 
     def forward(self, x: Tensor, stream: _Stream | None = None) -> Tensor:
-        h = _stream_conv(self.conv1, _frame_norm_act(self.norm1, x, self.activation, self.kernels), stream)
-        h = _stream_conv(self.conv2, _frame_norm_act(self.norm2, h, self.activation, self.kernels), stream)
+        h = _stream_conv(self.conv1, _frame_norm_act(self.norm1, x, self.activation), stream)
+        h = _stream_conv(self.conv2, _frame_norm_act(self.norm2, h, self.activation), stream)
         return h + (self.shortcut(x) if self.shortcut is not None else x)
 
 
@@ -459,7 +447,7 @@ class _CausalUpsample(nn.Module):
     def __init__(self, cin: int, cout: int, ts: int, ss: int) -> None:
         super().__init__()
         self.ts, self.ss, self.cout = ts, ss, cout
-        self.conv = CausalConv3d(cin, cout * ts * ss * ss, 3, time_padding="causal", bias=True)
+        self.conv = ConvSlot(cin, cout * ts * ss * ss, 3, time_padding="causal", bias=True)
 
     def forward(self, x: Tensor, stream: _Stream | None = None) -> Tensor:
         y = _stream_conv(self.conv, x, stream)
@@ -483,9 +471,8 @@ class CompactEncoder(nn.Module):
         widths = [cfg.filters * m for m in cfg.channel_multipliers]
         act, g = cfg.activation_fn, cfg.num_groups
         self.activation = act
-        self.kernels = True
         self.patch_size = cfg.patch_size
-        self.conv_in = CausalConv3d(cfg.in_out_channels * cfg.patch_size ** 2, widths[0], 3, time_padding="causal")
+        self.conv_in = ConvSlot(cfg.in_out_channels * cfg.patch_size ** 2, widths[0], 3, time_padding="causal")
         self.levels = nn.ModuleList()
         self.downs = nn.ModuleList()
         prev = widths[0]
@@ -496,11 +483,11 @@ class CompactEncoder(nn.Module):
             if i < len(widths) - 1:
                 stride = (2 if cfg.temporal_downsample[i] else 1, 2 if cfg.spatial_downsample[i] else 1,
                           2 if cfg.spatial_downsample[i] else 1)
-                self.downs.append(CausalConv3d(prev, widths[i + 1], 3, stride=stride, time_padding="causal"))
+                self.downs.append(ConvSlot(prev, widths[i + 1], 3, stride=stride, time_padding="causal"))
                 prev = widths[i + 1]
         self.mid = nn.ModuleList(_CausalResBlock(prev, prev, g, act) for _ in range(max(cfg.num_res_blocks, 1)))
-        self.norm_out = nn.GroupNorm(g, prev, eps=1e-6)
-        self.conv_out = CausalConv3d(prev, 2 * cfg.latent_embed_dim, 3, time_padding="causal")
+        self.norm_out = group_norm(g, prev, act, eps=1e-6)
+        self.conv_out = ConvSlot(prev, 2 * cfg.latent_embed_dim, 3, time_padding="causal")
 
     def forward(self, x: Tensor, stream: _Stream | None = None) -> Tensor:
         x = _stream_conv(self.conv_in, _space_to_depth(x, self.patch_size), stream)
@@ -511,7 +498,7 @@ class CompactEncoder(nn.Module):
                 x = _stream_conv(self.downs[i], x, stream)
         for block in self.mid:
             x = block(x, stream)
-        return _stream_conv(self.conv_out, _frame_norm_act(self.norm_out, x, self.activation, self.kernels), stream)
+        return _stream_conv(self.conv_out, _frame_norm_act(self.norm_out, x, self.activation), stream)
 
 
 class CompactDecoder(nn.Module):
@@ -522,9 +509,8 @@ class CompactDecoder(nn.Module):
         widths = [cfg.filters * m for m in cfg.channel_multipliers]
         act, g = cfg.activation_fn, cfg.num_groups
         self.activation = act
-        self.kernels = True
         prev = widths[-1]
-        self.conv_in = CausalConv3d(cfg.latent_embed_dim, prev, 3, time_padding="causal")
+        self.conv_in = ConvSlot(cfg.latent_embed_dim, prev, 3, time_padding="causal")
         self.mid = nn.ModuleList(_CausalResBlock(prev, prev, g, act) for _ in range(max(cfg.num_res_blocks, 1)))
         levels: list[nn.Module] = []
         ups: list[nn.Module] = []
@@ -539,9 +525,9 @@ class CompactDecoder(nn.Module):
                 prev = widths[i - 1]
         self.levels = nn.ModuleList(levels)  # deepest first
         self.ups = nn.ModuleList(ups)
-        self.norm_out = nn.GroupNorm(g, prev, eps=1e-6)
+        self.norm_out = group_norm(g, prev, act, eps=1e-6)
         self.patch_size = cfg.patch_size
-        self.conv_out = CausalConv3d(prev, cfg.in_out_channels * cfg.patch_size ** 2, 3, time_padding="causal")
+        self.conv_out = ConvSlot(prev, cfg.in_out_channels * cfg.patch_size ** 2, 3, time_padding="causal")
 
     def forward(self, z: Tensor, stream: _Stream | None = None) -> Tensor:
         x = _stream_conv(self.conv_in, z, stream)
@@ -552,7 +538,7 @@ class CompactDecoder(nn.Module):
                 x = block(x, stream)
             if i < len(self.ups):
                 x = self.ups[i](x, stream)
-        x = _stream_conv(self.conv_out, _frame_norm_act(self.norm_out, x, self.activation, self.kernels), stream)
+        x = _stream_conv(self.conv_out, _frame_norm_act(self.norm_out, x, self.activation), stream)
         return _depth_to_space(x, self.patch_size)
 
 
@@ -581,9 +567,11 @@ class VideoVAE(nn.Module):
 
     Args:
         config: a :class:`VAEConfig` (e.g. ``VAEConfig.from_preset("compact")``).
-        kernels: run the convolutions and GroupNorm+SiLU through ``mugv_kernels``
-            (``causal_conv3d`` / ``group_norm_silu``) when it provides them; ``False``
-            runs plain PyTorch (``F.conv3d`` / ``F.group_norm``). Both give the same math.
+        kernels: the ``backend`` of every :class:`mugv_kernels.nn.CausalConv3d` and
+            :class:`mugv_kernels.nn.GroupNormSiLU`: True = ``"auto"`` (the Triton kernels on
+            CUDA, the PyTorch reference on a plain CPU and in fp64), False = ``"reference"``,
+            or a name among ``"auto" | "triton" | "reference"``; :meth:`set_kernels` changes
+            it later. Every backend gives the same math.
 
     Shapes (``ft = config.temporal_compression = 8``, ``fs = config.spatial_compression``):
         video ``[B, in_out_channels, T, H, W]`` <-> latents ``[B, latent_channels, L, H/fs, W/fs]``
@@ -595,7 +583,7 @@ class VideoVAE(nn.Module):
     works; the latent statistics are non-persistent buffers (they live in the config).
     """
 
-    def __init__(self, config: VAEConfig, kernels: bool = True) -> None:
+    def __init__(self, config: VAEConfig, kernels: bool | str = True) -> None:
         super().__init__()
         if not isinstance(config, VAEConfig):
             raise TypeError(f"config must be a VAEConfig, got {type(config).__name__}")
@@ -606,8 +594,8 @@ class VideoVAE(nn.Module):
             self.encoder = CompatEncoder(c.in_out_channels, 2 * c.latent_embed_dim, c.filters, c.num_res_blocks,
                                          c.channel_multipliers, tuple(c.temporal_downsample[:n]), c.num_groups,
                                          c.activation_fn)
-            self.quant_conv = CausalConv3d(2 * c.latent_embed_dim, 2 * c.embed_dim, 1)
-            self.post_quant_conv = CausalConv3d(c.embed_dim, c.latent_embed_dim, 1)
+            self.quant_conv = ConvSlot(2 * c.latent_embed_dim, 2 * c.embed_dim, 1)
+            self.post_quant_conv = ConvSlot(c.embed_dim, c.latent_embed_dim, 1)
             self.decoder = CompatDecoder(c.in_out_channels, c.latent_embed_dim, c.filters, c.num_res_blocks,
                                          c.channel_multipliers, _COMPAT_DECODER_TEMPORAL, c.num_groups,
                                          c.activation_fn)
@@ -621,12 +609,16 @@ class VideoVAE(nn.Module):
         self.set_kernels(kernels)
 
     # ------------------------------------------------------------------ helpers
-    def set_kernels(self, kernels: bool) -> VideoVAE:
-        """Switch every conv / norm between the ``mugv_kernels`` ops and plain PyTorch."""
-        self.kernels = bool(kernels)
+    def set_kernels(self, kernels: bool | str) -> VideoVAE:
+        """Set the ``backend`` of every conv and GroupNorm (see the class docstring).
+
+        Raises:
+            ValueError: an unknown backend name.
+        """
+        self.kernels, self.backend = kernels, resolve_backend(kernels)
         for m in self.modules():
-            if hasattr(m, "kernels") and m is not self:
-                m.kernels = self.kernels
+            if m is not self and hasattr(m, "backend"):
+                m.backend = self.backend
         return self
 
     @property

@@ -8,10 +8,12 @@ temporal stage on our ops with the *same module tree* (``encoder.conv_in.conv.we
 ``encoder.block_res_blocks.0.1.norm2.bias``, ``decoder.conv_blocks.1.conv.weight``, ...),
 so a public state dict loads with ``strict=True``, and the same math:
 
-* every conv is a ``CausalConv3d`` with the public *symmetric* time padding
+* every conv is a :class:`mugv_kernels.nn.CausalConv3d` (held by a :class:`ConvSlot` for
+  the public key names) with the public *symmetric* time padding
   (``total = d*(kT-1) + 1 - stride``, ``total // 2`` frames before): despite its name
   it is not causal;
-* ``nn.GroupNorm`` (eps 1e-5) over channels x frames x pixels, then SiLU (or ReLU);
+* GroupNorm (eps 1e-5) over channels x frames x pixels, then SiLU (fused:
+  :class:`mugv_kernels.nn.GroupNormSiLU`) or ReLU;
 * encoder: conv_in -> per level ``num_res_blocks`` ResBlocks (1x1x1 conv shortcut when
   the width changes) -> a stride-(2,1,1) 3x3x3 conv where ``temporal_downsample[i]``
   (identity otherwise) -> ``num_res_blocks`` ResBlocks -> GroupNorm+act -> 1x1x1 conv to
@@ -33,58 +35,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugv.models._vae_ops import causal_conv3d, group_norm_silu
+from mugv_kernels.nn import CausalConv3d, GroupNormSiLU
 
-__all__ = ["CausalConv3d", "CompatDecoder", "CompatEncoder", "CompatResBlock", "CompatUpsampleBlock"]
-
-
-def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+__all__ = ["CompatDecoder", "CompatEncoder", "CompatResBlock", "CompatUpsampleBlock", "ConvSlot", "norm_act"]
 
 
-class CausalConv3d(nn.Module):
-    """A 3D conv with time padding; parameters live in ``self.conv`` (an ``nn.Conv3d``
-    used only as the weight/bias holder, which gives the public key names
-    ``<name>.conv.weight`` / ``<name>.conv.bias``).
+class ConvSlot(nn.Module):
+    """One :class:`mugv_kernels.nn.CausalConv3d`, held as ``.conv`` so that its parameters are
+    named ``<name>.conv.weight`` / ``<name>.conv.bias``: the key layout of the public MUG-V
+    ``CausalConv3d``, which wraps an ``nn.Conv3d`` the same way.
 
     Args:
-        chan_in, chan_out: channels. kernel_size: int or ``(kT, kH, kW)`` (odd kH, kW).
-        stride: ``(t, h, w)`` or int. dilation_t: time dilation.
-        time_padding: ``"symmetric"`` (public MUG-V) or ``"causal"``.
-        bias: learn a bias.
+        in_channels, out_channels, kernel_size, **kwargs: as :class:`mugv_kernels.nn.CausalConv3d`
+            (``time_padding`` defaults to the public ``"symmetric"`` here).
 
-    ``forward(x [B, C_in, T, H, W], context=None) -> [B, C_out, T_out, H_out, W_out]``;
-    ``context`` (causal only): preceding frames, see :func:`mugv.models._vae_ops.causal_conv3d`.
-
-    Raises:
-        ValueError: even spatial kernel.
+    ``forward(x [B, C_in, T, H, W], context=None) -> [B, C_out, T_out, H_out, W_out]``
+    (see :func:`mugv_kernels.causal_conv3d`).
     """
 
-    def __init__(self, chan_in: int, chan_out: int, kernel_size, *, stride=1, dilation_t: int = 1,
-                 time_padding: str = "symmetric", bias: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, time_padding: str = "symmetric",
+                 **kwargs) -> None:
         super().__init__()
-        k = _triple(kernel_size)
-        if k[1] % 2 == 0 or k[2] % 2 == 0:
-            raise ValueError(f"kernel_size must have odd height and width, got {k}")
-        self.stride = _triple(stride)
-        self.dilation = (dilation_t, 1, 1)
-        self.time_padding = time_padding
-        self.kernels = True
-        self.conv = nn.Conv3d(chan_in, chan_out, k, stride=self.stride, dilation=self.dilation, bias=bias)
-
-    @property
-    def kernel_t(self) -> int:
-        return self.conv.weight.shape[2]
+        self.conv = CausalConv3d(in_channels, out_channels, kernel_size, time_padding=time_padding, **kwargs)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return causal_conv3d(x, self.conv.weight, self.conv.bias, stride=self.stride, dilation=self.dilation,
-                             time_padding=self.time_padding, context=context, kernels=self.kernels)
+        return self.conv(x, context)
 
 
-def _norm_act(norm: nn.GroupNorm, x: Tensor, activation: str, kernels: bool) -> Tensor:
-    silu = activation == "swish"
-    y = group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, silu=silu, kernels=kernels)
-    return y if silu else F.relu(y)
+def norm_act(norm: GroupNormSiLU, x: Tensor, activation: str) -> Tensor:
+    """``norm`` (GroupNorm, fused with SiLU for ``"swish"``), then ReLU for ``"relu"``."""
+    y = norm(x)
+    return y if activation == "swish" else F.relu(y)
+
+
+def group_norm(num_groups: int, channels: int, activation: str, eps: float = 1e-5) -> GroupNormSiLU:
+    """The GroupNorm (+ SiLU when ``activation == "swish"``) of a block; parameters
+    ``weight``/``bias`` as ``nn.GroupNorm`` (eps 1e-5, its default, in the public VAE)."""
+    return GroupNormSiLU(num_groups, channels, eps=eps, silu=activation == "swish")
 
 
 class CompatResBlock(nn.Module):
@@ -95,17 +82,16 @@ class CompatResBlock(nn.Module):
     def __init__(self, in_channels: int, filters: int, num_groups: int, activation: str) -> None:
         super().__init__()
         self.in_channels, self.filters, self.activation = in_channels, filters, activation
-        self.kernels = True
-        self.norm1 = nn.GroupNorm(num_groups, in_channels)
-        self.conv1 = CausalConv3d(in_channels, filters, 3, bias=False)
-        self.norm2 = nn.GroupNorm(num_groups, filters)
-        self.conv2 = CausalConv3d(filters, filters, 3, bias=False)
+        self.norm1 = group_norm(num_groups, in_channels, activation)
+        self.conv1 = ConvSlot(in_channels, filters, 3, bias=False)
+        self.norm2 = group_norm(num_groups, filters, activation)
+        self.conv2 = ConvSlot(filters, filters, 3, bias=False)
         if in_channels != filters:
-            self.conv3 = CausalConv3d(in_channels, filters, 1, bias=False)
+            self.conv3 = ConvSlot(in_channels, filters, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(_norm_act(self.norm1, x, self.activation, self.kernels))
-        h = self.conv2(_norm_act(self.norm2, h, self.activation, self.kernels))
+        h = self.conv1(norm_act(self.norm1, x, self.activation))
+        h = self.conv2(norm_act(self.norm2, h, self.activation))
         return h + (self.conv3(x) if self.in_channels != self.filters else x)
 
 
@@ -126,8 +112,7 @@ class CompatEncoder(nn.Module):
         super().__init__()
         self.num_res_blocks, self.activation = num_res_blocks, activation
         self.num_blocks = len(channel_multipliers)
-        self.kernels = True
-        self.conv_in = CausalConv3d(in_out_channels, filters, 3, bias=False)
+        self.conv_in = ConvSlot(in_out_channels, filters, 3, bias=False)
         self.block_res_blocks = nn.ModuleList()
         self.conv_blocks = nn.ModuleList()
         prev = filters
@@ -141,13 +126,13 @@ class CompatEncoder(nn.Module):
             self.block_res_blocks.append(level)
             if i < self.num_blocks - 1:
                 if temporal_downsample[i]:
-                    self.conv_blocks.append(CausalConv3d(prev, width, 3, stride=(2, 1, 1)))
+                    self.conv_blocks.append(ConvSlot(prev, width, 3, stride=(2, 1, 1)))
                 else:
                     self.conv_blocks.append(nn.Identity())
         self.res_blocks = nn.ModuleList(CompatResBlock(width, width, num_groups, activation)
                                         for _ in range(num_res_blocks))
-        self.norm1 = nn.GroupNorm(num_groups, width)
-        self.conv2 = CausalConv3d(width, out_channels, 1)
+        self.norm1 = group_norm(num_groups, width, activation)
+        self.conv2 = ConvSlot(width, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
@@ -158,7 +143,7 @@ class CompatEncoder(nn.Module):
                 x = self.conv_blocks[i](x)
         for block in self.res_blocks:
             x = block(x)
-        return self.conv2(_norm_act(self.norm1, x, self.activation, self.kernels))
+        return self.conv2(norm_act(self.norm1, x, self.activation))
 
 
 class CompatDecoder(nn.Module):
@@ -172,9 +157,8 @@ class CompatDecoder(nn.Module):
         self.num_blocks = len(channel_multipliers)
         self.temporal_downsample = tuple(temporal_downsample)
         self.activation = activation
-        self.kernels = True
         width = filters * channel_multipliers[-1]
-        self.conv1 = CausalConv3d(latent_embed_dim, width, 3, bias=True)
+        self.conv1 = ConvSlot(latent_embed_dim, width, 3, bias=True)
         self.res_blocks = nn.ModuleList(CompatResBlock(width, width, num_groups, activation)
                                         for _ in range(num_res_blocks))
         self.upsample_block = CompatUpsampleBlock(width, width, num_groups, activation)
@@ -190,13 +174,13 @@ class CompatDecoder(nn.Module):
             levels.insert(0, level)
             if i > 0:
                 if self.temporal_downsample[i - 1]:
-                    ups.insert(0, CausalConv3d(prev, prev * 2, 3))
+                    ups.insert(0, ConvSlot(prev, prev * 2, 3))
                 else:
                     ups.insert(0, nn.Identity())
         self.block_res_blocks = nn.ModuleList(levels)
         self.conv_blocks = nn.ModuleList(ups)
-        self.norm1 = nn.GroupNorm(num_groups, prev)
-        self.conv_out = CausalConv3d(width, in_out_channels, 3)
+        self.norm1 = group_norm(num_groups, prev, activation)
+        self.conv_out = ConvSlot(width, in_out_channels, 3)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.conv1(z)
@@ -212,4 +196,4 @@ class CompatDecoder(nn.Module):
                     # depth to time: channel c * 2 + k -> frame 2 t + k
                     B, C2, T, H, W = x.shape
                     x = x.reshape(B, C2 // 2, 2, T, H, W).permute(0, 1, 3, 2, 4, 5).reshape(B, C2 // 2, 2 * T, H, W)
-        return self.conv_out(_norm_act(self.norm1, x, self.activation, self.kernels))
+        return self.conv_out(norm_act(self.norm1, x, self.activation))

@@ -10,6 +10,7 @@ small text width, on a few latent frames: everything runs in seconds on a CPU.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -188,14 +189,15 @@ KERNEL_OPS = ("ada_layer_norm", "gated_residual", "gated_residual_ada_layer_norm
 def test_kernels_on_off_forward_and_grad(monkeypatch):
     import mugv_kernels as mk
 
-    calls = dict.fromkeys(KERNEL_OPS, 0)
-    for name in KERNEL_OPS:  # count the fused ops the kernel path really calls
-        op = getattr(mk, name, None)
-        if op is not None:
-            def counted(*a, _op=op, _name=name, **k):
-                calls[_name] += 1
-                return _op(*a, **k)
-            monkeypatch.setattr(mk, name, counted)
+    calls = {}  # (op, backend keyword) -> count: the mugv_kernels ops each path really calls
+    originals = {name: getattr(mk, name) for name in KERNEL_OPS}
+    for name, op in originals.items():
+        def counted(*a, _op=op, _name=name, **k):
+            key = (_name, k.get("backend", "<none>"))
+            calls[key] = calls.get(key, 0) + 1
+            return _op(*a, **k)
+
+        monkeypatch.setattr(mk, name, counted)
     cfg = _cfg()
     model = _randomize(MUGDiT(cfg, kernels=True), seed=5)
     x, t, y = _inputs(T=2, H=2, W=3, L=3, seed=3)  # odd W: padding and crop in the graph
@@ -210,16 +212,19 @@ def test_kernels_on_off_forward_and_grad(monkeypatch):
         out = model(xx, t, y, mask=mask, x_mask=x_mask, fps=fps)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         res[kernels] = (out.detach(), xx.grad, {n: p.grad.clone() for n, p in model.named_parameters()})
-        if kernels:
-            used = dict(calls)
-            calls.update(dict.fromkeys(KERNEL_OPS, 0))
+        res[kernels] += (dict(calls),)
+        calls.clear()
     # per block: 1 ada_layer_norm + 2 for the cross-attention q/k RMSNorm, 2 fused boundaries,
     # 1 gated residual, 1 qk_norm_rope3d, 2 varlen attentions; plus the final layer's norm
     expected = {"ada_layer_norm": 3 * 2 + 1, "gated_residual": 2, "gated_residual_ada_layer_norm": 4,
                 "qk_norm_rope3d": 2, "varlen_attention": 4}  # fmt: skip
-    assert used == {k: (v if hasattr(mk, k) else 0) for k, v in expected.items()}
-    assert sum(calls.values()) == 0, "kernels=False must not call mugv_kernels"
-    (o1, gx1, gp1), (o0, gx0, gp0) = res[True], res[False]
+    for kernels, backend in ((True, "auto"), (False, "reference")):  # the same ops on both paths
+        want = {}
+        for name, n in expected.items():  # attention follows attn_backend ("auto"), the rest the kernels switch
+            takes = "backend" in inspect.signature(originals[name]).parameters
+            want[(name, "auto" if name == "varlen_attention" else backend if takes else "<none>")] = n
+        assert res[kernels][3] == want, f"kernels={kernels}"
+    (o1, gx1, gp1, _), (o0, gx0, gp0, _) = res[True], res[False]
     torch.testing.assert_close(o1, o0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gx1, gx0, atol=1e-4, rtol=1e-3)
     for n in gp0:
@@ -238,6 +243,30 @@ def test_kernels_on_off_bf16():
             outs.append(model(x, t, y, fps=torch.tensor([24.0]), x_mask=torch.tensor([[False, True]] * 2)))
     assert outs[0].dtype == torch.float32
     torch.testing.assert_close(outs[0], outs[1], atol=0.1, rtol=0.05)
+
+
+def test_reference_backend_compiles_fullgraph():
+    """``kernels=False`` compiles to one graph (aot_eager): every op is a registered op or
+    the ops' reference, and attention is FlexAttention while compiling on a CPU (no host
+    read of the offsets). The compiled forward equals the eager one (SDPA per clip)."""
+    model = _randomize(MUGDiT(_cfg(depth=1), kernels=False), seed=7).eval()
+    assert model.backend == "reference"
+    x, t, y = _inputs(T=2, H=2, W=4, L=3, seed=8)
+    kw = dict(x_mask=torch.tensor([[False, True], [True, True]]), fps=torch.tensor([24.0, 30.0]))
+    with torch.no_grad():
+        eager = model(x, t, y, **kw)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y, **kw)
+    assert eager.abs().mean() > 0.1
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_switch_values():
+    model = MUGDiT("tiny", kernels="triton")
+    assert (model.kernels, model.backend) == ("triton", "triton")
+    model.kernels = True
+    assert model.backend == "auto"
+    with pytest.raises(ValueError, match="kernels must be a bool or one of"):
+        MUGDiT("tiny", kernels="cuda")
 
 
 # ----------------------------------------------------------------------------------------

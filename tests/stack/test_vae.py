@@ -12,7 +12,6 @@ from tests.helpers import assert_close
 
 from tests.stack._mugv_public_vae import PubTemporalVAE, pipeline_decode, pipeline_encode_mean
 from mugv.models import DiagonalGaussian, VAEConfig, VideoVAE
-from mugv.models._vae_ops import has_kernel_ops
 
 TINY_COMPAT = dict(in_out_channels=6, latent_embed_dim=4, embed_dim=4, filters=8, num_res_blocks=1,
                    channel_multipliers=(1, 2, 2, 4), temporal_downsample=(True, True, True), num_groups=4)
@@ -235,27 +234,35 @@ def test_posterior_api_against_torch_distributions():
 # ---------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.skipif(not has_kernel_ops(), reason="mugv_kernels has no causal_conv3d/group_norm_silu yet")
-def test_kernel_ops_agree_with_torch_path():
-    """The adapter's mugv_kernels path (Triton interpreter here) equals its F.conv3d path
-    for every way the VAE calls it (causal, streaming context, strided, symmetric, 1x1x1;
-    GroupNorm with and without SiLU). A whole VAE under the interpreter is too slow for CI."""
-    from mugv.models._vae_ops import causal_conv3d, group_norm_silu
+def test_kernel_backend_matches_reference():
+    """``kernels=True`` (the Triton kernels, run by the interpreter here) equals
+    ``kernels=False`` (the ops' PyTorch reference) on a whole small compact VAE, batch of 2
+    (each sample's per-frame GroupNorm on a transposed view), one pass and streamed (carried
+    context, including the shorter history a strided conv leaves); every conv and GroupNorm
+    gets the backend."""
+    from mugv_kernels.nn import CausalConv3d, GroupNormSiLU
 
-    torch.manual_seed(2)
-    x = torch.randn(1, 2, 5, 3, 3)
-    w3, w1, b = torch.randn(3, 2, 3, 3, 3), torch.randn(3, 2, 1, 1, 1), torch.randn(3)
-    ctx = torch.randn(1, 2, 2, 3, 3)
-    cases = [dict(weight=w3, bias=b), dict(weight=w3, bias=None, context=ctx),
-             dict(weight=w3, bias=b, stride=(2, 2, 2)), dict(weight=w3, bias=b, time_padding="symmetric"),
-             dict(weight=w3, bias=b, stride=(2, 1, 1), time_padding="symmetric"), dict(weight=w1, bias=None)]
-    for kw in cases:
-        assert_close(causal_conv3d(x, kernels=True, **kw), causal_conv3d(x, kernels=False, **kw), scale=10)
-    g = torch.randn(2, 4, 3, 2, 2)
-    gw, gb = torch.randn(4), torch.randn(4)
-    for silu in (True, False):
-        assert_close(group_norm_silu(g, 2, gw, gb, eps=1e-5, silu=silu, kernels=True),
-                     group_norm_silu(g, 2, gw, gb, eps=1e-5, silu=silu, kernels=False), scale=10)
+    small = dict(filters=4, channel_multipliers=(1, 2), temporal_downsample=(True,), spatial_downsample=(True,),
+                 num_groups=2, latent_embed_dim=4)
+    ref_vae = VideoVAE(VAEConfig.from_preset("compact", **small), kernels=False).eval()
+    _randomize(ref_vae, seed=4)
+    fast = VideoVAE(VAEConfig.from_preset("compact", **small), kernels=True).eval()
+    fast.load_state_dict(ref_vae.state_dict())
+    ops = [m for m in fast.modules() if isinstance(m, (CausalConv3d, GroupNormSiLU))]
+    assert len(ops) > 20 and {m.backend for m in ops} == {"auto"}
+    assert {m.backend for m in ref_vae.modules() if isinstance(m, (CausalConv3d, GroupNormSiLU))} == {"reference"}
+    x = torch.randn(2, 3, 5, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ref_vae.encode(x).mean
+        assert ref.shape == (2, 4, 3, 1, 1)
+        assert_close(fast.encode(x).mean, ref, scale=10)
+        streamed = DiagonalGaussian.cat(list(fast.encode_stream(x.split([3, 2], dim=2))))
+        assert_close(streamed.mean, ref, scale=10)
+        assert_close(fast.decode(ref), ref_vae.decode(ref), scale=10)
+    fast.set_kernels(False)
+    assert {m.backend for m in ops} == {"reference"}
+    with pytest.raises(ValueError, match="kernels must be"):
+        fast.set_kernels("cuda-please")
 
 
 # ---------------------------------------------------------------------------- bad input
