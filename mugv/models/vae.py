@@ -204,6 +204,13 @@ class VAEConfig:
             return 8
         return 2 ** sum(bool(t) for t in self.temporal_downsample)
 
+    def is_whole_clip(self, num_frames: int) -> bool:
+        """Whether ``num_frames`` is ``k * temporal_compression + 1`` (``k >= 0``; the
+        ``8k+1`` rule: 1, 9, 17, ...): the clip lengths the causal VAE encodes with no
+        padding (the first frame alone in the first latent), and the ones the compat
+        preset gets by repeating the first frame (``first_frame="replicate"``)."""
+        return num_frames >= 1 and (num_frames - 1) % self.temporal_compression == 0
+
     @property
     def spatial_compression(self) -> int:
         """Pixels per latent pixel along H and W (compat: 1, the SDXL stage is outside)."""
@@ -651,7 +658,7 @@ class VideoVAE(nn.Module):
         if c.arch == "compact":
             return (num_frames - 1 + ft - 1) // ft + 1
         m = c.micro_frame_size
-        if c.first_frame == "replicate" and num_frames % ft == 1:
+        if c.first_frame == "replicate" and c.is_whole_clip(num_frames):
             num_frames += ft - 1
         if m is None:
             return -(-num_frames // ft)
@@ -762,11 +769,11 @@ class VideoVAE(nn.Module):
     def _encode_compat_chunk(self, x: Tensor, group: int | None) -> Tensor:
         """public ``MUGVAETemporal.encode`` up to the moments: ``[B, C, T, H, W]`` ->
         ``[B, 2 embed_dim, ceil(T/8), H, W]``."""
-        T = x.shape[2]
-        x = torch.cat([x.new_zeros(*x.shape[:2], (-T) % 8, *x.shape[3:]), x], dim=2) if T % 8 else x
+        T, ft = x.shape[2], self.config.temporal_compression
+        x = torch.cat([x.new_zeros(*x.shape[:2], (-T) % ft, *x.shape[3:]), x], dim=2) if T % ft else x
         B, C, T, H, W = x.shape
-        n = T // 8
-        xs = x.reshape(B, C, n, 8, H, W).transpose(1, 2).reshape(B * n, C, 8, H, W)  # independent chunks
+        n = T // ft
+        xs = x.reshape(B, C, n, ft, H, W).transpose(1, 2).reshape(B * n, C, ft, H, W)  # independent chunks
         outs = []
         for part in (xs.split(group) if group else (xs,)):
             outs.append(self.quant_conv(self.encoder(part)))
@@ -775,9 +782,10 @@ class VideoVAE(nn.Module):
 
     def _encode_compat(self, x: Tensor, chunk_frames: int | None) -> DiagonalGaussian:
         c = self.config
-        group = chunk_frames // 8 if chunk_frames is not None else None
-        if c.first_frame == "replicate" and x.shape[2] % 8 == 1:
-            x = self._pad_front(x, 7)
+        ft = c.temporal_compression
+        group = chunk_frames // ft if chunk_frames is not None else None
+        if c.first_frame == "replicate" and c.is_whole_clip(x.shape[2]):
+            x = self._pad_front(x, ft - 1)
         if c.micro_frame_size is None:
             moments = self._encode_compat_chunk(x, group)
         else:
@@ -847,7 +855,7 @@ class VideoVAE(nn.Module):
     def _decode_compat_chunk(self, z: Tensor, num_frames: int) -> Tensor:
         """public ``MUGVAETemporal.decode``."""
         x = self.decoder(self.post_quant_conv(z))
-        return x[:, :, (-num_frames) % 8:]
+        return x[:, :, (-num_frames) % self.config.temporal_compression:]
 
     def _decode_compat(self, z: Tensor, num_frames: int) -> Tensor:
         mf = self.config.micro_frame_size
@@ -855,7 +863,7 @@ class VideoVAE(nn.Module):
             return self._decode_compat_chunk(z, num_frames)
         outs = []
         remaining = num_frames
-        for part in z.split(mf // 8, dim=2):  # the public pipeline's loop
+        for part in z.split(mf // self.config.temporal_compression, dim=2):  # the public pipeline's loop
             outs.append(self._decode_compat_chunk(part, min(mf, remaining)))
             remaining -= mf
         return torch.cat(outs, dim=2)

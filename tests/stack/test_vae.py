@@ -195,6 +195,10 @@ def test_compact_shapes_and_first_frame(compact, T, L):
 def test_compact_default_preset_is_8x8x8_24ch_and_trains():
     cfg = VAEConfig.from_preset("compact")
     assert (cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels) == (8, 8, 24)
+    assert [T for T in range(0, 27) if cfg.is_whole_clip(T)] == [1, 9, 17, 25]
+    two = VAEConfig.from_preset("compact", channel_multipliers=(1, 2), temporal_downsample=(True,),
+                                spatial_downsample=(True,))
+    assert two.temporal_compression == 2 and [T for T in range(6) if two.is_whole_clip(T)] == [1, 3, 5]
     vae = VideoVAE(cfg, kernels=False)
     x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
     recon, post, z = vae(x, generator=torch.Generator().manual_seed(0))
