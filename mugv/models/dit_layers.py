@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mugv_kernels as mk
-from mugv.models._backend import backend_kw
 
 __all__ = [
     "CrossAttention",
@@ -137,10 +136,7 @@ class RMSNorm(nn.Module):
         """``x [T, H, D]`` -> ``[T, H, D]`` in ``x.dtype`` (statistics in fp32):
         ``mugv_kernels.ada_layer_norm(norm="rms")`` on the ``[1, T*H, D]`` view."""
         T, H, D = x.shape
-        y = mk.ada_layer_norm(
-            x.reshape(1, T * H, D), None, None, weight=self.weight, eps=self.eps, norm="rms",
-            **backend_kw("ada_layer_norm", backend),
-        )  # fmt: skip
+        y = mk.ada_layer_norm(x.reshape(1, T * H, D), None, None, weight=self.weight, eps=self.eps, norm="rms", backend=backend)
         return y.view(T, H, D)
 
 
@@ -240,8 +236,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(h).view(N, 3, H, D).unbind(1)  # [N, H, D] each
         q, k = mk.qk_norm_rope3d(
             q, k, batch.positions, self.rope_sections, q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
-            eps=self.q_norm.eps, theta=self.rope_theta, interleaved=True, check_positions=False,
-            **backend_kw("qk_norm_rope3d", batch.backend),
+            eps=self.q_norm.eps, theta=self.rope_theta, interleaved=True, check_positions=False, backend=batch.backend,
         )  # fmt: skip
         o = batch.attention(q, k, v, cross=False, scale=D**-0.5)  # [N, H, D]
         return self.proj(o.reshape(1, N, C))
@@ -310,20 +305,18 @@ class MUGDiTBlock(nn.Module):
         mod = (batch.t_mlp.view(G, 6, C) + self.scale_shift_table[None]).unsqueeze(0)  # [1, G, 6, C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(2)  # [1, G, C] each
         b, idx = batch.backend, batch.index
-        h = mk.ada_layer_norm(x, shift_msa, scale_msa, index=idx, eps=self.eps, validate=False, **backend_kw("ada_layer_norm", b))
+        h = mk.ada_layer_norm(x, shift_msa, scale_msa, index=idx, eps=self.eps, validate=False, backend=b)
         a = self.attn(h, batch)  # [1, N, C]
         cn = self.cross_attn_norm
         x, h = mk.gated_residual_ada_layer_norm(
-            x, a, gate_msa, None, None, index=idx, weight=cn.weight, bias=cn.bias, eps=cn.eps, validate=False,
-            **backend_kw("gated_residual_ada_layer_norm", b),
-        )  # fmt: skip
+            x, a, gate_msa, None, None, index=idx, weight=cn.weight, bias=cn.bias, eps=cn.eps, validate=False, backend=b
+        )
         c = self.cross_attn(h, batch)  # [1, N, C]
         x, h = mk.gated_residual_ada_layer_norm(
-            x, c, None, shift_mlp, scale_mlp, index=idx, eps=self.eps, validate=False,
-            **backend_kw("gated_residual_ada_layer_norm", b),
-        )  # fmt: skip
+            x, c, None, shift_mlp, scale_mlp, index=idx, eps=self.eps, validate=False, backend=b
+        )
         m = self.mlp(h)  # [1, N, C]
-        return mk.gated_residual(x, m, gate_mlp, index=idx, validate=False, **backend_kw("gated_residual", b))
+        return mk.gated_residual(x, m, gate_mlp, index=idx, validate=False, backend=b)
 
 
 class FinalLayer(nn.Module):
@@ -339,7 +332,5 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, t_emb: Tensor, batch: PackedBatch) -> Tensor:
         """``x [1, N, C]``, ``t_emb [G, C]`` -> ``[1, N, prod(patch) * C_out]``."""
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unsqueeze(0).unbind(2)  # [1, G, C] each
-        h = mk.ada_layer_norm(
-            x, shift, scale, index=batch.index, eps=self.eps, validate=False, **backend_kw("ada_layer_norm", batch.backend)
-        )
+        h = mk.ada_layer_norm(x, shift, scale, index=batch.index, eps=self.eps, validate=False, backend=batch.backend)
         return self.linear(h)

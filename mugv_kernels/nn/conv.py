@@ -8,14 +8,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mugv_kernels._validate import triple
 from mugv_kernels.ops.conv3d import causal_conv3d
 from mugv_kernels.ops.group_norm import group_norm_silu
 
 __all__ = ["CausalConv3d", "GroupNormSiLU"]
-
-
-def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
-    return (v, v, v) if isinstance(v, int) else tuple(v)
 
 
 class CausalConv3d(nn.Module):
@@ -66,7 +63,8 @@ class CausalConv3d(nn.Module):
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation = _triple(kernel_size), _triple(stride), _triple(dilation)
+        self.kernel_size = triple("kernel_size", kernel_size)
+        self.stride, self.dilation = triple("stride", stride), triple("dilation", dilation)
         if self.kernel_size[1] % 2 == 0 or self.kernel_size[2] % 2 == 0:
             raise ValueError(f"spatial kernel sizes must be odd, got kernel_size={self.kernel_size}")
         self.time_padding, self.pad_mode, self.backend = time_padding, pad_mode, backend
