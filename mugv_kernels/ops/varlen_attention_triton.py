@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mugv_kernels._align import common_divisor, multiple
 from mugv_kernels._registry import INTERPRET, is_capturing, launch, mugv_op, register_aot_cases, use_triton
 from mugv_kernels._validate import last_dim_contiguous
 from mugv_kernels.reference.varlen_attention import varlen_attention_bwd_ref, varlen_attention_fwd_ref
@@ -55,6 +56,9 @@ MAX_SEGMENTS = 65535
 # D-wide tile is two tiles. Columns >= D load as 0 and are never stored.
 # UPCAST (the interpreter only) converts tiles to fp32 after loading; compiled kernels
 # feed fp16/bf16 tiles to the tensor cores and accumulate in fp32.
+# DIV (a power of two <= 16, from the launcher) divides D and every stride: the kernels
+# tell the compiler so (multiple), which makes a D = 72 tile row (144 bytes, 16-byte
+# aligned at every head and token) load and store in 128-bit accesses (mugv_kernels._align).
 # ----------------------------------------------------------------------------------------
 
 
@@ -79,8 +83,13 @@ def _varlen_attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_q, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
+    D = multiple(D, DIV)
+    stride_qt, stride_qh = multiple(stride_qt, DIV), multiple(stride_qh, DIV)
+    stride_kt, stride_kh = multiple(stride_kt, DIV), multiple(stride_kh, DIV)
+    stride_vt, stride_vh = multiple(stride_vt, DIV), multiple(stride_vh, DIV)
+    stride_ot, stride_oh = multiple(stride_ot, DIV), multiple(stride_oh, DIV)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -157,9 +166,12 @@ def _varlen_attn_fwd_kernel(
 @triton.jit
 def _varlen_attn_bwd_delta_kernel(
     OUT, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q, D,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
     """``delta[h, t] = sum_d dout[t, h, d] * out[t, h, d]`` in fp32 (FA2 Alg. 2, line 4)."""
+    D = multiple(D, DIV)
+    stride_ot, stride_oh = multiple(stride_ot, DIV), multiple(stride_oh, DIV)
+    stride_dot, stride_doh = multiple(stride_dot, DIV), multiple(stride_doh, DIV)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -177,8 +189,15 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     total_q, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
+    D = multiple(D, DIV)
+    stride_qt, stride_qh = multiple(stride_qt, DIV), multiple(stride_qh, DIV)
+    stride_kt, stride_kh = multiple(stride_kt, DIV), multiple(stride_kh, DIV)
+    stride_vt, stride_vh = multiple(stride_vt, DIV), multiple(stride_vh, DIV)
+    stride_dot, stride_doh = multiple(stride_dot, DIV), multiple(stride_doh, DIV)
+    stride_dkt, stride_dkh = multiple(stride_dkt, DIV), multiple(stride_dkh, DIV)
+    stride_dvt, stride_dvh = multiple(stride_dvt, DIV), multiple(stride_dvh, DIV)
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -269,8 +288,14 @@ def _varlen_attn_bwd_dq_kernel(
     stride_dqt, stride_dqh,
     total_q, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
+    D = multiple(D, DIV)
+    stride_qt, stride_qh = multiple(stride_qt, DIV), multiple(stride_qh, DIV)
+    stride_kt, stride_kh = multiple(stride_kt, DIV), multiple(stride_kh, DIV)
+    stride_vt, stride_vh = multiple(stride_vt, DIV), multiple(stride_vh, DIV)
+    stride_dot, stride_doh = multiple(stride_dot, DIV), multiple(stride_doh, DIV)
+    stride_dqt, stride_dqh = multiple(stride_dqt, DIV), multiple(stride_dqh, DIV)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -425,6 +450,7 @@ def _varlen_attn_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         Tq, D, float(scale) * _LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_d_blocks(D),
+        DIV=common_divisor(D, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2]),
         UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -442,12 +468,14 @@ def _varlen_attn_bwd_launch(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, s
     if Tq > 0:
         launch(_varlen_attn_bwd_delta_kernel, (triton.cdiv(Tq, 32), H))(
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), Tq, D,
-            BLOCK_T=32, BLOCK_D=max(triton.next_power_of_2(D), 16), num_warps=4, num_stages=1,
+            BLOCK_T=32, BLOCK_D=max(triton.next_power_of_2(D), 16),
+            DIV=common_divisor(D, *out.stride()[:2], *dout.stride()[:2]), num_warps=4, num_stages=1,
         )  # fmt: skip
-    common = dict(**_d_blocks(D), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype))
     strides_in = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1)
     )  # fmt: skip
+    div = common_divisor(D, *strides_in, *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2])
+    common = dict(**_d_blocks(D), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype), DIV=div)
     cfg = attn_launch_config("dkdv", D, q.device)
     grid = (triton.cdiv(max_k, cfg.block_n), B, H)
     if min(grid) > 0 and k.shape[0] > 0:

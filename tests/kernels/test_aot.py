@@ -190,6 +190,16 @@ def test_occupancy_rule():
         _ptx.occupancy(32, 0, 0)
 
 
+def test_common_divisor():
+    from mugv_kernels._align import common_divisor
+
+    assert common_divisor(72, 3456, 72) == 8  # MUG-V head dim, [T, 48, 72] strides
+    assert common_divisor(128, 6144) == 16 and common_divisor(64, 0) == 16  # 16 at most
+    assert common_divisor(20, 40) == 4 and common_divisor(72, 3) == 1 and common_divisor() == 16
+    with pytest.raises(ValueError, match=">= 0"):
+        common_divisor(8, -8)
+
+
 def test_aot_refuses_interpreter_mode():
     assert aot.main([]) == 2  # TRITON_INTERPRET=1 in this process
 
@@ -297,9 +307,6 @@ _XF_ROPE128 = ("a [1 token, 4 heads, 128] tile over 128 threads holds 4 elements
                "and the rotation partner is a second, gathered (permuted) 16-bit load")
 _XF_GN_CL = ("channels-last GroupNorm tiles are [positions, Cg channels of one group]; at Cg = 8 and 4 "
              "(256 and 128 channels in 32 groups) the channel run is not proven 16-byte aligned and contiguous")
-_XF_D72 = ("head_dim 72 reaches the kernels as a runtime D (72 % 16 != 0, no divisibility), so the column "
-           "bound check of the [64 + 16]-column tiles has unknown constancy: scalar 16-bit accesses")
-
 
 _GN = ("_gn_stats_kernel", "_gn_apply_kernel", "_gn_bwd_partial_kernel", "_gn_bwd_dx_kernel")
 _ATTN = ("_varlen_attn_fwd_kernel", "_varlen_attn_bwd_dkdv_kernel", "_varlen_attn_bwd_dq_kernel")
@@ -319,7 +326,7 @@ MEMORY_GATES = [
     _gate("_rope3d_bwd_kernel", "D=128", _XF_ROPE128),
     *[_gate(k, "ncdhw") for k in _GN],
     *[_gate(k, "channels_last", _XF_GN_CL) for k in _GN],
-    _gate("_varlen_attn_bwd_delta_kernel", "D=72", _XF_D72),
+    _gate("_varlen_attn_bwd_delta_kernel", "D=72"),
     _gate("_varlen_attn_bwd_delta_kernel", "D=64"),
     _gate("_varlen_attn_bwd_delta_kernel", "D=128"),
 ]
@@ -334,8 +341,7 @@ WGMMA_GATES = [
 ]
 
 OPERAND_GATES = [
-    *[_gate(k, "D=72", _XF_D72) for k in _ATTN],
-    *[_gate(k, v) for k in _ATTN for v in ("D=64", "D=128")],
+    *[_gate(k, v) for k in _ATTN for v in ("D=72", "D=64", "D=128")],
     # NCDHW convolutions are not gated here: their K (channel) dimension has stride
     # T*H*W, and along W a tap's shifted row start is 16-byte aligned for 1 tap in 8.
     *[_gate(k, "channels_last") for k in ("_conv3d_fwd_kernel", "_conv3d_bwd_dx_kernel", "_conv3d_bwd_dw_kernel")],
