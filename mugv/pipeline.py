@@ -340,6 +340,7 @@ class MUGVPipeline:
         self.offload = offload
         self.streamer: BlockStreamer | None = None
         self.profile: dict[str, Any] = {}
+        self.last_latents: Tensor | None = None
         if offload == "blocks" and hasattr(dit, "blocks"):
             if isinstance(dit, nn.Module):
                 for name, child in dit.named_children():
@@ -511,7 +512,8 @@ class MUGVPipeline:
             generator: a device generator to use instead of seeding one (the CPU draws then use
                 it too when it is a CPU generator, else a CPU generator seeded with ``seed``).
             output: ``"frames"`` (``uint8 [T, H, W, 3]`` on the CPU) or ``"latents"``
-                (``float32 [1, 24, L, H/8, W/8]``, before decoding).
+                (``float32 [1, 24, L, H/8, W/8]``, before decoding; also kept in
+                ``self.last_latents`` after either).
             progress: tqdm bars for the sampling steps and the decoding.
 
         Raises:
@@ -565,6 +567,7 @@ class MUGVPipeline:
                                  cond_latents=None if ref is None else ref[:, :, :1].to(noise.dtype),
                                  guidance_scale=cfg, timesteps=ts, noise_draws="public", generator=gen,
                                  progress=progress)
+        self.last_latents = z
         if output == "latents":
             return z
         with self._on_device(self.vae, "decode"):

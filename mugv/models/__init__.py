@@ -3,7 +3,10 @@ checkpoint helpers; the video VAE is exported here too."""
 
 from mugv.models.checkpoint import CheckpointMismatchError, load_checkpoint, read_state_dict, save_checkpoint
 from mugv.models.dit import FLAVORS, DiTConfig, MUGDiT
+from mugv.models.released import dit_config_from_state_dict, load_released_dit
 from mugv.models.vae import DiagonalGaussian, VAEConfig, VideoVAE
+from mugv.models.vae_released import ReleasedVideoVAE
+from mugv.models.vae_spatial import SpatialVAE
 
 __all__ = [
     "FLAVORS",
@@ -11,9 +14,13 @@ __all__ = [
     "DiagonalGaussian",
     "DiTConfig",
     "MUGDiT",
+    "ReleasedVideoVAE",
+    "SpatialVAE",
     "VAEConfig",
     "VideoVAE",
+    "dit_config_from_state_dict",
     "load_checkpoint",
+    "load_released_dit",
     "read_state_dict",
     "save_checkpoint",
 ]

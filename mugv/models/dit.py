@@ -320,6 +320,22 @@ class MUGDiT(nn.Module):
         """The parameter dtype (inputs are cast to it, as the public forward does)."""
         return self.x_embedder.proj.weight.dtype
 
+    @classmethod
+    def from_released(cls, path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      kernels: bool = True) -> MUGDiT:
+        """The released DiT (``MUG-V-inference/dit.pt``, or its directory, or an in-memory state
+        dict): the config inferred from the shapes (hidden size, depth, ``heads = hidden / 72``,
+        text width; a named flavor when it matches one, else a custom config), built on the meta
+        device, every tensor cast to ``dtype`` on ``device`` and assigned (strict).
+
+        Raises:
+            FileNotFoundError: no ``dit.pt``. ValueError: not a MUG-V DiT state dict (the message
+                lists what the file holds), or mismatched keys/shapes.
+        """
+        from mugv.models.released import load_released_dit
+
+        return load_released_dit(path, device=device, dtype=dtype, kernels=kernels)
+
     def num_params(self) -> int:
         """Total parameter count (works on the meta device)."""
         return sum(p.numel() for p in self.parameters())

@@ -965,6 +965,24 @@ class VideoVAE(nn.Module):
         vae.load_state_dict(load_file(str(path / "vae.safetensors")), strict=True)
         return vae.to(device).eval()
 
+    @classmethod
+    def from_released(cls, path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      kernels: bool = True, **kwargs: Any):
+        """The released MUG-V VAE (preset ``"mugv-released"``: the truncated SDXL spatial stage,
+        this class's ``"mugv-compat"`` temporal stage, the file's latent scale/shift) from the
+        ``MUG-V-inference`` ``vae.pt`` (or its directory), loaded strictly; returns a
+        :class:`mugv.models.vae_released.ReleasedVideoVAE` (same ``encode``/``decode``/
+        ``normalize`` interface) in eval mode, ``dtype`` on ``device``. ``kwargs``:
+        ``frame_batch`` (spatial micro-batch, 4), ``micro_frame_size`` (48).
+
+        Raises:
+            FileNotFoundError: no ``vae.pt`` (names the expected layout).
+            ValueError: not a released VAE state dict, or mismatched keys/shapes (all listed).
+        """
+        from mugv.models.vae_released import ReleasedVideoVAE
+
+        return ReleasedVideoVAE.from_released(path, device=device, dtype=dtype, kernels=kernels, **kwargs)
+
     def save_pretrained(self, path, extra: dict[str, Any] | None = None):
         """Write ``vae.safetensors`` (weights, CPU, contiguous) and ``config.json``
         (``{"vae": config.to_dict(), **extra}``) to the directory ``path``, each file to a

@@ -21,9 +21,9 @@ released file loads with ``strict=True`` (listed in :data:`RELEASED_UNUSED_SPATI
 
 The module tree and parameter names are diffusers' (``down_blocks.{i}.resnets.{j}.norm1``,
 ``mid_block.attentions.0.to_q``, ``up_blocks.{i}.upsamplers.0.conv``, ...). Each GroupNorm
-(+SiLU) runs through :func:`mugv_kernels.group_norm_silu` (``kernels=True``: the fused
-Triton/CUDA op on GPUs, its PyTorch reference on CPU; ``kernels=False``: ``F.group_norm`` +
-``F.silu``), the 2D convolutions through ``F.conv2d`` (cuDNN), the mid-block attention through
+(+SiLU) runs through :func:`mugv_kernels.group_norm_silu` (``kernels=True``: ``backend="auto"``,
+the fused Triton op on GPUs; ``kernels=False``: its ``"reference"`` backend), the 2D
+convolutions through ``F.conv2d`` (cuDNN), the mid-block attention through
 ``F.scaled_dot_product_attention``.
 
 Frames run in micro-batches (``frame_batch``, default 4 as the public ``micro_batch_size``), so
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mugv_kernels as mk
+from mugv.models._backend import resolve_backend
 
 __all__ = [
     "RELEASED_UNUSED_SPATIAL_KEYS",
@@ -66,12 +67,9 @@ RELEASED_UNUSED_SPATIAL_KEYS = (
 ``spatial_vae.module.``); dropped on load."""
 
 
-def _gn(norm: nn.GroupNorm, x: Tensor, silu: bool, kernels: bool) -> Tensor:
+def _gn(norm: nn.GroupNorm, x: Tensor, silu: bool, backend: str) -> Tensor:
     """GroupNorm (+ SiLU) of ``x [N, C, H, W]`` with ``norm``'s groups, eps and affine."""
-    if kernels:
-        return mk.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, silu=silu)
-    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return F.silu(y) if silu else y
+    return mk.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, silu=silu, backend=backend)
 
 
 class SpatialResnetBlock(nn.Module):
@@ -81,7 +79,7 @@ class SpatialResnetBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, groups: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.kernels = True
+        self.backend = "auto"
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
@@ -89,8 +87,8 @@ class SpatialResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(_gn(self.norm1, x, True, self.kernels))
-        h = self.conv2(_gn(self.norm2, h, True, self.kernels))
+        h = self.conv1(_gn(self.norm1, x, True, self.backend))
+        h = self.conv2(_gn(self.norm2, h, True, self.backend))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -102,7 +100,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, channels: int, groups: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.kernels = True
+        self.backend = "auto"
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
@@ -111,7 +109,7 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, C, H, W = x.shape
-        h = _gn(self.group_norm, x, False, self.kernels).reshape(N, C, H * W).transpose(1, 2)  # [N, HW, C]
+        h = _gn(self.group_norm, x, False, self.backend).reshape(N, C, H * W).transpose(1, 2)  # [N, HW, C]
         q, k, v = (lin(h)[:, None] for lin in (self.to_q, self.to_k, self.to_v))  # [N, 1, HW, C]
         o = F.scaled_dot_product_attention(q, k, v)[:, 0]  # [N, HW, C]
         o = self.to_out[0](o)
@@ -203,7 +201,7 @@ class SpatialDecoder(nn.Module):
     def __init__(self, out_channels: int, block_out_channels: tuple[int, ...], layers_per_block: int,
                  groups: int) -> None:
         super().__init__()
-        self.kernels = True
+        self.backend = "auto"
         rev = tuple(reversed(block_out_channels))
         self.mid_block = _MidBlock(rev[0], groups)
         self.up_blocks = nn.ModuleList(
@@ -217,7 +215,7 @@ class SpatialDecoder(nn.Module):
         x = x.to(self.conv_out.weight.dtype)
         for blk in self.up_blocks:
             x = blk(x)
-        return self.conv_out(_gn(self.conv_norm_out, x, True, self.kernels))
+        return self.conv_out(_gn(self.conv_norm_out, x, True, self.backend))
 
 
 class TruncatedAutoencoderKL(nn.Module):
@@ -277,11 +275,18 @@ class SpatialVAE(nn.Module):
         self.frame_batch = frame_batch
         self.set_kernels(True)
 
-    def set_kernels(self, kernels: bool) -> SpatialVAE:
-        """GroupNorm(+SiLU) through :func:`mugv_kernels.group_norm_silu` (True) or plain torch."""
+    def set_kernels(self, kernels: bool | str) -> SpatialVAE:
+        """The ``backend`` of every :func:`mugv_kernels.group_norm_silu` call: True -> ``"auto"``
+        (the fused kernel on CUDA), False -> ``"reference"`` (``F.group_norm`` + ``F.silu``), or a
+        backend name.
+
+        Raises:
+            ValueError: an unknown backend name.
+        """
+        self.kernels, self.backend = kernels, resolve_backend(kernels)
         for m in self.modules():
-            if hasattr(m, "kernels"):
-                m.kernels = bool(kernels)
+            if m is not self and hasattr(m, "backend"):
+                m.backend = self.backend
         return self
 
     def _frames(self, fn, x: Tensor, channels: int, name: str, scale: int) -> Tensor:
