@@ -1,6 +1,7 @@
 """Bytes each Triton kernel moves, counted under the interpreter, against the roofline's minimum.
 
-``TRITON_INTERPRET=1 python -m benchmarks.traffic`` runs every fused op once at a small
+``TRITON_INTERPRET=1 python -m benchmarks.traffic [LABEL ...]`` runs every fused op (or the
+labelled ones) once at a small
 shape with :func:`mugv_kernels.testing.count_traffic` and prints, per op and kernel, the
 bytes at distinct addresses loaded and stored in each launch next to the minimum bytes
 of :mod:`mugv.perf` for that op (``ratio`` = counted / minimum). Reads and writes of fp32
@@ -180,12 +181,18 @@ def report(rows: list[TrafficRow]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    labels = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         print("run with TRITON_INTERPRET=1 (the counts come from Triton's interpreter)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    rows = [measure(label, make) for label, make in cases().items()]
+    all_cases = cases()
+    unknown = [label for label in labels if label not in all_cases]
+    if unknown:
+        print(f"unknown cases {unknown}; known: {list(all_cases)}", file=sys.stderr)
+        return 2
+    rows = [measure(label, make) for label, make in all_cases.items() if not labels or label in labels]
     print(report(rows))
     return 0
 
