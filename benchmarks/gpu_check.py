@@ -483,7 +483,8 @@ def _no_grad(fn, *args):
 
 def block_cases(dry_run: bool) -> list[Case]:
     """The 10b-width DiT block, forward + backward at 36,002 tokens (a tiny block on CPU):
-    kernels, eager (reference path) and ``torch.compile`` of the reference path."""
+    ``kernels`` (the fused ops, ``attn_backend="auto"``), ``eager`` (the ops' PyTorch
+    references, attention by per-clip SDPA) and ``compile`` (``torch.compile`` of eager)."""
     from mugv import perf
 
     flavor, tokens, text = ("tiny", (26,), (5,)) if dry_run else ("10b", (36002,), (120,))
@@ -519,9 +520,9 @@ def _block_step(dims, impl: str, dry_run: bool) -> Callable[[], object]:
     pos = torch.cat([mk.video_positions(1, 1, s - 2, device=dev) for s in dims.seqlens]).int()
     batch = PackedBatch(
         t_mlp=torch.randn(2 * n, 6 * C, device=dev) * 0.1, index=(torch.arange(N, device=dev) % 7 == 0).int()[None],
-        positions=pos, cu_seqlens=cu(dims.seqlens), seqlens=tuple(dims.seqlens), max_seqlen=max(dims.seqlens),
-        text=torch.randn(L, C, device=dev), text_cu_seqlens=cu(dims.text_seqlens), text_seqlens=tuple(dims.text_seqlens),
-        text_max_seqlen=max(dims.text_seqlens), kernels=impl == "kernels",
+        positions=pos, cu_seqlens=cu(dims.seqlens), max_seqlen=max(dims.seqlens), text=torch.randn(L, C, device=dev),
+        text_cu_seqlens=cu(dims.text_seqlens), text_max_seqlen=max(dims.text_seqlens),
+        backend="auto" if impl == "kernels" else "reference", attn_backend="auto" if impl == "kernels" else "sdpa",
     )  # fmt: skip
     x = torch.randn(1, N, C, device=dev, requires_grad=True)
     fn = block
