@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mugv_kernels._align import common_divisor, multiple
 from mugv_kernels._registry import (
     CSRC_BACKENDS,
     INTERPRET,
@@ -54,14 +55,18 @@ BACKENDS = CSRC_BACKENDS  # the backend= values of group_norm_silu
 # ----------------------------------------------------------------------------------------
 # Kernels: program (b*G + g, chunk) covers positions [chunk*s_per_chunk, ...) of the
 # group's Cg channels, in [BLOCK_S, BLOCK_C] tiles (int64 offsets).
+# DIV (the power of two <= 16 dividing Cg, from the launcher) tells the compiler that a
+# group's channels start at a multiple of DIV (mugv_kernels._align): channels-last tiles
+# then move each group's run of Cg >= 8 bf16 channels in 128-bit accesses.
 # ----------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _gn_stats_kernel(
     X, PMEAN, PM2, S, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
+    Cg = multiple(Cg, DIV)
     bg = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -92,10 +97,13 @@ def _gn_stats_kernel(
 
 
 @triton.jit
-def _gn_group_params(MEAN, RSTD, W, BIAS, Cg, G, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gn_group_params(
+    MEAN, RSTD, W, BIAS, Cg, G, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr
+):  # fmt: skip
     """What every per-(sample, group) program starts with: its ids, the group's channel
     offsets (int64) and mask, its statistics and the affine ``scale``/``shift`` (1 and 0
     where absent)."""
+    Cg = multiple(Cg, DIV)
     bg = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -117,10 +125,10 @@ def _gn_group_params(MEAN, RSTD, W, BIAS, Cg, G, HAS_W: tl.constexpr, HAS_B: tl.
 def _gn_apply_kernel(
     X, Y, MEAN, RSTD, W, BIAS, S, Cg, G, s_per_chunk, sxb, sxc, sxs, syb, syc, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
     bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
-        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C, DIV
     )
     # z = x * a + d with a = rstd * w, d = bias - mean * rstd * w
     a = scale * rstd
@@ -155,10 +163,10 @@ def _gn_bwd_partial_kernel(
     X, DY, MEAN, RSTD, W, BIAS, DW_P, DB_P, PS1, PS2,
     S, C, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs, sdb, sdc, sds,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
     bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
-        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C, DIV
     )
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -191,10 +199,10 @@ def _gn_bwd_dx_kernel(
     X, DY, DX, MEAN, RSTD, C1, C2, W, BIAS,
     S, Cg, G, s_per_chunk, sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
     bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
-        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C, DIV
     )
     c1 = tl.load(C1 + bg)
     c2 = tl.load(C2 + bg)
@@ -273,8 +281,9 @@ def _gn_fwd_launch(x, weight, bias, num_groups, eps, silu):
     pmean = torch.empty((B * G, n_chunks), dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
     launch(_gn_stats_kernel, (B * G, n_chunks))(
-        x, pmean, pm2, S, Cg, G, s_per_chunk, n_chunks, *sx, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps
-    )
+        x, pmean, pm2, S, Cg, G, s_per_chunk, n_chunks, *sx,
+        BLOCK_S=block_s, BLOCK_C=block_c, DIV=common_divisor(Cg), num_warps=warps,
+    )  # fmt: skip
     # merge the per-chunk (mean, M2) (Chan et al.): exact in fp32 without cancellation
     starts = torch.arange(n_chunks, device=x.device, dtype=torch.float32) * s_per_chunk
     cnt = (torch.clamp(S - starts, max=s_per_chunk) * Cg)[None, :]
@@ -286,7 +295,7 @@ def _gn_fwd_launch(x, weight, bias, num_groups, eps, silu):
         x, y, mean, rstd, weight if weight is not None else x, bias if bias is not None else x,
         S, Cg, G, s_per_chunk, *sx, *sy,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps,
+        BLOCK_S=block_s, BLOCK_C=block_c, DIV=common_divisor(Cg), num_warps=warps,
     )  # fmt: skip
     return y, mean.view(B, G), rstd.view(B, G)
 
@@ -307,7 +316,10 @@ def _gn_bwd_launch(dy, x, weight, bias, mean, rstd, num_groups, silu):
     db_p = torch.empty_like(dw_p)
     ps1 = torch.empty((B * G, n_chunks), dtype=torch.float32, device=dev)
     ps2 = torch.empty_like(ps1)
-    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c)
+    common = dict(
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c,
+        DIV=common_divisor(Cg),
+    )
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     launch(_gn_bwd_partial_kernel, (B * G, n_chunks))(

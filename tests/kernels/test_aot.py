@@ -305,8 +305,8 @@ _XF_ROPE72 = ("head_dim 72 is a runtime D in a 128-lane padded tile row: the mas
               "gathered (permuted) load")
 _XF_ROPE128 = ("a [1 token, 4 heads, 128] tile over 128 threads holds 4 elements per thread (64-bit at best), "
                "and the rotation partner is a second, gathered (permuted) 16-bit load")
-_XF_GN_CL = ("channels-last GroupNorm tiles are [positions, Cg channels of one group]; at Cg = 8 and 4 "
-             "(256 and 128 channels in 32 groups) the channel run is not proven 16-byte aligned and contiguous")
+_XF_GN_CL = ("at 128 channels in 32 groups (Cg = 4) a tile holds one group: its channel run is 8 bytes, "
+             "64-bit accesses at most; 128-bit needs a tile spanning two groups (Cg = 8 and 16 pass)")
 
 _GN = ("_gn_stats_kernel", "_gn_apply_kernel", "_gn_bwd_partial_kernel", "_gn_bwd_dx_kernel")
 _ATTN = ("_varlen_attn_fwd_kernel", "_varlen_attn_bwd_dkdv_kernel", "_varlen_attn_bwd_dq_kernel")
