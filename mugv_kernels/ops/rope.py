@@ -25,6 +25,12 @@ by ``-a``)::
     dw    += dxn * xhat                     xhat = x * rstd
     dx     = rstd * (dxn * w - xhat * mean(dxn * w * xhat))
 
+``across_heads`` (Wan's ``rms_norm_across_heads``): the mean runs over all ``H * D`` values
+of a token and ``w`` is ``[H * D]``. The forward first sweeps the token's head blocks for
+the statistic, then runs the tile loop; the backward sweeps tokens x heads for each
+token's ``rstd`` and ``mean(dxn * w * xhat)`` (a ``[tokens, 2]`` fp32 scratch), then
+heads x tokens for ``dx`` with the head block's weight gradient in registers.
+
 Non-power-of-two head dims (MUG-V: D = 72). A program holds ``[BLOCK_T, BLOCK_H,
 BLOCK_D]`` tiles of tokens x heads x dims with ``BLOCK_D = next_power_of_2(D)`` (128 for
 D = 72) and masks the lanes ``e >= D``. Masked lanes issue no memory requests, so HBM
@@ -168,10 +174,41 @@ def _load_pair(X, x_rows, stride_xh, heads, e3, p3, mask):
 
 
 @triton.jit
-def _rope_fwd_finish(x, xp, OUT, out_rows, heads, e3, mask, cos, ssin, w, wp, D, eps, HAS_W: tl.constexpr):
-    """Norm + rotate a loaded tile and store it."""
+def _head_weights(W, heads, H, D, e3, p3):
+    """An across-heads weight ``[H * D]`` as ``[1, BLOCK_H, BLOCK_D]`` tiles of the head
+    block (and of the pair partners), fp32."""
+    offs = heads.to(tl.int64)[None, :, None] * D
+    wmask = (heads < H)[None, :, None] & (e3 < D)
+    w = tl.load(W + offs + e3, mask=wmask, other=0.0).to(tl.float32)
+    wp = tl.load(W + offs + p3, mask=wmask, other=0.0).to(tl.float32)
+    return w, wp
+
+
+@triton.jit
+def _rows_rstd(X, x_rows, stride_xh, tmask3, e3, H, D, eps, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``rsqrt(mean(x**2) + eps)`` of each token over all heads (``H * D`` values),
+    ``[BLOCK_T, 1, 1]`` fp32: a sweep of loads before the tile loop (its second read of
+    the same rows is an L1/L2 hit)."""
+    hs = tl.arange(0, BLOCK_H)
+    ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        heads = h0 + hs
+        m = tmask3 & (heads < H)[None, :, None]
+        v = tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=m, other=0.0).to(tl.float32)
+        ss += tl.sum(tl.sum(v * v, axis=2), axis=1)
+    return (1.0 / tl.sqrt(ss / (H * D) + eps)).to(tl.float32)[:, None, None]
+
+
+@triton.jit
+def _rope_fwd_finish(
+    x, xp, OUT, out_rows, heads, e3, mask, cos, ssin, w, wp, D, eps, rstd,
+    HAS_W: tl.constexpr, ACROSS_HEADS: tl.constexpr,
+):  # fmt: skip
+    """Norm + rotate a loaded tile and store it (``rstd``: the across-heads statistic,
+    used when ``ACROSS_HEADS``)."""
     if HAS_W:
-        rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
+        if not ACROSS_HEADS:
+            rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
         x = x * rstd * w
         xp = xp * rstd * wp
     y = x * cos + xp * ssin
@@ -186,7 +223,7 @@ def _rope3d_fwd_kernel(
     stride_pb, stride_pn, stride_pc,
     eps, neg_log2_theta,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, ACROSS_HEADS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -203,6 +240,13 @@ def _rope3d_fwd_kernel(
     out_rows = toks * H * D
     hs = tl.arange(0, BLOCK_H)
     tmask3 = tmask[:, None, None] & emask[None, None, :]
+    rstd_q = tl.zeros([BLOCK_T, 1, 1], dtype=tl.float32)
+    rstd_k = rstd_q
+    if ACROSS_HEADS:  # RMSNorm over all heads (Wan): the statistics first
+        if HAS_QW:
+            rstd_q = _rows_rstd(Q, q_rows, stride_qh, tmask3, e3, H, D, eps, BLOCK_T, BLOCK_H)
+        if HAS_KW:
+            rstd_k = _rows_rstd(K, k_rows, stride_kh, tmask3, e3, H, D, eps, BLOCK_T, BLOCK_H)
     # issue the first head block's loads before the position math and weights
     heads = hs
     mask = tmask3 & (heads < H)[None, :, None]
@@ -215,10 +259,10 @@ def _rope3d_fwd_kernel(
     qwp = qw
     kw = qw
     kwp = qw
-    if HAS_QW:
+    if HAS_QW and not ACROSS_HEADS:
         qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
         qwp = tl.load(QW + p3, mask=e3 < D, other=0.0).to(tl.float32)
-    if HAS_KW:
+    if HAS_KW and not ACROSS_HEADS:
         kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
         kwp = tl.load(KW + p3, mask=e3 < D, other=0.0).to(tl.float32)
     # software pipeline over head blocks: load block i + 1 (q and k) before finishing
@@ -230,9 +274,19 @@ def _rope3d_fwd_kernel(
         nk, nkp = nq, nqp
         if HAS_K:
             nk, nkp = _load_pair(K, k_rows, stride_kh, next_heads, e3, p3, next_mask)
-        _rope_fwd_finish(xq, xqp, QO, out_rows, heads, e3, mask, cos, ssin, qw, qwp, D, eps, HAS_QW)
+        qw_h, qwp_h, kw_h, kwp_h = qw, qwp, kw, kwp
+        if ACROSS_HEADS:  # the weight is [H * D]: this head block's slice (not loop-carried)
+            if HAS_QW:
+                qw_h, qwp_h = _head_weights(QW, heads, H, D, e3, p3)
+            if HAS_KW:
+                kw_h, kwp_h = _head_weights(KW, heads, H, D, e3, p3)
+        _rope_fwd_finish(
+            xq, xqp, QO, out_rows, heads, e3, mask, cos, ssin, qw_h, qwp_h, D, eps, rstd_q, HAS_QW, ACROSS_HEADS
+        )
         if HAS_K:
-            _rope_fwd_finish(xk, xkp, KO, out_rows, heads, e3, mask, cos, ssin, kw, kwp, D, eps, HAS_KW)
+            _rope_fwd_finish(
+                xk, xkp, KO, out_rows, heads, e3, mask, cos, ssin, kw_h, kwp_h, D, eps, rstd_k, HAS_KW, ACROSS_HEADS
+            )
         xq, xqp, xk, xkp = nq, nqp, nk, nkp
         heads, mask = next_heads, next_mask
 
@@ -256,15 +310,80 @@ def _rope_bwd_finish(dy, dyp, x, DX, out_rows, heads, e3, mask, cos, ssin, w, D,
 
 
 @triton.jit
+def _rope_bwd_across_heads(
+    DY, X, W, DX, DW_P, STATS, pid, t_start, t_end, N, H, D,
+    stride_dyb, stride_dyn, stride_dyh, stride_xb, stride_xn, stride_xh,
+    POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Backward of one tensor whose RMSNorm runs over all heads (``C = H * D``), for the
+    program's tokens ``[t_start, t_end)``. Sweep 1 (tokens, then heads) reduces each
+    token's ``rstd`` and ``m = mean(dxhat * xhat)`` over all C values into ``STATS
+    [n_tokens, 2]`` (fp32 scratch); sweep 2 (heads outer, tokens inner) writes
+    ``dx = rstd * (dxn * w - xhat * m)`` and keeps the head block's weight gradient in a
+    tile-shaped fp32 accumulator, stored as this program's ``[C]`` partial (one writer per
+    slot: deterministic)."""
+    hs = tl.arange(0, BLOCK_H)
+    emask = e < D
+    C = H * D
+    for t0 in range(t_start, t_end, BLOCK_T):
+        toks = t0 + tl.arange(0, BLOCK_T)
+        tmask = toks < t_end
+        b = toks // N
+        n = toks - b * N
+        cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
+        dy_rows = b * stride_dyb + n * stride_dyn
+        x_rows = b * stride_xb + n * stride_xn
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        sd = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            heads = h0 + hs
+            mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
+            dy, dyp = _load_pair(DY, dy_rows, stride_dyh, heads, e3, p3, mask)
+            x = tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=mask, other=0.0).to(tl.float32)
+            w, _ = _head_weights(W, heads, H, D, e3, e3)
+            dxn = dy * cos - dyp * ssin
+            ss += tl.sum(tl.sum(x * x, axis=2), axis=1)
+            sd += tl.sum(tl.sum(dxn * w * x, axis=2), axis=1)
+        rstd = 1.0 / tl.sqrt(ss / C + eps)
+        tl.store(STATS + toks * 2, rstd, mask=tmask)
+        tl.store(STATS + toks * 2 + 1, sd * rstd / C, mask=tmask)
+    tl.debug_barrier()  # sweep 2 reads what other threads of this program stored
+    for h0 in range(0, H, BLOCK_H):
+        heads = h0 + hs
+        w, _ = _head_weights(W, heads, H, D, e3, e3)
+        acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            toks = t0 + tl.arange(0, BLOCK_T)
+            tmask = toks < t_end
+            b = toks // N
+            n = toks - b * N
+            cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
+            mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
+            dy, dyp = _load_pair(DY, b * stride_dyb + n * stride_dyn, stride_dyh, heads, e3, p3, mask)
+            x_offs = _tile_offsets(b * stride_xb + n * stride_xn, heads, stride_xh, e3)
+            x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(STATS + toks * 2, mask=tmask, other=0.0)[:, None, None]
+            m = tl.load(STATS + toks * 2 + 1, mask=tmask, other=0.0)[:, None, None]
+            dxn = dy * cos - dyp * ssin
+            xhat = x * rstd
+            acc += dxn * xhat
+            dx = (dxn * w - xhat * m) * rstd
+            tl.store(DX + _tile_offsets(toks * H * D, heads, D, e3), dx.to(DX.dtype.element_ty), mask=mask)
+        wmask = (heads < H)[:, None] & emask[None, :]
+        tl.store(DW_P + pid * C + heads.to(tl.int64)[:, None] * D + e[None, :], tl.sum(acc, axis=0), mask=wmask)
+
+
+@triton.jit
 def _rope3d_bwd_kernel(
-    DQO, DKO, Q, K, POS, QW, KW, DQ, DK, DQW_P, DKW_P,
+    DQO, DKO, Q, K, POS, QW, KW, DQ, DK, DQW_P, DKW_P, QS, KS,
     N, H, D, n_tokens, tokens_per_program,
     stride_dqb, stride_dqn, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_pb, stride_pn, stride_pc,
     eps, neg_log2_theta,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, ACROSS_HEADS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
@@ -275,49 +394,62 @@ def _rope3d_bwd_kernel(
     partner, sign, inv_freq, column = _rope_tables(e, neg_log2_theta, S0, S1, S2, INTERLEAVED)
     e3 = e[None, None, :]
     p3 = partner[None, None, :]
-    qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
-    kw = qw
-    if HAS_QW:
-        qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
-    if HAS_KW:
-        kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
-    hs = tl.arange(0, BLOCK_H)
-    acc_q = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
-    acc_k = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        toks = t0 + tl.arange(0, BLOCK_T)
-        tmask = toks < t_end
-        b = toks // N
-        n = toks - b * N
-        cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
-        dq_rows = b * stride_dqb + n * stride_dqn
-        dk_rows = b * stride_dkb + n * stride_dkn
-        q_rows = b * stride_qb + n * stride_qn
-        k_rows = b * stride_kb + n * stride_kn
-        out_rows = toks * H * D
-        for h0 in range(0, H, BLOCK_H):
-            heads = h0 + hs
-            mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-            # every load of the step (q and k) is issued before the math
-            dyq, dyqp = _load_pair(DQO, dq_rows, stride_dqh, heads, e3, p3, mask)
-            xq = dyq
-            if HAS_QW:
-                xq = tl.load(Q + _tile_offsets(q_rows, heads, stride_qh, e3), mask=mask, other=0.0).to(tl.float32)
-            dyk, dykp, xk = dyq, dyqp, xq
-            if HAS_K:
-                dyk, dykp = _load_pair(DKO, dk_rows, stride_dkh, heads, e3, p3, mask)
-                if HAS_KW:
-                    xk = tl.load(K + _tile_offsets(k_rows, heads, stride_kh, e3), mask=mask, other=0.0)
-                    xk = xk.to(tl.float32)
-            acc_q = _rope_bwd_finish(dyq, dyqp, xq, DQ, out_rows, heads, e3, mask, cos, ssin, qw, D, eps, acc_q, HAS_QW)
-            if HAS_K:
-                acc_k = _rope_bwd_finish(
-                    dyk, dykp, xk, DK, out_rows, heads, e3, mask, cos, ssin, kw, D, eps, acc_k, HAS_KW
-                )
-    if HAS_QW:
-        tl.store(DQW_P + pid * D + e, tl.sum(tl.sum(acc_q, axis=0), axis=0), mask=emask)
-    if HAS_KW:
-        tl.store(DKW_P + pid * D + e, tl.sum(tl.sum(acc_k, axis=0), axis=0), mask=emask)
+    if ACROSS_HEADS:  # RMSNorm over all heads (Wan); the launcher passes both weights
+        _rope_bwd_across_heads(
+            DQO, Q, QW, DQ, DQW_P, QS, pid, t_start, t_end, N, H, D,
+            stride_dqb, stride_dqn, stride_dqh, stride_qb, stride_qn, stride_qh,
+            POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps, BLOCK_T, BLOCK_H, BLOCK_D,
+        )  # fmt: skip
+        if HAS_K:
+            _rope_bwd_across_heads(
+                DKO, K, KW, DK, DKW_P, KS, pid, t_start, t_end, N, H, D,
+                stride_dkb, stride_dkn, stride_dkh, stride_kb, stride_kn, stride_kh,
+                POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps, BLOCK_T, BLOCK_H, BLOCK_D,
+            )  # fmt: skip
+    else:
+        qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
+        kw = qw
+        if HAS_QW:
+            qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
+        if HAS_KW:
+            kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
+        hs = tl.arange(0, BLOCK_H)
+        acc_q = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
+        acc_k = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            toks = t0 + tl.arange(0, BLOCK_T)
+            tmask = toks < t_end
+            b = toks // N
+            n = toks - b * N
+            cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
+            dq_rows = b * stride_dqb + n * stride_dqn
+            dk_rows = b * stride_dkb + n * stride_dkn
+            q_rows = b * stride_qb + n * stride_qn
+            k_rows = b * stride_kb + n * stride_kn
+            out_rows = toks * H * D
+            for h0 in range(0, H, BLOCK_H):
+                heads = h0 + hs
+                mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
+                # every load of the step (q and k) is issued before the math
+                dyq, dyqp = _load_pair(DQO, dq_rows, stride_dqh, heads, e3, p3, mask)
+                xq = dyq
+                if HAS_QW:
+                    xq = tl.load(Q + _tile_offsets(q_rows, heads, stride_qh, e3), mask=mask, other=0.0).to(tl.float32)
+                dyk, dykp, xk = dyq, dyqp, xq
+                if HAS_K:
+                    dyk, dykp = _load_pair(DKO, dk_rows, stride_dkh, heads, e3, p3, mask)
+                    if HAS_KW:
+                        xk = tl.load(K + _tile_offsets(k_rows, heads, stride_kh, e3), mask=mask, other=0.0)
+                        xk = xk.to(tl.float32)
+                acc_q = _rope_bwd_finish(dyq, dyqp, xq, DQ, out_rows, heads, e3, mask, cos, ssin, qw, D, eps, acc_q, HAS_QW)
+                if HAS_K:
+                    acc_k = _rope_bwd_finish(
+                        dyk, dykp, xk, DK, out_rows, heads, e3, mask, cos, ssin, kw, D, eps, acc_k, HAS_KW
+                    )
+        if HAS_QW:
+            tl.store(DQW_P + pid * D + e, tl.sum(tl.sum(acc_q, axis=0), axis=0), mask=emask)
+        if HAS_KW:
+            tl.store(DKW_P + pid * D + e, tl.sum(tl.sum(acc_k, axis=0), axis=0), mask=emask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,7 +520,7 @@ def _strides3(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False):
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else q.new_empty(0)
     q4 = _as_bnhd(q)
@@ -406,13 +538,16 @@ def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta
         float(eps), -math.log2(theta),
         S0=S0, S1=S1, S2=S2, INTERLEAVED=bool(interleaved),
         HAS_K=k is not None, HAS_QW=q_weight is not None, HAS_KW=k is not None and k_weight is not None,
+        ACROSS_HEADS=bool(across_heads) and q_weight is not None,
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return q_out, k_out
 
 
-def _rope3d_bwd_launch(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+def _rope3d_bwd_launch(
+    dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False
+):
     dev = q.device
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev) if k is not None else q.new_empty(0)
@@ -434,19 +569,25 @@ def _rope3d_bwd_launch(dq_out, dk_out, q, k, positions, q_weight, k_weight, sect
     dk4 = _as_bnhd(dk_out) if has_k else dq4
     cfg = launch_config(H, D, dev)
     n_prog, per_prog = bwd_programs(n_tokens, cfg.block_t, dev)
-    dqw_p = torch.empty((n_prog, D), dtype=torch.float32, device=dev) if q_weight is not None else q.new_empty(0)
-    dkw_p = torch.empty((n_prog, D), dtype=torch.float32, device=dev) if has_kw else q.new_empty(0)
+    across = bool(across_heads) and q_weight is not None
+    C = H * D if across else D  # weight length
+    dqw_p = torch.empty((n_prog, C), dtype=torch.float32, device=dev) if q_weight is not None else q.new_empty(0)
+    dkw_p = torch.empty((n_prog, C), dtype=torch.float32, device=dev) if has_kw else q.new_empty(0)
+    # across heads: per-token (rstd, mean(dxhat * xhat)) scratch of the two-sweep backward
+    q_stats = torch.empty((n_tokens, 2), dtype=torch.float32, device=dev) if across else dqw_p
+    k_stats = torch.empty((n_tokens, 2), dtype=torch.float32, device=dev) if across and has_k else q_stats
     S0, S1, S2 = (int(s) for s in sections)
     launch(_rope3d_bwd_kernel, (n_prog,))(
         dq4, dk4, q4, k4, positions,
         q_weight if q_weight is not None else q4, k_weight if has_kw else q4,
         dq, dk if has_k else dq,
         dqw_p if q_weight is not None else dq, dkw_p if has_kw else dq,
+        q_stats if q_stats.numel() else dq, k_stats if k_stats.numel() else dq,
         N, H, D, n_tokens, per_prog,
         *_strides3(dq4), *_strides3(dk4), *_strides3(q4), *_strides3(k4), *_pos_strides(positions, q4),
         float(eps), -math.log2(theta),
         S0=S0, S1=S1, S2=S2, INTERLEAVED=bool(interleaved),
-        HAS_K=has_k, HAS_QW=q_weight is not None, HAS_KW=has_kw,
+        HAS_K=has_k, HAS_QW=q_weight is not None, HAS_KW=has_kw, ACROSS_HEADS=across,
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -460,7 +601,7 @@ def _rope3d_bwd_launch(dq_out, dk_out, q, k, positions, q_weight, k_weight, sect
 # ----------------------------------------------------------------------------------------
 
 
-def _rope3d_fwd_fake(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+def _rope3d_fwd_fake(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False):
     return q.new_empty(q.shape), (k.new_empty(k.shape) if k is not None else q.new_empty(0))
 
 
@@ -475,15 +616,19 @@ def _rope3d_fwd(
     eps: float,
     theta: float,
     interleaved: bool,
+    across_heads: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``mugv::qk_norm_rope3d_fwd``: ``(q_out, k_out)``, contiguous, in the inputs' dtype;
-    ``k_out`` is empty when ``k`` is None (plain :func:`rope3d`)."""
+    ``k_out`` is empty when ``k`` is None (plain :func:`rope3d`). ``across_heads``: the
+    weights are ``[H * D]`` and the RMS runs over all heads of a token."""
     if use_triton(q):
-        return _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
-    return rope3d_fwd_ref(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+        return _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads)
+    return rope3d_fwd_ref(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads)
 
 
-def _rope3d_bwd_fake(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+def _rope3d_bwd_fake(
+    dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False
+):
     def like(t: Tensor | None) -> Tensor:
         return t.new_empty(t.shape) if t is not None else q.new_empty(0)
 
@@ -503,21 +648,25 @@ def _rope3d_bwd(
     eps: float,
     theta: float,
     interleaved: bool,
+    across_heads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``mugv::qk_norm_rope3d_bwd``: ``(dq, dk, dq_weight, dk_weight)``, each empty where
     the input was None; a None output gradient counts as zeros."""
     if use_triton(q):
         return _rope3d_bwd_launch(
-            dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved
+            dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads
         )
-    return rope3d_bwd_ref(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved)
+    return rope3d_bwd_ref(
+        dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads
+    )
 
 
 def _rope3d_setup_context(ctx, inputs, output):
-    q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved = inputs
+    q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads = inputs
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, positions, q_weight, k_weight)
     ctx.sections, ctx.eps, ctx.theta, ctx.interleaved = list(sections), eps, theta, interleaved
+    ctx.across_heads = across_heads
 
 
 def _rope3d_backward(ctx, dq_out, dk_out):
@@ -531,10 +680,11 @@ def _rope3d_backward(ctx, dq_out, dk_out):
     dq, dk, dqw, dkw = torch.ops.mugv.qk_norm_rope3d_bwd(
         dq_out=dq_out, dk_out=dk_out, q=q, k=k, positions=positions, q_weight=q_weight, k_weight=k_weight,
         sections=ctx.sections, eps=ctx.eps, theta=ctx.theta, interleaved=ctx.interleaved,
+        across_heads=ctx.across_heads,
     )  # fmt: skip
     return (
         dq, dk if k is not None else None, None, dqw if q_weight is not None else None,
-        dkw if k is not None and k_weight is not None else None, None, None, None, None,
+        dkw if k is not None and k_weight is not None else None, None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -591,12 +741,12 @@ def _check_positions(positions: object, x: Tensor, check_values: bool = True) ->
     return positions
 
 
-def _check_weight(name: str, w: Tensor | None, D: int, dev: torch.device) -> Tensor | None:
+def _check_weight(name: str, w: Tensor | None, D: int, dev: torch.device, what: str = "head_dim") -> Tensor | None:
     if w is None:
         return None
     check_tensor(name, w, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
     if w.shape[0] != D:
-        raise ValueError(f"{name} must have shape ({D},) (head_dim), got {tuple(w.shape)}")
+        raise ValueError(f"{name} must have shape ({D},) ({what}), got {tuple(w.shape)}")
     return last_dim_contiguous(w)
 
 
@@ -619,7 +769,7 @@ def _check_scalars(eps: float, theta: float, interleaved: bool) -> None:
 
 def qk_norm_rope3d(
     q: Tensor,
-    k: Tensor,
+    k: Tensor | None,
     positions: Tensor,
     sections: Sequence[int],
     *,
@@ -630,7 +780,8 @@ def qk_norm_rope3d(
     interleaved: bool = True,
     check_positions: bool = True,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
+    across_heads: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Per-head RMSNorm of Q and K followed by a 3D rotary embedding, in one pass.
 
     MUG-V's ``q_norm``/``k_norm`` + ``apply_rotary_emb`` (arXiv 2510.17519; public
@@ -640,7 +791,8 @@ def qk_norm_rope3d(
 
     Args:
         q, k: ``[B, N, H, D]`` (padded) or ``[total, H, D]`` (packed variable-length
-            batch), same shape and dtype (fp32/bf16/fp16; fp64 runs the reference). Any
+            batch), same shape and dtype (fp32/bf16/fp16; fp64 runs the reference);
+            ``k=None`` normalizes and rotates q alone (``k_out`` is None). Any
             strides with unit stride on D are used as they are (e.g. ``qkv[:, :, 0]`` of a
             fused ``[B, N, 3, H, D]`` projection); other layouts are copied once.
             ``D <= 1024``; a non-power-of-two D (MUG-V: 72) runs in a
@@ -654,7 +806,8 @@ def qk_norm_rope3d(
             unrotated. MUG-V: ``(24, 24, 24)`` for (h, w, t).
         q_weight, k_weight: ``[D]`` RMSNorm weights (any float dtype); when given, that
             tensor is RMS-normalized over D (fp32 statistics) and scaled before the
-            rotation; None skips its norm.
+            rotation; None skips its norm. With ``across_heads`` both are ``[H * D]``
+            (or both None).
         eps: added to the mean square (default 1e-6, as MUG-V).
         theta: RoPE base (default 1e4). Section ``i``, pair ``j`` turns by
             ``positions[..., i] * theta ** (-2j / sections[i])`` (angles in fp32).
@@ -667,41 +820,58 @@ def qk_norm_rope3d(
             ``TRITON_INTERPRET=1``, the explicit reference on plain CPU and in fp64),
             ``"triton"`` or ``"reference"`` (the differentiable PyTorch reference
             :func:`mugv_kernels.reference.qk_norm_rope3d_ref`, no custom op).
+        across_heads: RMS over all heads of a token (``H * D`` values, weights ``[H * D]``)
+            instead of per head: Wan's ``rms_norm_across_heads`` QK norm
+            (``torch.nn.RMSNorm(H * D)`` on the projection, then the heads' RoPE), still one
+            op. The kernel first sweeps the token's heads for the statistic (a second
+            read of the same rows, from L1/L2), and its backward runs two sweeps with a
+            ``[tokens, 2]`` fp32 scratch of per-token statistics.
 
     Returns:
         ``(q_out, k_out)``: same shapes as q and k, in the input dtype (contiguous from
-        the kernel).
+        the kernel); ``k_out`` is None when k is.
 
     Raises:
         TypeError: q/k/weights/positions not tensors; q/k/weights of an unsupported float
             dtype, positions not int32/int64, or a q/k dtype mismatch.
         ValueError: wrong ranks, q/k shape mismatch, D out of range, sections not three
             even non-negative ints or summing past D, positions of the wrong shape or
-            device, negative or too large positions, weight shape != [D], eps <= 0,
-            theta <= 0, an unknown backend (or one that cannot run here).
+            device, negative or too large positions, weight shape != [D] (!= [H * D]
+            with ``across_heads``, or only one of two weights given), eps <= 0,
+            theta <= 0, ``across_heads`` not a bool, an unknown backend (or one that
+            cannot run here).
     """
     q = _check_x("q", q)
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k dtype {k.dtype} != q dtype {q.dtype}")
+    if k is not None:
+        check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
+        if k.shape != q.shape:
+            raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+        if k.dtype != q.dtype:
+            raise TypeError(f"k dtype {k.dtype} != q dtype {q.dtype}")
+    elif k_weight is not None:
+        raise ValueError("k_weight needs k")
+    if not isinstance(across_heads, bool):
+        raise ValueError(f"across_heads must be a bool, got {across_heads!r}")
     D = q.shape[-1]
     secs = _check_sections(sections, D)
     _check_scalars(eps, theta, interleaved)
     positions = _check_positions(positions, q, check_positions)
-    q_weight = _check_weight("q_weight", q_weight, D, q.device)
-    k_weight = _check_weight("k_weight", k_weight, D, q.device)
+    C, what = (q.shape[-2] * D, "heads * head_dim, across_heads") if across_heads else (D, "head_dim")
+    q_weight = _check_weight("q_weight", q_weight, C, q.device, what)
+    k_weight = _check_weight("k_weight", k_weight, C, q.device, what)
+    if across_heads and k is not None and (q_weight is None) != (k_weight is None):
+        raise ValueError("across_heads needs both q_weight and k_weight, or neither")
     if check_backend(backend, q, choices=BACKENDS) == "reference":
-        return (
-            qk_norm_rope3d_ref(q, positions, secs, q_weight, eps, theta, interleaved),
-            qk_norm_rope3d_ref(k, positions, secs, k_weight, eps, theta, interleaved),
-        )
-    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
-    return torch.ops.mugv.qk_norm_rope3d_fwd(
+        args = (eps, theta, interleaved, across_heads)
+        q_out = qk_norm_rope3d_ref(q, positions, secs, q_weight, *args)
+        return q_out, (qk_norm_rope3d_ref(k, positions, secs, k_weight, *args) if k is not None else None)
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k) if k is not None else None
+    q_out, k_out = torch.ops.mugv.qk_norm_rope3d_fwd(
         q=q, k=k, positions=positions, q_weight=q_weight, k_weight=k_weight, sections=secs,
-        eps=float(eps), theta=float(theta), interleaved=interleaved,
+        eps=float(eps), theta=float(theta), interleaved=interleaved, across_heads=across_heads,
     )  # fmt: skip
+    return q_out, (k_out if k is not None else None)
 
 
 def rope3d(
@@ -819,7 +989,9 @@ def _aot_cases() -> None:
     """MUG-V 10B self-attention (48 heads x 72, sections (24, 24, 24), interleaved) at the
     5 s and 3 s 720p token counts, bf16: fused QK-norm + RoPE forward/backward and plain
     RoPE, positions int32 and int64; plus a Wan-style head_dim 128 with uneven sections
-    (44, 42, 42) in both pair layouts."""
+    (44, 42, 42) in both pair layouts, and Wan2.1-14B's across-heads QK norm + RoPE
+    (40 heads x 128, 75,600 tokens: q and k, and one tensor alone as the cross-attention
+    norms run)."""
     meta = dict(device="meta", dtype=torch.bfloat16)
     cases = [(50402, 48, 72, (24, 24, 24), True), (36002, 48, 72, (24, 24, 24), True)]
     cases += [(32760, 40, 128, (44, 42, 42), True), (32760, 40, 128, (44, 42, 42), False)]
@@ -832,3 +1004,10 @@ def _aot_cases() -> None:
             for qw, kw, kk in ((w, w, k), (None, None, k), (None, None, None)):
                 _rope3d_fwd_launch(q, kk, pos, qw, kw, secs, 1e-6, 10000.0, inter)
                 _rope3d_bwd_launch(q, kk, q, kk, pos, qw, kw, secs, 1e-6, 10000.0, inter)
+    N, H, D = 75600, 40, 128
+    q = torch.empty(1, N, H, D, **meta)
+    w = torch.empty(H * D, **meta)
+    pos = torch.empty(N, 3, device="meta", dtype=torch.int32)
+    for kk, kw in ((q, w), (None, None)):
+        _rope3d_fwd_launch(q, kk, pos, w, kw, (44, 42, 42), 1e-6, 10000.0, True, across_heads=True)
+        _rope3d_bwd_launch(q, kk, q, kk, pos, w, kw, (44, 42, 42), 1e-6, 10000.0, True, across_heads=True)

@@ -14,7 +14,9 @@ position column ``i`` (MUG-V: columns (h, w, t), 24 dims each of ``head_dim`` 72
 
 Pairs are ``(2j, 2j+1)`` inside a section when ``interleaved`` (what ``view_as_complex``
 gives: MUG-V, Lumina, Flux), else ``(j, j + d/2)`` (the rotate-half convention of
-GPT-NeoX / HF Llama, Wan, HunyuanVideo). Dims past ``sum(sections)`` pass through.
+GPT-NeoX / HF Llama; diffusers' Wan and HunyuanVideo use the interleaved pairs). Dims
+past ``sum(sections)`` pass through. ``across_heads``: the RMS runs over all heads of a
+token (``H * D`` values, weight ``[H * D]``), Wan's ``rms_norm_across_heads``.
 
 Written as ``out = xn * cos + xn[..., partner] * signed_sin`` over per-element tables
 (:func:`rope_tables`), which is also how the Triton kernel computes it. ``rope3d_fwd_ref``
@@ -92,9 +94,17 @@ def _angles(positions: Tensor, column: Tensor, inv_freq: Tensor) -> Tensor:
     return pos[..., column] * inv_freq
 
 
-def _rms(x: Tensor, eps: float) -> Tensor:
-    """``rsqrt(mean(x**2) + eps)`` over the last dim, keepdim."""
-    return torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+def _rms(x: Tensor, eps: float, across_heads: bool = False) -> Tensor:
+    """``rsqrt(mean(x**2) + eps)`` over the last dim (over the last two, heads and
+    head_dim, when ``across_heads``), keepdim."""
+    dims = (-2, -1) if across_heads else -1
+    return torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+
+
+def _weight(weight: Tensor, x: Tensor, across_heads: bool, cd: torch.dtype) -> Tensor:
+    """The norm weight shaped for ``x [..., H, D]``: ``[D]``, or ``[H * D]`` as ``[H, D]``."""
+    w = weight.to(cd)
+    return w.view(x.shape[-2], x.shape[-1]) if across_heads else w
 
 
 def _rotate(xn: Tensor, positions: Tensor, sections, theta: float, interleaved: bool) -> Tensor:
@@ -113,16 +123,18 @@ def qk_norm_rope3d_ref(
     eps: float = 1e-6,
     theta: float = 10000.0,
     interleaved: bool = True,
+    across_heads: bool = False,
 ) -> Tensor:
-    """Differentiable reference for one tensor: optional RMSNorm over D, then 3D RoPE.
+    """Differentiable reference for one tensor: optional RMSNorm over D (over all heads,
+    ``H * D`` values, with ``across_heads``: Wan's ``rms_norm_across_heads``), then 3D RoPE.
 
     Args:
         x: ``[B, N, H, D]`` or ``[total, H, D]``, any float dtype.
         positions: ``[B, N, 3]`` / ``[N, 3]`` (shared by every sample) or ``[total, 3]``,
             integer.
         sections: three even ints summing to at most D.
-        weight: ``[D]`` RMSNorm weight, or None (no norm).
-        eps, theta, interleaved: as :func:`mugv_kernels.qk_norm_rope3d`.
+        weight: ``[D]`` RMSNorm weight (``[H * D]`` with ``across_heads``), or None (no norm).
+        eps, theta, interleaved, across_heads: as :func:`mugv_kernels.qk_norm_rope3d`.
 
     Returns:
         Same shape as ``x``, in ``x.dtype`` (computed in fp32, fp64 for fp64 input).
@@ -130,22 +142,23 @@ def qk_norm_rope3d_ref(
     cd = _compute_dtype(x)
     xn = x.to(cd)
     if weight is not None:
-        xn = xn * _rms(xn, eps) * weight.to(cd)
+        xn = xn * _rms(xn, eps, across_heads) * _weight(weight, xn, across_heads, cd)
     if x.dim() == 4 and positions.dim() == 2:
         positions = positions.unsqueeze(0)
     return _rotate(xn, positions, sections, theta, interleaved).to(x.dtype)
 
 
-def rope3d_fwd_ref(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+def rope3d_fwd_ref(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False):
     """Explicit forward with the outputs of ``mugv::qk_norm_rope3d_fwd``: ``(q_out, k_out)``,
     contiguous (``k_out`` empty when ``k`` is None)."""
-    q_out = qk_norm_rope3d_ref(q, positions, sections, q_weight, eps, theta, interleaved).contiguous()
+    args = (eps, theta, interleaved, across_heads)
+    q_out = qk_norm_rope3d_ref(q, positions, sections, q_weight, *args).contiguous()
     if k is None:
         return q_out, q.new_empty(0)
-    return q_out, qk_norm_rope3d_ref(k, positions, sections, k_weight, eps, theta, interleaved).contiguous()
+    return q_out, qk_norm_rope3d_ref(k, positions, sections, k_weight, *args).contiguous()
 
 
-def _bwd_one(dy: Tensor, x: Tensor, positions: Tensor, weight, sections, eps, theta, interleaved):
+def _bwd_one(dy: Tensor, x: Tensor, positions: Tensor, weight, sections, eps, theta, interleaved, across_heads):
     """``(dx, dweight)`` of one tensor; ``dy`` may be None (no gradient: zeros)."""
     cd = _compute_dtype(x)
     if dy is None:
@@ -162,21 +175,25 @@ def _bwd_one(dy: Tensor, x: Tensor, positions: Tensor, weight, sections, eps, th
     if weight is None:
         return dxn.to(x.dtype).contiguous(), x.new_empty(0)
     xf = x.to(cd)
-    rstd = _rms(xf, eps)
+    rstd = _rms(xf, eps, across_heads)
     xhat = xf * rstd
-    dweight = (dxn * xhat).reshape(-1, D).sum(0).to(weight.dtype)
-    dxhat = dxn * weight.to(cd)
-    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
+    dweight = (dxn * xhat).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+    dxhat = dxn * _weight(weight, xf, across_heads, cd)
+    dims = (-2, -1) if across_heads else -1
+    dx = (dxhat - xhat * (dxhat * xhat).mean(dims, keepdim=True)) * rstd
     return dx.to(x.dtype).contiguous(), dweight
 
 
-def rope3d_bwd_ref(dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved):
+def rope3d_bwd_ref(
+    dq_out, dk_out, q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False
+):
     """Explicit backward matching ``mugv::qk_norm_rope3d_bwd``: ``(dq, dk, dq_weight,
     dk_weight)``; the gradient of an absent input is an empty tensor."""
-    dq, dqw = _bwd_one(dq_out, q, positions, q_weight, sections, eps, theta, interleaved)
+    args = (sections, eps, theta, interleaved, across_heads)
+    dq, dqw = _bwd_one(dq_out, q, positions, q_weight, *args)
     if k is None:
         return dq, q.new_empty(0), dqw, q.new_empty(0)
-    dk, dkw = _bwd_one(dk_out, k, positions, k_weight, sections, eps, theta, interleaved)
+    dk, dkw = _bwd_one(dk_out, k, positions, k_weight, *args)
     return dq, dk, dqw, dkw
 
 

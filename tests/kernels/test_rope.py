@@ -504,6 +504,110 @@ def test_bad_input_type_errors():
         mk.rope3d(_Q[0], _POS, (24, 24, 24))  # packed x needs [total, 3]
 
 
+# ----------------------------------------------------------------------------------------
+# RMSNorm across heads (Wan's rms_norm_across_heads) + RoPE
+# ----------------------------------------------------------------------------------------
+
+
+def public_across_heads(x, weight, positions, sections, interleaved, eps=1e-6):
+    """Wan's QK norm written as diffusers runs it: ``torch.nn.RMSNorm(H * D)`` on the
+    flattened projection, then the heads' RoPE (the complex-table formulation above)."""
+    H, D = x.shape[-2:]
+    xn = torch.nn.functional.rms_norm(x.float().flatten(-2), (H * D,), weight.float(), eps).view(x.shape)
+    return public_rope(xn, positions, sections, interleaved)
+
+
+ACROSS_CASES = [
+    ("padded", 2, 5, 5, (16, (8, 4, 4)), True, torch.float32, True),
+    ("packed", 1, 7, 3, WAN, False, torch.float32, True),
+    ("padded", 1, 1, 6, (16, (8, 4, 4)), False, torch.bfloat16, True),
+    ("padded", 2, 37, 2, PASS, True, torch.float32, False),  # several backward programs; q alone
+]
+
+
+@pytest.mark.parametrize("layout,B,N,H,dsec,interleaved,dtype,with_k", ACROSS_CASES)
+def test_across_heads_matches_public(layout, B, N, H, dsec, interleaved, dtype, with_k):
+    """Outputs and the q/k/weight gradients against torch's RMSNorm over all heads +
+    the complex-table RoPE (fp32), bf16 against the same-dtype reference; heads in
+    several blocks (H > 4), N = 1, packed, pass-through dims, and q alone (k=None)."""
+    D, sections = dsec
+    shape = (B, N, H, D) if layout == "padded" else (N, H, D)
+    pos = _positions(shape[:-2])
+    q, k = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    qw, kw = (1 + 0.5 * torch.randn(2, H * D)).to(dtype).unbind(0)
+    inputs = (q, k, qw, kw) if with_k else (q, qw)
+    got, lowp, fp32 = _leaves(*inputs), _leaves(*inputs), _leaves(*[t.float() for t in inputs])
+    if with_k:
+        outs = mk.qk_norm_rope3d(got[0], got[1], pos, sections, q_weight=got[2], k_weight=got[3],
+                                 interleaved=interleaved, across_heads=True)  # fmt: skip
+        pairs = ((lowp[0], lowp[2], fp32[0], fp32[2]), (lowp[1], lowp[3], fp32[1], fp32[3]))
+    else:
+        q_out, none = mk.qk_norm_rope3d(got[0], None, pos, sections, q_weight=got[1], interleaved=interleaved,
+                                        across_heads=True)  # fmt: skip
+        assert none is None
+        outs = (q_out,)
+        pairs = ((lowp[0], lowp[1], fp32[0], fp32[1]),)
+    refs_lowp = [qk_norm_rope3d_ref(x, pos, sections, w, interleaved=interleaved, across_heads=True)
+                 for x, w, _, _ in pairs]  # fmt: skip
+    refs32 = [public_across_heads(x, w, pos, sections, interleaved) for _, _, x, w in pairs]
+    for o, o_lowp, o32 in zip(outs, refs_lowp, refs32, strict=True):
+        assert o.dtype == dtype and o.shape == q.shape
+        assert_close_to_ref(o, o_lowp, o32)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(refs_lowp, grads)
+    torch.autograd.backward(refs32, [g.float() for g in grads])
+    for t, t_lowp, t32 in zip(got, lowp, fp32, strict=True):
+        scale = math.sqrt(B * N) if t.dim() == 1 else 1.0
+        if dtype == torch.float32:
+            assert_close(t.grad, t32.grad, scale=scale)
+        else:
+            assert_close_to_ref(t.grad, t_lowp.grad, t32.grad, factor=2.0 * scale)
+
+
+def test_across_heads_opcheck_gradcheck_and_errors():
+    D, sections = PASS
+    q, k = torch.randn(1, 3, 2, D, requires_grad=True), torch.randn(1, 3, 2, D, requires_grad=True)
+    pos = _positions((1, 3))
+    qw, kw = torch.randn(2 * D, requires_grad=True), torch.randn(2 * D, requires_grad=True)
+    args = (q, k, pos, qw, kw, list(sections), 1e-6, 1e4, True, True)
+    torch.library.opcheck(torch.ops.mugv.qk_norm_rope3d_fwd, args)  # its autograd runs the backward op
+    x, w = _leaves(torch.randn(2, 3, D, dtype=torch.float64), torch.randn(3 * D, dtype=torch.float64))
+    pos2 = _positions((2,))
+    torch.autograd.gradcheck(
+        lambda x, w: mk.qk_norm_rope3d(x, None, pos2, sections, q_weight=w, across_heads=True)[0], (x, w)
+    )
+    with pytest.raises(ValueError, match=r"heads \* head_dim"):
+        mk.qk_norm_rope3d(q, k, pos, sections, q_weight=torch.ones(D), k_weight=torch.ones(D), across_heads=True)
+    with pytest.raises(ValueError, match="both q_weight and k_weight"):
+        mk.qk_norm_rope3d(q, k, pos, sections, q_weight=torch.ones(2 * D), across_heads=True)
+    with pytest.raises(ValueError, match="across_heads must be a bool"):
+        mk.qk_norm_rope3d(q, k, pos, sections, across_heads=1)
+    with pytest.raises(ValueError, match="k_weight needs k"):
+        mk.qk_norm_rope3d(q, None, pos, sections, k_weight=torch.ones(D))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_wan_across_heads():
+    """The compiled across-heads kernels at a Wan-like shape (40 heads x 128, bf16)."""
+    D, sections = WAN
+    q, k = torch.randn(2, 2, 1500, 40, D, device="cuda", dtype=torch.bfloat16).unbind(0)
+    pos = mk.video_positions(3, 20, 25, start_end_tokens=False, order=("t", "h", "w"), device="cuda")
+    qw, kw = (1 + 0.1 * torch.randn(2, 40 * D, device="cuda")).unbind(0)
+    leaves = _leaves(q[None], k[None], qw, kw)
+    outs = mk.qk_norm_rope3d(*leaves[:2], pos, sections, q_weight=leaves[2], k_weight=leaves[3], across_heads=True)
+    r = _leaves(q[None].float(), k[None].float(), qw, kw)
+    refs = [qk_norm_rope3d_ref(r[i], pos, sections, r[i + 2], across_heads=True) for i in (0, 1)]
+    for o, ref in zip(outs, refs):
+        assert_close(o, ref, dtype=torch.bfloat16)
+    g = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, g)
+    torch.autograd.backward(refs, [x.float() for x in g])
+    assert_close(leaves[0].grad, r[0].grad, dtype=torch.bfloat16)
+    assert_close(leaves[2].grad, r[2].grad, dtype=torch.bfloat16, scale=50)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("interleaved", [True, False])
