@@ -134,23 +134,35 @@ def wan_video_positions(frames: int, height: int, width: int, *, device=None) ->
     return mk.video_positions(frames, height, width, start_end_tokens=False, order=("t", "h", "w"), device=device)
 
 
-def rms_norm_across_heads(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+_NO_ROTATION = (0, 0, 0)
+
+
+def rms_norm_across_heads(x: Tensor, weight: Tensor | None, eps: float, heads: int) -> Tensor:
     """RMSNorm over the whole channel axis of ``x [B, N, C]`` (``C = heads * head_dim``,
-    statistics in fp32): Wan's ``norm_q``/``norm_k`` (``torch.nn.RMSNorm(H * D)``, the
-    ``rms_norm_across_heads`` QK norm), on :func:`mugv_kernels.ada_layer_norm`.
+    statistics in fp32): Wan's ``norm_q``/``norm_k`` of the cross-attention
+    (``torch.nn.RMSNorm(H * D)``, the ``rms_norm_across_heads`` QK norm), as
+    :func:`mugv_kernels.qk_norm_rope3d` with ``across_heads=True`` on one tensor and no
+    rotation.
 
     Args:
         x: ``[B, N, C]`` fp32/bf16/fp16.
-        weight: ``[C]`` or None.
+        weight: ``[C]`` or None (then ``x`` is returned as it is).
         eps: added to the mean square.
+        heads: H (C must be a multiple).
 
     Returns:
-        ``[B, N, C]`` in ``x.dtype``.
+        ``[B, N, H, C // H]`` in ``x.dtype``.
 
     Raises:
-        TypeError / ValueError: as :func:`mugv_kernels.ada_layer_norm`.
+        TypeError / ValueError: as :func:`mugv_kernels.qk_norm_rope3d`.
     """
-    return mk.ada_layer_norm(x, None, None, weight=weight, eps=eps, norm="rms")
+    x4 = x.unflatten(-1, (heads, -1))
+    if weight is None:
+        return x4
+    pos = torch.zeros(x.shape[1], 3, dtype=torch.int32, device=x.device)
+    return mk.qk_norm_rope3d(
+        x4, None, pos, _NO_ROTATION, q_weight=weight, eps=eps, across_heads=True, check_positions=False
+    )[0]
 
 
 def qk_norm_across_heads_rope3d(
@@ -165,8 +177,9 @@ def qk_norm_across_heads_rope3d(
     theta: float = WAN_ROPE_THETA,
     interleaved: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Wan's QK norm and 3D RoPE of self-attention: RMSNorm of q and k over all heads
-    (``H * D`` channels, not per head), then the rotation of each head.
+    """Wan's QK norm and 3D RoPE of self-attention in one kernel: RMSNorm of q and k over
+    all heads (``H * D`` channels, not per head), then the rotation of each head
+    (:func:`mugv_kernels.qk_norm_rope3d` with ``across_heads=True``).
 
     Args:
         q, k: ``[B, N, H, D]`` (the projections viewed as heads), same shape and dtype.
@@ -182,17 +195,14 @@ def qk_norm_across_heads_rope3d(
         ``(q_out, k_out)`` ``[B, N, H, D]`` in the input dtype.
 
     Raises:
-        TypeError / ValueError: as :func:`mugv_kernels.ada_layer_norm` and
-            :func:`mugv_kernels.qk_norm_rope3d`.
+        TypeError / ValueError: as :func:`mugv_kernels.qk_norm_rope3d`.
     """
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must be [B, N, H, D] of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, N, H, D = q.shape
-    qn = rms_norm_across_heads(q.reshape(B, N, H * D), q_weight, eps).view(B, N, H, D)
-    kn = rms_norm_across_heads(k.reshape(B, N, H * D), k_weight, eps).view(B, N, H, D)
-    qo = mk.rope3d(qn, positions, sections, theta=theta, interleaved=interleaved, check_positions=False)
-    ko = mk.rope3d(kn, positions, sections, theta=theta, interleaved=interleaved, check_positions=False)
-    return qo, ko
+    if q.dim() != 4:
+        raise ValueError(f"q and k must be [B, N, H, D], got {tuple(q.shape)}")
+    return mk.qk_norm_rope3d(
+        q, k, positions, sections, q_weight=q_weight, k_weight=k_weight, eps=eps, theta=theta,
+        interleaved=interleaved, check_positions=False, across_heads=True,
+    )  # fmt: skip
 
 
 def _offsets(lengths: Tensor) -> Tensor:
@@ -310,9 +320,10 @@ class MugvWanAttnProcessor:
         return out.flatten(2, 3).type_as(q)
 
     def _norm(self, attn, x, norm):
+        """``[B, N, C]`` -> normalized ``[B, N, H, D]``."""
         if self.rope:
-            return rms_norm_across_heads(x, norm.weight, norm.eps)
-        return norm(x)
+            return rms_norm_across_heads(x, norm.weight, norm.eps, attn.heads)
+        return norm(x).unflatten(2, (attn.heads, -1))
 
     def __call__(
         self,
@@ -339,8 +350,7 @@ class MugvWanAttnProcessor:
                     raise ValueError("rope=True needs int positions [N, 3] from the patched rotary module")
                 q4, k4 = q.unflatten(2, (H, -1)), k.unflatten(2, (H, -1))
                 if rotary_emb is None:
-                    q = rms_norm_across_heads(q, attn.norm_q.weight, attn.norm_q.eps).view_as(q4)
-                    k = rms_norm_across_heads(k, attn.norm_k.weight, attn.norm_k.eps).view_as(k4)
+                    q, k = self._norm(attn, q, attn.norm_q), self._norm(attn, k, attn.norm_k)
                 else:
                     q, k = qk_norm_across_heads_rope3d(
                         q4, k4, rotary_emb, wan_rope_sections(q4.shape[-1]),
@@ -366,15 +376,15 @@ class MugvWanAttnProcessor:
                 k, v = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
             else:
                 q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-            q = self._norm(attn, q, attn.norm_q).unflatten(2, (H, -1))
-            k = self._norm(attn, k, attn.norm_k).unflatten(2, (H, -1))
+            q = self._norm(attn, q, attn.norm_q)
+            k = self._norm(attn, k, attn.norm_k)
             out = self._attend(q, k, v.unflatten(2, (H, -1)), encoder_lengths)
             if img is not None:
                 if getattr(attn, "fused_projections", False):
                     k_img, v_img = attn.to_added_kv(img).chunk(2, dim=-1)
                 else:
                     k_img, v_img = attn.add_k_proj(img), attn.add_v_proj(img)
-                k_img = self._norm(attn, k_img, attn.norm_added_k).unflatten(2, (H, -1))
+                k_img = self._norm(attn, k_img, attn.norm_added_k)
                 out = out + self._attend(q, k_img, v_img.unflatten(2, (H, -1)), None)
         out = attn.to_out[0](out.type_as(hidden_states))
         return attn.to_out[1](out)
@@ -897,7 +907,7 @@ def _plan_wan(model, patch: _Patch, attention: bool, norms: bool, rope: bool, ba
             if rope:
                 parts.append(
                     "QK RMSNorm across heads + 3D RoPE (qk_norm_across_heads_rope3d)"
-                    if mod_name.endswith("attn1") else "QK RMSNorm across heads (ada_layer_norm rms)"
+                    if mod_name.endswith("attn1") else "QK RMSNorm across heads (qk_norm_rope3d, no rotation)"
                 )  # fmt: skip
             if attention:
                 parts.append("varlen_attention" + ("" if mod_name.endswith("attn1") else ", padded caption skipped"))
