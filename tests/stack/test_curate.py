@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from mugv.config import ConfigError
 from mugv.data.curate import CurateConfig, curate, read_clips_csv, scan_video
 from mugv.data.curate.metrics import flow_magnitude, hamming, laplacian_variance, phash_hex
 from mugv.data.curate.run import read_records
@@ -240,15 +241,20 @@ def test_ray_backend_matches_process_pool(lib, tmp_path):
     assert (tmp_path / "pool" / "clips.csv").read_text() == (tmp_path / "ray" / "clips.csv").read_text()
 
 
-def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="backend"):
-        curate(CurateConfig(out=str(tmp_path), backend="spark"))
-    with pytest.raises(ValueError, match="workers"):
+def test_config_errors(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="backend"):
+        CurateConfig(out=str(tmp_path), backend="spark")
+    with pytest.raises(ConfigError, match="workers"):
         curate(CurateConfig(out=str(tmp_path), workers=0))
     with pytest.raises(FileNotFoundError):
         curate(CurateConfig(out=str(tmp_path), videos=[str(tmp_path / "nope")]))
-    with pytest.raises(ValueError, match="flow"):
-        scan_video(tmp_path / "x.mp4", CurateConfig(flow="lk"))
+    cfg = CurateConfig()
+    cfg.flow = "lk"
+    with pytest.raises(ConfigError, match="flow"):
+        scan_video(tmp_path / "x.mp4", cfg)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'mugv\[ray\]'"):
+        curate(CurateConfig(out=str(tmp_path), backend="ray"))
 
 
 def test_outputs_on_embedded_clips(tmp_path):

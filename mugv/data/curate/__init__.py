@@ -4,7 +4,6 @@ The data-curation stage of MUG-V (arXiv 2510.17519, data processing): shot detec
 (PySceneDetect), sharpness (Laplacian variance), motion (optical flow), brightness and
 black/frozen frames, an optional aesthetic score, and near-duplicate removal (imagehash).
 
-- :mod:`.config`: :class:`CurateConfig`, every setting with its documented default;
 - :mod:`.metrics`: the per-frame metrics;
 - :mod:`.scan`: :func:`scan_video`, the pure per-video step (decode, split, score);
 - :mod:`.select`: filtering and dedup;
@@ -12,7 +11,7 @@ black/frozen frames, an optional aesthetic score, and near-duplicate removal (im
 - :mod:`.report`: ``clips.csv``, ``report.json``, ``report.html``.
 """
 
-from mugv.data.curate.config import CurateConfig
+from mugv.config import CurateConfig
 from mugv.data.curate.report import read_clips_csv
 from mugv.data.curate.run import curate
 from mugv.data.curate.scan import scan_video

@@ -22,7 +22,7 @@ import math
 import os
 from pathlib import Path
 
-from mugv.data.curate.config import CurateConfig
+from mugv.config import CurateConfig
 from mugv.data.curate.scan import CLIP_METRICS
 from mugv.data.curate.select import REASONS
 

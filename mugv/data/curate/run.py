@@ -7,7 +7,7 @@ Output directory layout:
   finishes. A rerun reads it back, drops a torn last line (a kill mid-write), and skips every
   video already listed, so a killed run loses at most the videos in flight and never
   records one twice.
-- ``state.json``: the scan settings (:data:`~mugv.data.curate.config.SCAN_FIELDS`); resuming
+- ``state.json``: the scan settings (:data:`SCAN_FIELDS`); resuming
   with other scan settings is an error. Filter thresholds may change between runs: filtering
   and dedup are recomputed from the recorded metrics every time.
 - ``thumbs/``: one JPEG per clip; ``clips.csv``, ``report.json``, ``report.html``
@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from mugv.data.curate.config import SCAN_FIELDS, CurateConfig
+from mugv.config import ConfigError, CurateConfig
 from mugv.data.curate.report import _atomic_write, write_outputs
 from mugv.data.curate.scan import scan_video
 from mugv.data.curate.select import select_clips
@@ -34,6 +34,22 @@ __all__ = ["BACKENDS", "curate", "list_curate_videos", "read_records"]
 
 #: Execution backends of :func:`curate`.
 BACKENDS = ("local", "ray")
+#: Fields that change what a video scan records: an output directory scanned with other
+#: values cannot be resumed (the filter thresholds may change freely between runs).
+SCAN_FIELDS = (
+    "detect_short_side",
+    "detect_threshold",
+    "min_scene_frames",
+    "cut_trim_frames",
+    "work_short_side",
+    "num_samples",
+    "flow",
+    "black_luma",
+    "frozen_diff",
+    "aesthetic_weights",
+    "dedup_frames",
+    "thumbnails",
+)
 RECORDS = "videos.jsonl"
 STATE = "state.json"
 THUMBS = "thumbs"
@@ -131,7 +147,7 @@ def _import_ray():
     try:
         import ray
     except ImportError as e:
-        raise ImportError("backend = 'ray' needs Ray: pip install 'mugv[curate]' (or pip install ray)") from e
+        raise ConfigError("backend = 'ray' needs Ray, which is not installed: pip install 'mugv[ray]'") from e
     return ray
 
 
@@ -168,7 +184,7 @@ def curate(cfg: CurateConfig, *, ray_init: dict | None = None) -> dict:
     """Run ``mugv curate`` for ``cfg`` (see the module docstring); returns the report.
 
     Args:
-        cfg: the :class:`~mugv.data.curate.config.CurateConfig`.
+        cfg: the :class:`~mugv.config.CurateConfig`.
         ray_init: extra keyword arguments of ``ray.init`` for ``backend = "ray"`` (e.g.
             ``{"object_store_memory": 10**8}``); ignored when Ray is already initialized.
 
@@ -176,16 +192,15 @@ def curate(cfg: CurateConfig, *, ray_init: dict | None = None) -> dict:
         The dict written to ``report.json`` (see :func:`mugv.data.curate.report.summarize`).
 
     Raises:
-        ValueError: unknown backend, ``workers < 1``, or an output directory scanned with other
-            scan settings.
+        ConfigError: unknown backend, ``workers < 1``, ``backend = "ray"`` without Ray installed,
+            or an output directory scanned with other scan settings.
         FileNotFoundError: a video path does not exist.
-        ImportError: ``backend = "ray"`` without Ray installed.
     """
     t0 = time.perf_counter()
     if cfg.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
     if cfg.workers < 1:
-        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+        raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.backend == "ray":
         _import_ray()
     videos = list_curate_videos(cfg.videos)
@@ -196,7 +211,7 @@ def curate(cfg: CurateConfig, *, ray_init: dict | None = None) -> dict:
     if state_path.exists():
         old = json.loads(state_path.read_text()).get("settings")
         if old != settings:
-            raise ValueError(f"{out} was scanned with other settings ({old}); use another --out or delete it")
+            raise ConfigError(f"{out} was scanned with other settings ({old}); use another --out or delete it")
     else:
         _atomic_write(state_path, json.dumps({"version": 1, "settings": settings}, indent=1).encode())
     records = {r["source"]: r for r in read_records(out)}

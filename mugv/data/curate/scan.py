@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mugv.data.curate.config import CurateConfig
+from mugv.config import ConfigError, CurateConfig
 from mugv.data.curate.metrics import FLOW_METHODS, flow_magnitude, laplacian_variance, phash_hex
 
 __all__ = ["CLIP_METRICS", "scan_video", "video_key"]
@@ -181,7 +181,7 @@ def scan_video(path: str | Path, cfg: CurateConfig, thumbs_dir: str | Path | Non
 
     Args:
         path: the video file.
-        cfg: a :class:`~mugv.data.curate.config.CurateConfig` (its scan fields are used).
+        cfg: a :class:`~mugv.config.CurateConfig` (its scan fields are used).
         thumbs_dir: where clip thumbnails go (``<key>_<clip>.jpg``, written atomically); None:
             no thumbnails.
         scorer: an optional aesthetic scorer, called with a list of ``uint8 [H, W, 3]`` BGR
@@ -195,8 +195,8 @@ def scan_video(path: str | Path, cfg: CurateConfig, thumbs_dir: str | Path | Non
         strings) and ``thumb`` (file name or ``''``).
 
     Raises:
-        ValueError: an invalid config value (``num_samples < 1``, unknown ``flow``, ...). Bad video
-            files never raise.
+        ConfigError: an invalid config value (``num_samples < 1``, unknown ``flow``, ...). Bad
+            video files never raise.
     """
     import av
     import cv2
@@ -204,13 +204,13 @@ def scan_video(path: str | Path, cfg: CurateConfig, thumbs_dir: str | Path | Non
     from scenedetect.common import FrameTimecode
 
     if cfg.num_samples < 1 or cfg.dedup_frames < 1:
-        raise ValueError(f"num_samples and dedup_frames must be >= 1, got {cfg.num_samples}, {cfg.dedup_frames}")
+        raise ConfigError(f"num_samples and dedup_frames must be >= 1, got {cfg.num_samples}, {cfg.dedup_frames}")
     if cfg.flow not in FLOW_METHODS:
-        raise ValueError(f"flow must be one of {FLOW_METHODS}, got {cfg.flow!r}")
+        raise ConfigError(f"flow must be one of {FLOW_METHODS}, got {cfg.flow!r}")
     if cfg.detect_short_side < 16 or cfg.work_short_side < 16:
-        raise ValueError("detect_short_side and work_short_side must be >= 16 px")
+        raise ConfigError("detect_short_side and work_short_side must be >= 16 px")
     if cfg.decode_threads < 0 or cfg.cut_trim_frames < 0 or cfg.min_scene_frames < 0:
-        raise ValueError("decode_threads, cut_trim_frames and min_scene_frames must be >= 0")
+        raise ConfigError("decode_threads, cut_trim_frames and min_scene_frames must be >= 0")
     t0 = time.perf_counter()
     src = Path(path)
     key = video_key(src)

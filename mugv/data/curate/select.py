@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from mugv.data.curate.config import CurateConfig
+from mugv.config import CurateConfig
 
 __all__ = ["REASONS", "dedup_groups", "filter_reasons", "select_clips"]
 
