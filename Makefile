@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[stack,test,diffusers]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[stack,test,diffusers,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)

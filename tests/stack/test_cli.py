@@ -12,7 +12,7 @@ import torch
 from mugv.cli import build_parser, main
 from mugv.config import TrainConfig, config_from_args
 
-COMMANDS = ["preprocess", "train-vae", "train", "generate", "demo"]
+COMMANDS = ["curate", "preprocess", "train-vae", "train", "generate", "demo"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -203,10 +203,11 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(lib, tmp_path):
     ref = tmp_path / "ref"
     curate(CurateConfig(videos=[str(vids)], out=str(ref), progress=False, report=False))
     out = tmp_path / "killed"
-    code = ("import sys; from mugv.data.curate import CurateConfig, curate; "
-            f"curate(CurateConfig(videos=[{str(vids)!r}], out={str(out)!r}, progress=False, report=False))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "mugv.cli", "curate", "--videos", str(vids), "--out", str(out), "--no-progress",
+           "--no-report"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     records = out / "videos.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -232,12 +233,12 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(lib, tmp_path):
 def test_ray_backend_matches_process_pool(lib, tmp_path):
     """The one Ray test: a Ray started on this machine (2 CPUs; Ray no longer has a serial local_mode)."""
     pytest.importorskip("ray")
-    vids = _kill_lib(lib, tmp_path / "v", 3)
+    vids = _kill_lib(lib, tmp_path / "v", 2)
     os.link(lib["cuts"], vids / "cuts.mp4")
     pool = curate(CurateConfig(videos=[str(vids)], out=str(tmp_path / "pool"), workers=2, progress=False, report=False))
     ray = curate(CurateConfig(videos=[str(vids)], out=str(tmp_path / "ray"), workers=2, backend="ray",
                               progress=False, report=False))
-    assert pool["clips"] == ray["clips"] == 6
+    assert pool["clips"] == ray["clips"] == 5
     assert (tmp_path / "pool" / "clips.csv").read_text() == (tmp_path / "ray" / "clips.csv").read_text()
 
 
@@ -269,3 +270,38 @@ def test_outputs_on_embedded_clips(tmp_path):
     for r in rows:
         assert r["end_frame"] > r["start_frame"]
     assert json.loads((tmp_path / "report.json").read_text()) == rep
+
+
+def test_aesthetic_scorer_from_local_files(lib, tmp_path):
+    """A tiny random CLIP + head in the real formats: the scorer runs, the filter uses its score."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from mugv.data.curate.aesthetic import HEAD_FILE, load_aesthetic_scorer
+
+    d = tmp_path / "aesthetic"
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    save_file({"layers.0.weight": torch.randn(8, 16), "layers.0.bias": torch.randn(8),
+               "layers.2.weight": torch.randn(1, 8), "layers.2.bias": torch.full((1,), 5.0)}, str(d / HEAD_FILE))
+    frames = [np.full((40, 60, 3), 90, np.uint8), np.zeros((40, 60, 3), np.uint8)]
+    score = load_aesthetic_scorer(d)
+    assert np.isfinite(score(frames)) and score(frames) == score(frames)
+    vids = tmp_path / "v"
+    vids.mkdir()
+    os.link(lib["phone"], vids / "phone.mp4")
+    rep = curate(_open_cfg(tmp_path / "out", videos=[str(vids)], aesthetic_weights=str(d), min_aesthetic=-1e9))
+    (row,) = read_clips_csv(tmp_path / "out" / "clips.csv", kept_only=False)
+    with open(tmp_path / "out" / "clips.csv") as f:
+        value = float(next(csv.DictReader(f))["aesthetic"])
+    assert row["kept"] and rep["aesthetic"].startswith("ran on 1 clips")
+    (video,) = read_records(tmp_path / "out")
+    strict = _open_cfg(tmp_path / "out", aesthetic_weights=str(d), min_aesthetic=value + 1)
+    assert filter_reasons(video["clips"][0], video, strict) == ["low_aesthetic"]
+    (d / HEAD_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=HEAD_FILE):
+        load_aesthetic_scorer(d)

@@ -177,6 +177,40 @@ def test_preprocess_skips_bad_files_and_resumes(tmp_path, tiny_vae):
                    text_encoder=_StubText(), progress=False)
 
 
+def test_preprocess_clips_csv_cuts_only_inside_kept_segments(tmp_path, tiny_vae):
+    """``clips`` (a curate clips.csv): clips are cut inside the kept segments only, never across one's end."""
+    from mugv.data.curate.report import read_clips_csv
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    a = write_mp4(_frames(40, 48, 64, 1), root / "good_a.mp4", fps=8)
+    b = write_mp4(_frames(20, 32, 96, 2), root / "good_b.mp4", fps=8)
+    caps = root / "captions.csv"
+    caps.write_text("video,caption\ngood_a.mp4,a\ngood_b.mp4,b\n")
+    head = "source,clip,start_frame,end_frame,start_s,end_s,kept,reason\n"
+    clips = tmp_path / "clips.csv"
+    clips.write_text(head + f"{a},0,0,12,0,1.5,1,\n{a},1,14,26,1.75,3.25,0,blurry\n{a},2,28,40,3.5,5,1,\n"
+                     f"{b},0,3,8,0.375,1,1,\n")  # b's only kept segment is shorter than a clip
+    assert len(read_clips_csv(clips)) == 3 and len(read_clips_csv(clips, kept_only=False)) == 4
+    cfg = load_config(PreprocessConfig, overrides=dict(
+        clips=str(clips), captions=str(caps), out=str(tmp_path / "shards"), base_resolution=48, num_frames=[9],
+        fps=8.0, device="cpu", max_clips_per_video=100))  # fmt: skip
+    rep = preprocess(cfg, vae=tiny_vae, text_encoder=_StubText(), progress=False)
+    assert [os.path.basename(p["source"]) for p in rep["processed"]] == ["good_a.mp4"]
+    assert "no kept segment" in rep["skipped"][0]["reason"]
+    ds = LatentDataset(tmp_path / "shards")
+    starts = sorted(ds[i].meta["start_frame"] for i in range(len(ds)))
+    assert starts == [0, 28]  # one 9-frame clip fits in [0, 12) and one in [28, 40); none in the rejected shot
+    whole = preprocess(load_config(PreprocessConfig, overrides={**cfg.__dict__, "clips": "", "videos": str(root),
+                                                                "out": str(tmp_path / "whole")}),
+                       vae=tiny_vae, text_encoder=_StubText(), progress=False)
+    assert whole["num_clips"] == 4 + 2  # whole videos: a gives 4 clips (some across segment ends), b 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("source,start\nx,0\n")
+    with pytest.raises(ValueError, match="columns"):
+        read_clips_csv(bad)
+
+
 def test_captions_csv(tmp_path):
     caps = read_captions(None)
     assert {p.name for p in embedded_videos()} <= set(caps)

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from mugv.config import (
     ConfigError,
+    CurateConfig,
     DemoConfig,
     PreprocessConfig,
     TrainConfig,
@@ -198,7 +199,7 @@ def test_ema_update_and_errors():
 
 
 @pytest.mark.parametrize("stage,cls", [("preprocess", PreprocessConfig), ("train_vae", VAETrainConfig),
-                                       ("train", TrainConfig), ("demo", DemoConfig)])
+                                       ("train", TrainConfig), ("demo", DemoConfig), ("curate", CurateConfig)])
 def test_config_files_document_every_default(stage, cls):
     import tomllib
 
