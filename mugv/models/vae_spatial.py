@@ -32,7 +32,6 @@ memory is bounded by one micro-batch of frames plus the stacked outputs.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -315,20 +314,3 @@ class SpatialVAE(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    @staticmethod
-    def activation_bytes_per_frame(height: int, width: int, block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
-                                   dtype_bytes: int = 2) -> int:
-        """A modelled (not measured) count of the largest decoder activations alive at once for one
-        ``height x width`` frame: the widest full-resolution conv's input and output plus one
-        GroupNorm output, ``3 * C * H * W * dtype_bytes`` maximised over the levels, plus the
-        mid-block attention's ``[HW/f^2, HW/f^2]`` fp32 scores (the math-kernel upper bound)."""
-        rev = tuple(reversed(block_out_channels))
-        n = len(rev)
-        worst = 0
-        for i in range(n):
-            s = 2 ** (n - 1 - i)
-            cin = rev[max(i - 1, 0)]
-            worst = max(worst, 3 * max(cin, rev[i]) * math.ceil(height / s) * math.ceil(width / s) * dtype_bytes)
-        hw = (height // 2 ** (n - 1)) * (width // 2 ** (n - 1))
-        return worst + 4 * hw * hw
