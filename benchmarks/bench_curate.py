@@ -38,10 +38,10 @@ def make_source(size: str, seconds: float, path: str | Path) -> Path:
     from mugv.data.video import Bucket, decode_video, embedded_videos
 
     h, w = SIZES[size]
-    names = {p.name: p for p in embedded_videos()}
-    clips = [decode_video(names[n], bucket=Bucket(h, w)).frames for n in ("bikes.mp4", "bigbuckbunny.mp4")]
-    frames = np.concatenate(clips)
     n = int(round(seconds * FPS))
+    names = {p.name: p for p in embedded_videos()}
+    clips = [decode_video(names[k], bucket=Bucket(h, w), max_frames=n).frames for k in ("bikes.mp4", "bigbuckbunny.mp4")]
+    frames = np.concatenate(clips)
     path = Path(path)
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=Fraction(FPS))
