@@ -106,7 +106,8 @@ def _append(path: Path, rec: dict) -> None:
 
 
 def _task(path: str, cfg: CurateConfig, thumbs: str | None) -> dict:
-    """One video in a worker: one OpenCV thread (one core per worker), then :func:`scan_video`."""
+    """One video in a worker: as many OpenCV threads as decoder threads (1 by default: one core
+    per worker), then :func:`scan_video`."""
     import cv2
 
     cv2.setNumThreads(max(1, cfg.decode_threads))

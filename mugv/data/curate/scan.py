@@ -13,9 +13,11 @@ One decoding pass (PyAV, ``decode_threads`` FFmpeg threads) feeds three consumer
    the mean absolute change from the previous frame (frozen frames);
 3. a bounded sample of the current shot for scoring: frame ``i`` and ``i + 1`` as luma at the
    working size (short side ``min(source, work_short_side)``), plus the small BGR frame for
-   hashes and the thumbnail. The sample keeps every ``stride``-th frame of the shot; when it
-   holds more than ``4 * num_samples`` frames the stride doubles and every other entry goes,
-   so memory stays bounded on an hour-long shot.
+   hashes and the thumbnail. The sample keeps every ``stride``-th frame of the shot, starting
+   at 5 frames per second (:data:`_CANDIDATES_PER_S`); when it holds more than
+   ``2 * num_samples`` frames the stride doubles and every other entry goes, so memory stays
+   bounded on an hour-long shot. A shot shorter than ``num_samples / 5`` seconds is scored on
+   fewer frames.
 
 When a shot closes, ``cut_trim_frames`` frames are dropped on each side that touches a cut,
 ``num_samples`` sampled frames spread evenly over what is left are scored (sharpness: mean
