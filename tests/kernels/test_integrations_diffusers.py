@@ -165,6 +165,19 @@ def test_hunyuan_matches_stock_padded_captions(image_condition_type):
     assert_grads_match(stock, patched)
 
 
+def test_hunyuan_partial_flags_forward():
+    """rope=False: diffusers' norms and apply_rotary_emb inside our processor (varlen
+    attention); attention=False: fused QK norm + RoPE, then diffusers' masked attention;
+    norms=False: diffusers' block forwards."""
+    stock = tiny_hunyuan()
+    x, ts, text, mask, pooled, guidance = hunyuan_inputs(B=1, lengths=(3,))
+    with torch.no_grad():
+        ref = stock(x, ts, text, mask, pooled, guidance).sample
+        for flags in (dict(rope=False), dict(attention=False), dict(norms=False)):
+            patched, _ = patched_copy(stock, **flags)
+            assert_close(patched(x, ts, text, mask, pooled, guidance).sample, ref)
+
+
 # ----------------------------------------------------------------------------------------
 # Wan VAE
 # ----------------------------------------------------------------------------------------
