@@ -379,3 +379,19 @@ def test_peft_lora_on_patched_model():
     late.add_adapter(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
     with torch.no_grad():
         late(x, ts, text)
+
+
+def test_gradient_checkpointing_on_patched_model():
+    """diffusers' gradient checkpointing goes through the patched model forward
+    (``_gradient_checkpointing_func`` per block): same output and gradients."""
+    stock = tiny_wan()
+    plain, _ = patched_copy(stock)
+    ckpt, _ = patched_copy(stock)
+    ckpt.enable_gradient_checkpointing()
+    x, ts, text = torch.randn(1, 4, 2, 2, 4), torch.tensor([300.0]), torch.randn(1, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    outs = [m(x, ts, text, encoder_attention_mask=mask).sample for m in (plain, ckpt)]
+    assert_close(outs[1], outs[0])
+    for o in outs:
+        o.square().sum().backward()
+    assert_grads_match(plain, ckpt)
