@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ def run(
     flops: float | None = None,
     rounds: int = 20,
     per_call: dict[str, float] | None = None,
+    roofline: Sequence | None = None,
     **info,
 ) -> dict:
     """Time ``fn`` with pytest-benchmark (synchronized), attach derived figures.
@@ -75,6 +76,8 @@ def run(
         rounds: measured rounds after one warm-up (2 on CPU, where figures mean nothing).
         per_call: counts per call turned into rates, e.g. ``{"tokens": 75600}`` records
             ``tokens_per_s``.
+        roofline: the :class:`mugv.perf.OpCost` entries of one call; on GPU records
+            ``pct_roofline``, the modelled lower-bound time over the median (in percent).
         **info: shapes, dtype and anything else to record.
 
     Returns:
@@ -101,6 +104,8 @@ def run(
         figures["TFLOP_per_s"] = flops / median / 1e12
         if peaks:
             figures["frac_bf16_peak"] = flops / median / peaks.bf16_flops
+    if roofline and peaks:
+        figures["pct_roofline"] = 100.0 * sum(c.time_s(peaks) for c in roofline) / median
     for name, count in (per_call or {}).items():
         figures[f"{name}_per_s"] = count / median
     benchmark.extra_info.update(figures)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import mugv_kernels as mk
 from benchmarks._common import COMPILE_BACKEND, DEVICE, ON_GPU, run
+from mugv.perf import norm_cost
 
 SUITE = "ada_norm"
 DTYPE = torch.bfloat16
@@ -70,6 +71,7 @@ def test_forward(benchmark, impl, shape, G):
             suite=SUITE,
             case=f"fwd/{impl}/G{G}",
             bytes_moved=4 * B * N * C * DTYPE.itemsize,
+            roofline=[norm_cost("chain", B * N, C, phase="fwd", groups=G, residual=True, gate=True)],
             shape=list(shape),
             dtype=str(DTYPE),
         )
@@ -96,6 +98,7 @@ def test_forward_backward(benchmark, impl, shape, G):
         suite=SUITE,
         case=f"fwd+bwd/{impl}/G{G}",
         bytes_moved=(4 + 6) * B * N * C * DTYPE.itemsize,
+        roofline=[norm_cost("chain", B * N, C, phase=p, groups=G, residual=True, gate=True) for p in ("fwd", "bwd")],
         shape=list(shape),
         dtype=str(DTYPE),
     )

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import mugv_kernels as mk
 from benchmarks._common import COMPILE_BACKEND, DEVICE, ON_GPU, run, sync
+from mugv.perf import causal_conv3d_cost, group_norm_silu_cost
 from mugv_kernels.nn import CausalConv3d
 from mugv_kernels._registry import cuda_extension
 
@@ -121,6 +122,7 @@ def test_conv_forward(benchmark, impl, shape):
         run(
             benchmark, fn, suite=SUITE, case=f"conv-fwd/{impl}/{name}",
             flops=2.0 * B * T * H * W * C_out * C_in * 27, rounds=ROUNDS,
+            roofline=[causal_conv3d_cost("conv", B, C_in, T, H, W, C_out, phase="fwd", itemsize=DTYPE.itemsize)],
             shape=[B, C_in, T, H, W], c_out=C_out, kernel=[3, 3, 3], dtype=str(DTYPE), peak_mem_bytes=mem,
         )  # fmt: skip
 
@@ -142,6 +144,8 @@ def test_conv_forward_backward(benchmark, impl):
     run(
         benchmark, step, suite=SUITE, case=f"conv-fwd+bwd/{impl}/{name}",
         flops=3 * 2.0 * B * T * H * W * C_out * C_in * 27, rounds=ROUNDS,
+        roofline=[causal_conv3d_cost("conv", B, C_in, T, H, W, C_out, phase=p, itemsize=DTYPE.itemsize)
+                  for p in ("fwd", "bwd")],
         shape=[B, C_in, T, H, W], c_out=C_out, dtype=str(DTYPE), peak_mem_bytes=mem,
     )  # fmt: skip
 
@@ -210,6 +214,8 @@ def test_group_norm_silu(benchmark, impl, shape, layout):
         run(
             benchmark, fns[impl], suite=SUITE, case=f"gn-silu-fwd/{impl}/{layout}",
             bytes_moved=2 * x.numel() * x.element_size(), rounds=ROUNDS, shape=list(shape), dtype=str(DTYPE),
+            roofline=[group_norm_silu_cost("gn", shape[0], C, x.numel() // (shape[0] * C), G, phase="fwd",
+                                           itemsize=DTYPE.itemsize)],
         )  # fmt: skip
 
 
@@ -231,4 +237,6 @@ def test_group_norm_silu_forward_backward(benchmark, impl, shape):
     run(
         benchmark, step, suite=SUITE, case=f"gn-silu-fwd+bwd/{impl}",
         bytes_moved=5 * x.numel() * x.element_size(), rounds=ROUNDS, shape=list(shape), dtype=str(DTYPE),
+        roofline=[group_norm_silu_cost("gn", shape[0], C, x.numel() // (shape[0] * C), G, phase=p, itemsize=DTYPE.itemsize)
+                  for p in ("fwd", "bwd")],
     )  # fmt: skip

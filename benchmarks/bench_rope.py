@@ -29,6 +29,7 @@ import torch
 
 import mugv_kernels as mk
 from benchmarks._common import COMPILE_BACKEND, DEVICE, ON_GPU, run
+from mugv.perf import qk_norm_rope_cost
 from mugv_kernels.reference.rope import qk_norm_rope3d_ref
 
 SUITE = "rope"
@@ -103,6 +104,7 @@ def test_forward(benchmark, impl, grid):
             suite=SUITE,
             case=f"fwd/{impl}",
             bytes_moved=4 * _elements(grid) * DTYPE.itemsize,
+            roofline=[qk_norm_rope_cost("rope", _elements(grid) // (HEADS * HEAD_DIM), HEADS, HEAD_DIM, phase="fwd")],
             shape=[1, _elements(grid) // (HEADS * HEAD_DIM), HEADS, HEAD_DIM],
             dtype=str(DTYPE),
         )
@@ -126,6 +128,8 @@ def test_forward_backward(benchmark, impl, grid):
         suite=SUITE,
         case=f"fwd+bwd/{impl}",
         bytes_moved=(4 + 6) * _elements(grid) * DTYPE.itemsize,
+        roofline=[qk_norm_rope_cost("rope", _elements(grid) // (HEADS * HEAD_DIM), HEADS, HEAD_DIM, phase=p)
+                  for p in ("fwd", "bwd")],
         shape=[1, _elements(grid) // (HEADS * HEAD_DIM), HEADS, HEAD_DIM],
         dtype=str(DTYPE),
     )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import mugv_kernels as mk
 from benchmarks._common import DEVICE, ON_GPU, run
+from mugv.perf import varlen_attention_cost
 
 SUITE = "varlen_attention"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -98,6 +99,8 @@ def _case(benchmark, batch, impl, backward):
         case=f"{'fwd+bwd' if backward else 'fwd'}/{impl}/{batch}",
         flops=useful_flops(lengths, backward),
         rounds=10 if ON_GPU else 2,
+        roofline=[varlen_attention_cost("attn", lengths, lengths, HEADS, HEAD_DIM, phase=p, itemsize=DTYPE.itemsize)
+                  for p in (("fwd", "bwd") if backward else ("fwd",))],
         lengths=lengths,
         heads=HEADS,
         head_dim=HEAD_DIM,

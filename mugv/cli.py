@@ -86,23 +86,34 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import mugv.sample as sample
+    import contextlib
+    from pathlib import Path
 
+    import mugv.sample as sample
+    from mugv.profiling import TorchProfile
+
+    prof_dir = Path(args.out).with_suffix(".profile")
+    with TorchProfile(prof_dir) if args.profile else contextlib.nullcontext():
+        res = _generate(sample, args)
+    print(f"wrote {res.video} and {res.sheet} ({res.frames} frames {res.height}x{res.width}, {res.seconds:.1f} s)")
+    if args.profile:
+        print(f"profile: {prof_dir / 'trace.json'} and {prof_dir / 'top_kernels.txt'}")
+    return 0
+
+
+def _generate(sample, args):
     if args.released is not None:
-        res = sample.generate_released(
+        return sample.generate_released(
             args.released, args.prompt, args.out, t5=args.t5, image=args.image, negative_prompt=args.negative_prompt,
             aspect_ratio=args.aspect_ratio, duration=args.duration, frames=args.frames, height=args.height,
             width=args.width, steps=args.steps, cfg=args.cfg, seed=42 if args.seed is None else args.seed,
             fps=30.0 if args.fps is None else args.fps, video_fps=20.0 if args.video_fps is None else args.video_fps,
             offload=args.offload, device=args.device, profile=args.profile)
-    else:
-        res = sample.generate(
-            args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames or 17,
-            height=args.height or 64, width=args.width or 128, steps=args.steps, cfg=args.cfg,
-            seed=0 if args.seed is None else args.seed, fps=args.fps, vae=args.vae, use_ema=not args.no_ema,
-            device=args.device)
-    print(f"wrote {res.video} and {res.sheet} ({res.frames} frames {res.height}x{res.width}, {res.seconds:.1f} s)")
-    return 0
+    return sample.generate(
+        args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames or 17,
+        height=args.height or 64, width=args.width or 128, steps=args.steps, cfg=args.cfg,
+        seed=0 if args.seed is None else args.seed, fps=args.fps, vae=args.vae, use_ema=not args.no_ema,
+        device=args.device)
 
 
 def _cmd_demo(args) -> int:
@@ -173,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "public save_video)")
     s.add_argument("--offload", default="none", choices=("none", "model", "blocks"), help="--released: keep models "
                    "on the GPU only while they run (model), and stream DiT blocks from host memory (blocks)")
-    s.add_argument("--profile", action="store_true", help="--released: per-stage seconds and peak memory to "
-                   "<out>.profile.json")
+    s.add_argument("--profile", action="store_true", help="a torch.profiler trace of the run to "
+                   "<out>.profile/trace.json (Chrome/Perfetto) + top_kernels.txt; with --released also per-stage "
+                   "seconds and peak memory to <out>.profile.json")
     s.add_argument("--vae", default=None, help="--checkpoint: VAE checkpoint (default: the one recorded by the run)")
     s.add_argument("--no-ema", action="store_true", help="--checkpoint: use the raw weights instead of the EMA")
     s.add_argument("--device", default="auto", choices=DEVICES, help="device")

@@ -214,6 +214,8 @@ class TrainConfig(RunConfig):
     keep_last: int = _f(3, "checkpoints kept (older ones are deleted)")
     resume: bool = _f(True, "resume from the newest checkpoint in <out>/checkpoints if any")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
+    profile_steps: str = _f("", "START:STOP: torch.profiler trace of steps START <= step < STOP to "
+                                "<out>/profile/rank<r>/trace.json + top_kernels.txt ('' = off)")
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from mugv.profiling import nvtx_range
 from mugv.text import TextEmbeddings
 
 __all__ = ["MUGV_NEGATIVE_PROMPT", "RectifiedFlow", "add_noise", "flow_loss", "logistic_normal", "shift_ratio",
@@ -521,21 +522,22 @@ class RectifiedFlow:
             steps = tqdm(steps, desc="sampling", unit="step")
         sign = 1.0 if self.velocity == "noise_minus_data" else -1.0
         for i in steps:
-            if noise_draws == "public":  # drawn (and unused) by the public loop's re-noising
-                torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            z_in = torch.cat([z, z], dim=0) if cfg else z
-            out = _velocity_from_output(model(z_in, ts[i], y_in, mask=mask_in, fps=fps_in, **kw), C)
-            if cfg:
-                v_cond, v_uncond = out.float().chunk(2, dim=0)
-                v = v_uncond + s * (v_cond - v_uncond)
-            else:
-                v = out.float()
-            # dx/dt = sign * v ; step from t_cur down to t_next (dt > 0 is the decrease of t)
-            z = (z.float() - sign * v * dts[i]).to(out_dtype)
-            if tc:
-                z[:, :, :tc] = x_cond
-            if callback is not None:
-                callback(i, z)
+            with nvtx_range(f"sample.step.{i}"):  # a shared no-op unless MUGV_NVTX=1
+                if noise_draws == "public":  # drawn (and unused) by the public loop's re-noising
+                    torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z_in = torch.cat([z, z], dim=0) if cfg else z
+                out = _velocity_from_output(model(z_in, ts[i], y_in, mask=mask_in, fps=fps_in, **kw), C)
+                if cfg:
+                    v_cond, v_uncond = out.float().chunk(2, dim=0)
+                    v = v_uncond + s * (v_cond - v_uncond)
+                else:
+                    v = out.float()
+                # dx/dt = sign * v ; step from t_cur down to t_next (dt > 0 is the decrease of t)
+                z = (z.float() - sign * v * dts[i]).to(out_dtype)
+                if tc:
+                    z[:, :, :tc] = x_cond
+                if callback is not None:
+                    callback(i, z)
         return z
 
     def _explicit_timesteps(self, timesteps: list[Tensor] | Tensor, B: int,

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mugv.models._backend import resolve_backend
+from mugv.profiling import nvtx_range
 from mugv.models.dit_layers import (
     FinalLayer,
     FpsEmbedder,
@@ -464,8 +465,9 @@ class MUGDiT(nn.Module):
             cu_seqlens=cu, max_seqlen=max(seqlens), text=text, text_cu_seqlens=text_cu, text_max_seqlen=max(text_seqlens),
             backend=self.backend, attn_backend=self.attn_backend,
         )  # fmt: skip
-        for block in self.blocks:
-            x = block(x, batch)  # [1, N, C]
+        for i, block in enumerate(self.blocks):
+            with nvtx_range(f"dit.block.{i}"):  # a shared no-op unless MUGV_NVTX=1
+                x = block(x, batch)  # [1, N, C]
         out = self.final_layer(x, t_emb, batch)[0]  # [N, prod(patch) * C_out]
         return [o[1:-1] for o in out.split(seqlens)]
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mugv_kernels as mk
+from mugv.profiling import annotate
 
 __all__ = [
     "CrossAttention",
@@ -148,6 +149,7 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
+    @annotate("dit.mlp")
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in]`` -> ``[..., out]``."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -229,6 +231,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps)
         self.proj = nn.Linear(dim, dim)
 
+    @annotate("dit.self_attn")
     def forward(self, h: Tensor, batch: PackedBatch) -> Tensor:
         """``h [1, N, C]`` (normalized, modulated) -> ``[1, N, C]``."""
         N, C = h.shape[1], h.shape[2]
@@ -256,6 +259,7 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps)
         self.proj = nn.Linear(dim, dim)
 
+    @annotate("dit.cross_attn")
     def forward(self, h: Tensor, batch: PackedBatch) -> Tensor:
         """``h [1, N, C]`` (LayerNorm'd) and ``batch.text [L, C]`` -> ``[1, N, C]``."""
         N, C = h.shape[1], h.shape[2]

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mugv.models._backend import resolve_backend
+from mugv.profiling import annotate
 from mugv.models.vae_compat import CompatDecoder, CompatEncoder, ConvSlot, group_norm, norm_act
 
 __all__ = ["DiagonalGaussian", "VAEConfig", "VideoVAE", "MUGV_LATENT_MEAN", "MUGV_LATENT_STD"]
@@ -496,6 +497,7 @@ class CompactEncoder(nn.Module):
         self.norm_out = group_norm(g, prev, act, eps=1e-6)
         self.conv_out = ConvSlot(prev, 2 * cfg.latent_embed_dim, 3, time_padding="causal")
 
+    @annotate("vae.encoder")
     def forward(self, x: Tensor, stream: _Stream | None = None) -> Tensor:
         x = _stream_conv(self.conv_in, _space_to_depth(x, self.patch_size), stream)
         for i, level in enumerate(self.levels):
@@ -536,6 +538,7 @@ class CompactDecoder(nn.Module):
         self.patch_size = cfg.patch_size
         self.conv_out = ConvSlot(prev, cfg.in_out_channels * cfg.patch_size ** 2, 3, time_padding="causal")
 
+    @annotate("vae.decoder")
     def forward(self, z: Tensor, stream: _Stream | None = None) -> Tensor:
         x = _stream_conv(self.conv_in, z, stream)
         for block in self.mid:
@@ -696,6 +699,7 @@ class VideoVAE(nn.Module):
         return torch.cat([pad, x], dim=2)
 
     # ------------------------------------------------------------------ encode
+    @annotate("vae.encode")
     def encode(self, x: Tensor, *, normalize: bool = True, chunk_frames: int | None = None) -> DiagonalGaussian:
         """Encode a video (or a single image, ``T = 1``) to the latent posterior.
 
@@ -794,6 +798,7 @@ class VideoVAE(nn.Module):
         return DiagonalGaussian.from_moments(moments, c.logvar_clamp)
 
     # ------------------------------------------------------------------ decode
+    @annotate("vae.decode")
     def decode(self, z: Tensor, num_frames: int | None = None, *, normalized: bool = True,
                chunk_latents: int | None = None) -> Tensor:
         """Decode latents to a video.

@@ -38,6 +38,7 @@ from mugv.data.sampler import PackedStep, PackingSampler
 from mugv.data.shards import LatentDataset
 from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shift, velocity_target
 from mugv.models import DiTConfig, MUGDiT
+from mugv.profiling import TorchProfile, nvtx_range, parse_profile_steps
 from mugv.train import checkpoint as ckpt
 from mugv.train.ema import EMA
 from mugv.train.logging import MetricsLogger, dit_train_flops
@@ -146,6 +147,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
+        try:
+            parse_profile_steps(cfg.profile_steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
         dev = self.dist.device
@@ -239,16 +244,18 @@ class Trainer:
         """
         cfg, step = self.cfg, self.step
         lr = set_lr(self.optimizer, step, cfg)
-        lat, tgt, masks, texts, ts, fps, n_text = self._batch(indices, step)
-        with torch.autocast(self.dist.device.type, dtype=self.param_dtype, enabled=self.autocast):
-            out = self.model.forward_packed(lat, ts, texts, fps=fps, x_mask=masks)
-        C = self.dit_cfg.in_channels
-        sq = torch.zeros((), device=self.dist.device)
-        count = torch.zeros((), device=self.dist.device)
-        for o, y, m in zip(out, tgt, masks):
-            err = (o[:C].float() - y).pow(2)[:, m]  # noised frames only: [C, T_noised, h, w]
-            sq = sq + err.sum()
-            count = count + err.numel()
+        with nvtx_range("train.data"):
+            lat, tgt, masks, texts, ts, fps, n_text = self._batch(indices, step)
+        with nvtx_range("train.forward"):
+            with torch.autocast(self.dist.device.type, dtype=self.param_dtype, enabled=self.autocast):
+                out = self.model.forward_packed(lat, ts, texts, fps=fps, x_mask=masks)
+            C = self.dit_cfg.in_channels
+            sq = torch.zeros((), device=self.dist.device)
+            count = torch.zeros((), device=self.dist.device)
+            for o, y, m in zip(out, tgt, masks):
+                err = (o[:C].float() - y).pow(2)[:, m]  # noised frames only: [C, T_noised, h, w]
+                sq = sq + err.sum()
+                count = count + err.numel()
         stats = torch.stack([sq.detach(), count])
         if dist.is_initialized():
             dist.all_reduce(stats)
@@ -259,11 +266,12 @@ class Trainer:
         grad_norm = None
         ok = math.isfinite(mean_loss)
         if ok:
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-            grad_norm = gn.item()
+            with nvtx_range("train.backward"):
+                loss.backward()
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+                gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+                grad_norm = gn.item()
             ok = math.isfinite(grad_norm)
         result = StepResult(mean_loss if ok else None, lr, grad_norm, [self.clip_tokens[i] for i in indices], n_text)
         if not ok:
@@ -278,9 +286,10 @@ class Trainer:
                 )
             return result
         self.bad_in_row = 0
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step)
+        with nvtx_range("train.optimizer"):
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step)
         self.step += 1
         return result
 
@@ -298,7 +307,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the run at the current step (collective)."""
-        return ckpt.save_run_state(self.run_dir, self.step, self.model, self.optimizer, self.ema,
+        with nvtx_range("train.checkpoint"):
+            return ckpt.save_run_state(self.run_dir, self.step, self.model, self.optimizer, self.ema,
                                    self.state_extra(), keep_last=self.cfg.keep_last)
 
     def resume(self) -> Path | None:
@@ -330,6 +340,13 @@ class Trainer:
         }
         (self.run_dir / "config.json").write_text(json.dumps(info, indent=1))
 
+    def _report_profile(self, prof: TorchProfile, window: tuple[int, int]) -> None:
+        trace = prof.stop()
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"profile of steps {window[0]}:{window[1]}: {trace} and {prof.table_path}")
+
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to ``cfg.steps`` (resuming if asked), checkpointing on the way and at the end.
 
@@ -349,10 +366,16 @@ class Trainer:
         )
         done = 0
         last_ckpt = None
+        window = parse_profile_steps(cfg.profile_steps)
+        prof = TorchProfile(self.run_dir / "profile" / f"rank{self.dist.rank}") if window else None
         try:
             while self.step < cfg.steps and (stop_after is None or done < stop_after):
+                if prof is not None and not prof.active and window[0] <= self.step < window[1]:
+                    prof.start()
                 plan: PackedStep = self.sampler.next_step()
                 res = self.train_step(plan.indices)
+                if prof is not None and prof.active and self.step >= window[1]:
+                    self._report_profile(prof, window)
                 self.losses.append(res.loss)
                 done += 1
                 flops = dit_train_flops(self.matmul_params, self.dit_cfg.depth, self.dit_cfg.hidden_size,
@@ -367,6 +390,8 @@ class Trainer:
             else:
                 last_ckpt = latest  # resumed at the end: nothing new to save
         finally:
+            if prof is not None and prof.active:  # the run ended inside the window
+                self._report_profile(prof, window)
             log.close()
         return TrainResult(list(self.losses), self.step, self.skipped, str(self.run_dir), str(last_ckpt),
                            time.perf_counter() - t0)

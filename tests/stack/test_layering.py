@@ -13,12 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Lowest first. A unit may import units of lower layers only (and itself). ``mugv`` is the
-#: package ``__init__``; ``mugv.config`` needs only the standard library; ``mugv.perf`` models
+#: package ``__init__``; ``mugv.config`` needs only the standard library, ``mugv.profiling`` only
+#: torch and mugv_kernels; ``mugv.perf`` models
 #: the DiT's cost; the generation pipeline reads the run checkpoints that training writes, so
 #: it sits above ``mugv.train``, and the run sampler on it.
 LAYERS: list[tuple[str, ...]] = [
     ("mugv_kernels",),
-    ("mugv", "mugv.config"),
+    ("mugv", "mugv.config", "mugv.profiling"),
     ("mugv.models", "mugv.text"),
     ("mugv.diffusion", "mugv.perf"),
     ("mugv.data",),
