@@ -9,6 +9,7 @@ from the table, MFU is not reported.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Sequence
@@ -19,7 +20,34 @@ from tqdm.auto import tqdm
 
 from mugv_kernels.device import device_peaks
 
-__all__ = ["MetricsLogger", "dit_train_flops", "memory_gib"]
+__all__ = ["MetricsLogger", "dit_train_flops", "memory_gib", "read_metrics"]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics JSON-lines file, in the order written.
+
+    A torn last line (a crash in the middle of a write: no trailing newline, or not valid
+    JSON) is dropped; a bad line before the last one is an error.
+
+    Raises:
+        ValueError: a line other than the last is not valid JSON (names the file and line).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    torn = lines[-1]  # after the last newline: empty unless the last write was torn
+    out = []
+    for i, line in enumerate(lines[:-1]):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 2 and not torn:
+                break  # a torn record that still got a newline (never written by us, tolerated)
+            raise ValueError(f"read_metrics: {path} line {i + 1} is not valid JSON") from None
+    return out
 
 
 def dit_train_flops(
@@ -65,6 +93,12 @@ class MetricsLogger:
         name: metrics file stem and bar label.
         device: the training device (for memory and the MFU peak).
         world_size: ranks sharing the work (MFU divides by ``world_size * peak``).
+        keep_through: on opening, keep only the records of steps ``<= keep_through`` (a resumed
+            run's steps after its checkpoint are rewritten, so no step appears twice) and drop a
+            torn last line; TensorBoard purges its events after that step. None keeps all.
+
+    Every record is flushed to the OS when written (a killed process loses none of them);
+    :meth:`sync` makes them durable (fsync), and the trainer calls it before each checkpoint.
     """
 
     def __init__(
@@ -80,6 +114,7 @@ class MetricsLogger:
         name: str = "train",
         device: torch.device = torch.device("cpu"),
         world_size: int = 1,
+        keep_through: int | None = None,
     ) -> None:
         self.enabled = enabled
         self.device = device
@@ -94,11 +129,21 @@ class MetricsLogger:
             return
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / f"{name}.jsonl", "a")
+        path = out / f"{name}.jsonl"
+        if keep_through is not None and path.exists():
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_through]
+            tmp = path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        self.file = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # on use: importing TensorBoard costs seconds
 
-            self.tb = SummaryWriter(str(out / "tb"))
+            purge = None if keep_through is None else keep_through + 1
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=purge, flush_secs=1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True, leave=True)
         self._t = time.perf_counter()
@@ -121,10 +166,12 @@ class MetricsLogger:
             m["skipped_steps"] = skipped
         m.update(extra)
         self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
         if self.tb is not None and (step % self.log_every == 0 or step == 1):
             for k, v in m.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.flush()
         if self.bar is not None:
             post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
             if "tokens_per_s" in m:
@@ -134,6 +181,14 @@ class MetricsLogger:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         return m
+
+    def sync(self) -> None:
+        """Make every record written so far durable: flush TensorBoard, fsync the JSONL file."""
+        if self.tb is not None:
+            self.tb.flush()
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         if self.bar is not None:

@@ -286,6 +286,7 @@ class Trainer:
                 )
             return result
         self.bad_in_row = 0
+        ckpt.fault_point("step", step + 1)  # test hook: a kill after the backward, before the update
         with nvtx_range("train.optimizer"):
             self.optimizer.step()
             if self.ema is not None:
@@ -312,7 +313,12 @@ class Trainer:
                                    self.state_extra(), keep_last=self.cfg.keep_last)
 
     def resume(self) -> Path | None:
-        """Load the newest checkpoint of the run directory, if any."""
+        """Load the newest valid checkpoint of the run directory, if any (an incomplete or
+        corrupt newer one is skipped with a warning).
+
+        Raises:
+            CheckpointError: the run has checkpoints but none is valid.
+        """
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return None
@@ -362,7 +368,7 @@ class Trainer:
         log = MetricsLogger(
             self.run_dir, cfg.steps, start_step=self.step, enabled=self.dist.is_main, tensorboard=cfg.tensorboard,
             progress=cfg.progress, log_every=cfg.log_every, name="train", device=self.dist.device,
-            world_size=self.dist.world_size,
+            world_size=self.dist.world_size, keep_through=self.step,
         )
         done = 0
         last_ckpt = None
@@ -383,9 +389,11 @@ class Trainer:
                 log.step(self.step, float("nan") if res.skipped else res.loss, lr=res.lr, grad_norm=res.grad_norm,
                          tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    log.sync()  # the metrics of every step up to a checkpoint are on disk before it
                     last_ckpt = self.save()
-            latest = ckpt.latest_checkpoint(self.run_dir)
+            latest = ckpt.latest_checkpoint(self.run_dir, verify=False)
             if done or latest is None or latest.name != f"step_{self.step:08d}":
+                log.sync()
                 last_ckpt = self.save()
             else:
                 last_ckpt = latest  # resumed at the end: nothing new to save

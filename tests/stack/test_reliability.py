@@ -1,0 +1,253 @@
+"""Faults: torn and corrupt checkpoints are skipped, a failed write (ENOSPC/EIO) keeps the
+earlier checkpoints and stops the run, rotation never deletes the newest valid checkpoint,
+metrics survive a SIGKILL and hold no duplicate step after resume, ``mugv train`` killed
+anywhere resumes to the bitwise-identical loss sequence, and pickles that run code are refused."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mugv.config import ConfigError, TrainConfig, load_config
+from mugv.train import checkpoint as ckpt
+from mugv.train.logging import MetricsLogger, read_metrics
+from tests.stack.test_train import _cfg, make_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _save(run, step, model, opt, keep_last=5):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ckpt.save_run_state(run, step, model, opt, extra={"tag": step}, keep_last=keep_last)
+
+
+def _truncate(d):
+    f = d / "__0_0.distcp"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(d):
+    f = d / "__0_0.distcp"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x40
+    f.write_bytes(bytes(b))
+
+
+def _drop_file(d):
+    (d / "extra_rank0.pt").unlink()
+
+
+def _drop_marker(d):
+    (d / ckpt.MARKER).unlink()
+
+
+def test_checkpoint_has_manifest_and_marker(tmp_path):
+    model, opt = _tiny()
+    d = _save(tmp_path, 1, model, opt)
+    ckpt.verify_checkpoint(d)
+    man = json.loads((d / ckpt.MANIFEST).read_text())
+    assert set(man["files"]) == {p.name for p in d.iterdir()} - {ckpt.MANIFEST, ckpt.MARKER}
+    assert (d / ckpt.MARKER).read_text().strip() == "1"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _drop_file, _drop_marker])
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, damage):
+    model, opt = _tiny()
+    _save(tmp_path, 1, model, opt)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    bad = _save(tmp_path, 2, model, opt)
+    damage(bad)
+    with pytest.raises(ckpt.CheckpointError, match="step_00000002"):
+        ckpt.verify_checkpoint(bad)
+    with pytest.warns(RuntimeWarning, match="skipping .*step_00000002"):
+        good = ckpt.latest_checkpoint(tmp_path)
+    assert good.name == "step_00000001"
+    fresh, fresh_opt = _tiny(seed=1)
+    extra = ckpt.load_run_state(good, fresh, fresh_opt)
+    assert extra["step"] == 1 and extra["tag"] == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ref[k])
+
+
+def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    model, opt = _tiny()
+    _truncate(_save(tmp_path / "run", 1, model, opt))
+    with pytest.warns(RuntimeWarning), pytest.raises(ckpt.CheckpointError, match="none is valid.*refusing"):
+        ckpt.latest_checkpoint(tmp_path / "run")
+    assert ckpt.latest_checkpoint(tmp_path / "empty") is None  # no run yet: a fresh start is right
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
+    model, opt = _tiny()
+    _save(tmp_path, 1, model, opt)
+    real = ckpt._write_durable
+
+    def failing(path, data):  # half the bytes reach the disk, then the device fails
+        real(path, data[: len(data) // 2])
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(ckpt, "_write_durable", failing)
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"step_00000002.*{os.strerror(code)}.*intact.*step_00000001"):
+        _save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000001"]  # the partial write is gone, the earlier one untouched
+    ckpt.verify_checkpoint(tmp_path / "checkpoints" / "step_00000001")
+
+
+def test_disk_full_stops_the_run(shards, tmp_path, monkeypatch):
+    from mugv.train.trainer import Trainer
+
+    real = ckpt._write_durable
+
+    def failing(path, data):
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_durable", failing)
+    tr = Trainer(_cfg(shards, tmp_path, steps=6, checkpoint_every=2, keep_last=1))
+    with pytest.raises(ckpt.CheckpointWriteError, match="No space left"):
+        tr.fit()
+    assert tr.step == 4  # stopped at the failed checkpoint, did not train on
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_rotation_keeps_the_newest_valid(tmp_path):
+    model, opt = _tiny()
+    for s in (1, 2, 3):
+        _save(tmp_path, s, model, opt, keep_last=2)
+    assert [d.name for d in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
+    _drop_marker(tmp_path / "checkpoints" / "step_00000003")  # e.g. a half-deleted or torn one
+    _save(tmp_path, 4, model, opt, keep_last=2)
+    # keep_last counts valid checkpoints: step 2 stays, the invalid step 3 goes
+    assert [d.name for d in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000004"]
+    _save(tmp_path, 5, model, opt, keep_last=1)
+    assert [d.name for d in ckpt.checkpoint_dirs(tmp_path)] == ["step_00000005"]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_executing_pickles_are_refused(tmp_path):
+    from mugv.models import read_state_dict
+
+    marker = tmp_path / "pwned"
+    model, opt = _tiny()
+    d = _save(tmp_path / "run", 1, model, opt)
+    torch.save({"step": 1, "x": _Evil(marker)}, d / "extra_rank0.pt")
+    with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
+        ckpt.load_run_state(d, *_tiny())
+    import pickle
+
+    (d / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(ckpt.CheckpointError, match="refusing its .metadata.*system"):
+        ckpt.load_run_state(d, *_tiny())
+    with pytest.raises(ckpt.CheckpointError, match="refusing its .metadata"):
+        ckpt.load_ema_weights(d, _tiny()[0])
+    torch.save({"w": _Evil(marker)}, tmp_path / "w.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        read_state_dict(tmp_path / "w.pt")
+    # config files are data: TOML only, never executed
+    (tmp_path / "c.toml").write_text(f"import os\nos.system('touch {marker}')\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(TrainConfig, tmp_path / "c.toml")
+    assert not marker.exists()
+
+
+def test_metrics_flushed_and_deduplicated(tmp_path):
+    log = MetricsLogger(tmp_path, 5, tensorboard=False, progress=False, name="t")
+    for s in (1, 2, 3):
+        log.step(s, 0.1 * s, lr=1e-3)
+    assert [r["step"] for r in read_metrics(tmp_path / "t.jsonl")] == [1, 2, 3]  # on disk before close
+    log.sync()
+    # a kill in the middle of a write leaves a torn last line: tolerated on read
+    with open(tmp_path / "t.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path / "t.jsonl")] == [1, 2, 3]
+    # a resume from step 2 rewrites the records after it, and the torn line
+    log2 = MetricsLogger(tmp_path, 5, tensorboard=False, progress=False, name="t", keep_through=2)
+    log2.step(3, 0.7, lr=1e-3)
+    log2.close()
+    recs = read_metrics(tmp_path / "t.jsonl")
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 0.1), (2, 0.2), (3, 0.7)]
+    (tmp_path / "t.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(tmp_path / "t.jsonl")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def _train(config, out, fault=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(ckpt.FAULT_ENV, None)
+    if fault:
+        env[ckpt.FAULT_ENV] = fault
+    return subprocess.run([sys.executable, "-m", "mugv.cli", "train", "--config", str(config), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_kill_anywhere_resumes_bitwise(shards, tmp_path):
+    """SIGKILL ``mugv train`` mid-step, mid-rotation and mid-checkpoint-write; every rerun
+    resumes, and the final loss sequence equals one uninterrupted run, bit for bit."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'data = "{shards}"\nsteps = 6\ncheckpoint_every = 2\nkeep_last = 1\ntoken_budget = 160\n'
+        'progress = false\ntensorboard = false\ndepth = 1\nhidden_size = 48\nnum_heads = 1\n'
+        'warmup_steps = 2\nlr = 1e-3\nema_decay = 0.9\ndevice = "cpu"\ni2v_ratio = 0.5\ncaption_dropout = 0.2\n'
+        "threads = 1\n"
+    )
+    from mugv.train.trainer import Trainer
+
+    ref = Trainer(load_config(TrainConfig, config, overrides={"out": str(tmp_path / "ref")})).fit()
+    want = list(enumerate(ref.losses, start=1))
+    assert len(want) == 6
+
+    run = tmp_path / "run"
+    jsonl = run / "train.jsonl"
+    # (fault point, steps whose records must be on disk after the kill, newest valid checkpoint)
+    plan = [("step@3", [1, 2], 2), ("rotation@4", [1, 2, 3, 4], 4), ("checkpoint_write@6", [1, 2, 3, 4, 5, 6], 4)]
+    for fault, logged, valid in plan:
+        r = _train(config, run, fault)
+        assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-2000:])
+        assert [x["step"] for x in read_metrics(jsonl)] == logged, fault  # no record lost
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert ckpt.latest_checkpoint(run).name == f"step_{valid:08d}", fault
+    with open(jsonl, "a") as f:
+        f.write('{"step": 7, "loss": 0.')  # and a torn last line
+    r = _train(config, run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [(x["step"], x["loss"]) for x in read_metrics(jsonl)]
+    assert got == want  # no duplicate step, and exactly equal floats
+    assert [d.name for d in ckpt.checkpoint_dirs(run)] == ["step_00000006"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
