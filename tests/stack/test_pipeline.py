@@ -275,6 +275,19 @@ def test_public_sampler_draws_are_bitwise_the_public_loop(released):
         assert torch.equal(got, want), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_timesteps_at_720p_5s(dtype):
+    """The schedule equals the public timestep_transform bit for bit, with the shift ratio
+    evaluated from height/width/latent-frame tensors of the model dtype (bf16 rounds it)."""
+    flow = RectifiedFlow.from_preset("mugv")
+    for h, w in (frame_size("16:9"), frame_size("3:4")):
+        got = flow.public_timesteps(25, height=h, width=w, num_frames=14, ratio_dtype=dtype)
+        hh, ww, nf = (torch.tensor([v], dtype=dtype) for v in (h, w, 14))
+        want = [pub.timestep_transform(torch.tensor([(1.0 - i / 25) * 1000]), hh, ww, nf) for i in range(25)]
+        assert len(got) == 25 and all(g.dtype == torch.float32 and torch.equal(g, x) for g, x in zip(got, want))
+        assert got[0].item() == 1000.0 and all(a.item() > b.item() for a, b in zip(got, got[1:]))
+
+
 # ----------------------------------------------------------------------------------------- pipeline
 
 
