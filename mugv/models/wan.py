@@ -21,8 +21,9 @@ Here each sub-layer boundary is one fused op (:func:`mugv_kernels.ada_layer_norm
 :func:`mugv_kernels.gated_residual_ada_layer_norm`, :func:`mugv_kernels.gated_residual`), the
 two modulation sets are selected per token by ``index`` (no second norm, no ``torch.where``),
 the QK norm + RoPE and the packed attention are those of the diffusers integration
-(:func:`mugv_kernels.integrations.diffusers.qk_norm_across_heads_rope3d`,
-:func:`mugv_kernels.varlen_attention`). Parameter names are those of the public ``WanModel``,
+(:func:`mugv_kernels.qk_norm_rope3d` with ``across_heads=True``, Wan's sections and positions
+from :mod:`mugv_kernels.integrations.diffusers`, :func:`mugv_kernels.varlen_attention` with its
+``cross_attention_offsets``). Parameter names are those of the public ``WanModel``,
 so its ``dit_i2v.safetensors`` loads with ``strict=True``; :func:`wan_config_from_state_dict`
 reads the sizes off the file.
 
@@ -136,17 +137,24 @@ def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
 
 
 class _AcrossHeadsRMSNorm(nn.Module):
-    """The learned weight ``[dim]`` of Wan's q/k RMSNorm over all heads (``norm_q``/``norm_k``);
-    applied through :func:`mugv_kernels.integrations.diffusers.qk_norm_across_heads_rope3d`
-    or :func:`~mugv_kernels.integrations.diffusers.rms_norm_across_heads`."""
+    """The learned weight ``[dim]`` of Wan's q/k RMSNorm over all heads (``norm_q``/``norm_k``,
+    public ``WanRMSNorm``). Applied by :func:`mugv_kernels.qk_norm_rope3d` with
+    ``across_heads=True`` (one kernel with the RoPE, or with no rotation for the cross-attention)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _integration().rms_norm_across_heads(x, self.weight, self.eps)
+
+_NO_ROTATION = (0, 0, 0)
+
+
+def _norm_across_heads(x4: Tensor, norm: _AcrossHeadsRMSNorm, backend: str) -> Tensor:
+    """``[B, L, H, D]`` -> RMSNorm over ``H * D`` with ``norm.weight``, no rotation."""
+    pos = torch.zeros(x4.shape[1], 3, dtype=torch.int32, device=x4.device)
+    return mk.qk_norm_rope3d(x4, None, pos, _NO_ROTATION, q_weight=norm.weight, eps=norm.eps, across_heads=True,
+                             check_positions=False, backend=backend)[0]
 
 
 class WanSelfAttention(nn.Module):
@@ -168,9 +176,10 @@ class WanSelfAttention(nn.Module):
         q = self.q(x).view(B, N, H, C // H)
         k = self.k(x).view(B, N, H, C // H)
         v = self.v(x).view(B * N, H, C // H)
-        q, k = mkd.qk_norm_across_heads_rope3d(
-            q, k, positions, mkd.wan_rope_sections(C // H),
-            q_weight=self.norm_q.weight, k_weight=self.norm_k.weight, eps=self.norm_q.eps,
+        q, k = mk.qk_norm_rope3d(
+            q, k, positions, mkd.wan_rope_sections(C // H), q_weight=self.norm_q.weight, k_weight=self.norm_k.weight,
+            eps=self.norm_q.eps, theta=mkd.WAN_ROPE_THETA, interleaved=True, across_heads=True,
+            check_positions=False, backend=backend,
         )  # fmt: skip
         cu = torch.arange(B + 1, device=x.device, dtype=torch.int32) * N
         out = mk.varlen_attention(q.reshape(B * N, H, -1), k.reshape(B * N, H, -1), v, cu, cu, N, N,
@@ -194,8 +203,8 @@ class WanCrossAttention(nn.Module):
         B, N, C = x.shape
         L = context.shape[1]
         H = self.num_heads
-        q = self.norm_q(self.q(x)).reshape(B * N, H, C // H)
-        k = self.norm_k(self.k(context)).reshape(B * L, H, C // H)
+        q = _norm_across_heads(self.q(x).view(B, N, H, C // H), self.norm_q, backend).reshape(B * N, H, C // H)
+        k = _norm_across_heads(self.k(context).view(B, L, H, C // H), self.norm_k, backend).reshape(B * L, H, -1)
         v = self.v(context).reshape(B * L, H, C // H)
         cu_q, cu_k = mkd.cross_attention_offsets(N, L, B, context_lengths, device=x.device)
         out = mk.varlen_attention(q, k, v, cu_q, cu_k, N, L, backend=_attn_backend(backend), validate=False)
