@@ -210,6 +210,8 @@ class TrainConfig(RunConfig):
     compile: bool = _f(False, "torch.compile each DiT block")
     kernels: str = _f("auto", "use mugv_kernels fused ops: auto (on CUDA) | on | off", choices=("auto", "on", "off"))
     max_bad_steps: int = _f(5, "stop after this many NaN/inf losses in a row (each is skipped)")
+    skip_bad_clips: bool = _f(False, "skip (and count) clips whose shard is truncated or corrupt instead of "
+                              "stopping with an error naming the file and clip")
     checkpoint_every: int = _f(0, "steps between checkpoints (0 = only at the end)")
     keep_last: int = _f(3, "checkpoints kept (older ones are deleted)")
     resume: bool = _f(True, "resume from the newest checkpoint in <out>/checkpoints if any")

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mugv.config import ConfigError, PreprocessConfig, check_num_frames, pick_device
-from mugv.data.shards import INDEX, NULL_TEXT, atomic_write_json, write_shard
+from mugv.data.shards import INDEX, NULL_TEXT, atomic_write_json, file_sha256, write_shard
 from mugv.data.video import (
     VideoDecodeError,
     clip_starts,
@@ -52,11 +52,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def read_captions(path: str | Path | None) -> dict[str, str]:
     """Captions by video file name from a CSV with a header ``video,caption``
     (``''``/None = the packaged ``mugv/data/captions.csv``). Keys are base names, so the CSV
-    may list ``clip.mp4`` or ``some/dir/clip.mp4``.
+    may list ``clip.mp4`` or ``some/dir/clip.mp4`` (relative to the videos folder: an absolute
+    path or one with a ``..`` component, which would name a file outside it, is refused).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the header lacks ``video`` or ``caption``, or a caption is empty.
+        ValueError: the header lacks ``video`` or ``caption``, a caption is empty, or a video
+            path is absolute or climbs out of the videos folder (``..``).
     """
     path = Path(path) if path else default_captions_csv()
     if not path.exists():
@@ -67,6 +69,11 @@ def read_captions(path: str | Path | None) -> dict[str, str]:
             raise ValueError(f"{path}: expected a header with columns 'video' and 'caption', got {reader.fieldnames}")
         out = {}
         for line, row in enumerate(reader, start=2):
+            video = (row["video"] or "").strip()
+            if Path(video).is_absolute() or video.startswith(("/", "\\")) or ".." in Path(video).parts \
+                    or ".." in video.replace("\\", "/").split("/"):
+                raise ValueError(f"{path}:{line}: video {video!r} names a file outside the videos folder "
+                                 "(absolute or '..'); give paths relative to --videos")
             cap = (row["caption"] or "").strip()
             if not cap:
                 raise ValueError(f"{path}:{line}: empty caption for {row['video']!r}")
@@ -243,7 +250,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
                     })  # fmt: skip
         file = _shard_name(src)
         write_shard(out / file, tensors)
-        index["shards"].append({"file": file, "source": key, "clips": clips_meta})
+        index["shards"].append({"file": file, "source": key, "sha256": file_sha256(out / file), "clips": clips_meta})
         index["report"] = report
         atomic_write_json(index_path, index)
         report["processed"].append({"source": key, "clips": len(clips_meta), "bucket": vid.bucket.name})

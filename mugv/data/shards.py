@@ -12,7 +12,7 @@ Layout of a preprocessed dataset directory::
 
     {"version": 1, "latent_channels": C, "text_dim": D, "text_encoder": "...",
      "vae": "<checkpoint dir>", "settings": {the preprocess options},
-     "shards": [{"file": "shard_00000.safetensors", "source": "<video path>",
+     "shards": [{"file": "shard_00000.safetensors", "source": "<video path>", "sha256": "<hex>",
                  "clips": [{"key": "0", "latent_shape": [C, T, h, w], "num_frames": F,
                             "height": H, "width": W, "fps": fps, "start_frame": s,
                             "caption": "...", "text_len": L, "source": "..."}, ...]}, ...],
@@ -20,11 +20,18 @@ Layout of a preprocessed dataset directory::
 
 A shard is written to ``<name>.tmp`` and renamed, then the index is rewritten (also through a
 temporary file and ``os.replace``), so an interrupted run never leaves a half-written shard
-in the index, and a resumed run skips every source whose shard is listed.
+in the index, and a resumed run skips every source whose shard is listed. ``sha256`` (the
+shard file's checksum, optional) is checked when the shard is loaded.
+
+A clip that cannot be loaded (a truncated or corrupt shard, a checksum mismatch, a missing
+tensor or one of another shape than the index says) raises :class:`BadClipError` naming the
+file and the clip; ``LatentDataset(skip_bad_clips=True)`` checks every clip up front instead,
+drops the bad ones and lists them in ``bad_clips``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["INDEX", "LatentClip", "LatentDataset", "atomic_write_json", "write_shard"]
+__all__ = ["INDEX", "BadClipError", "LatentClip", "LatentDataset", "atomic_write_json", "file_sha256", "write_shard"]
 
 INDEX = "index.json"
 NULL_TEXT = "null_text.safetensors"
@@ -51,11 +58,23 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def write_shard(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save ``tensors`` (contiguous CPU copies) to ``path`` atomically (``.tmp`` then rename)."""
+    """Save ``tensors`` (contiguous CPU copies) to ``path`` atomically (``.tmp``, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class BadClipError(ValueError):
+    """A clip of a preprocessed dataset cannot be loaded (the message names the file and clip)."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +98,16 @@ class LatentDataset:
     Args:
         root: the directory written by ``mugv preprocess``.
         cache: keep loaded shards in memory (the demo's data are a few MB).
+        skip_bad_clips: load every clip once now, drop those that fail (listed in
+            ``bad_clips`` as ``{"file", "clip", "reason"}``) instead of raising at their load.
 
     Raises:
         FileNotFoundError: no ``index.json`` in ``root``.
-        ValueError: the index lists no clips.
+        ValueError: the index lists no clips (or, with ``skip_bad_clips``, no good one).
+        BadClipError: on ``dataset[i]``, clip ``i`` cannot be loaded (names file and clip).
     """
 
-    def __init__(self, root: str | Path, cache: bool = True) -> None:
+    def __init__(self, root: str | Path, cache: bool = True, *, skip_bad_clips: bool = False) -> None:
         self.root = Path(root)
         if not (self.root / INDEX).exists():
             raise FileNotFoundError(f"LatentDataset: {self.root / INDEX} not found; run `mugv preprocess` first")
@@ -97,6 +119,20 @@ class LatentDataset:
             raise ValueError(f"LatentDataset: {self.root} holds no clips (see the report in {INDEX})")
         self.cache = cache
         self._shards: dict[str, dict[str, torch.Tensor]] = {}
+        self._sha = {s["file"]: s.get("sha256") for s in self.index["shards"]}
+        self.bad_clips: list[dict] = []
+        if skip_bad_clips:
+            good = []
+            for i, (file, meta) in enumerate(self.entries):
+                try:
+                    self[i]
+                except BadClipError as e:
+                    self.bad_clips.append({"file": file, "clip": meta["key"], "reason": str(e)})
+                else:
+                    good.append((file, meta))
+            self.entries = good
+            if not good:
+                raise ValueError(f"LatentDataset: every clip of {self.root} is bad: {self.bad_clips[:3]}")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -118,15 +154,38 @@ class LatentDataset:
         return load_file(str(self.root / NULL_TEXT))["text"].float()
 
     def _shard(self, file: str) -> dict[str, torch.Tensor]:
+        """The tensors of a shard (checksum checked when the index has one).
+
+        Raises:
+            OSError, ValueError: unreadable, truncated, corrupt or not matching its checksum.
+        """
         if file in self._shards:
             return self._shards[file]
-        t = load_file(str(self.root / file))
+        path = self.root / file
+        want = self._sha.get(file)
+        if want is not None and file_sha256(path) != want:
+            raise ValueError("its SHA-256 differs from the index (corrupt)")
+        try:
+            t = load_file(str(path))
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header/size
+            raise ValueError(f"not a readable safetensors file ({type(e).__name__}: {e})") from None
         if self.cache:
             self._shards[file] = t
         return t
 
     def __getitem__(self, i: int) -> LatentClip:
         file, meta = self.entries[i]
-        t = self._shard(file)
         k = meta["key"]
-        return LatentClip(t[f"{k}.latent"].float(), t[f"{k}.text"].float(), meta)
+        where = f"{self.root / file}, clip {k!r} (source {meta.get('source', '?')})"
+        try:
+            t = self._shard(file)
+        except (OSError, ValueError) as e:
+            raise BadClipError(f"{where}: {e}") from None
+        lat, text = t.get(f"{k}.latent"), t.get(f"{k}.text")
+        if lat is None or text is None:
+            raise BadClipError(f"{where}: tensor {k}.latent or {k}.text missing from the shard")
+        if list(lat.shape) != list(meta["latent_shape"]):
+            raise BadClipError(f"{where}: latent has shape {list(lat.shape)}, the index says {meta['latent_shape']}")
+        if "text_len" in meta and text.shape[0] != meta["text_len"]:
+            raise BadClipError(f"{where}: text has {text.shape[0]} tokens, the index says {meta['text_len']}")
+        return LatentClip(lat.float(), text.float(), meta)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -156,7 +157,10 @@ class Trainer:
         dev = self.dist.device
         if cfg.threads > 0 and dev.type == "cpu":
             torch.set_num_threads(cfg.threads)
-        self.data = LatentDataset(cfg.data)
+        self.data = LatentDataset(cfg.data, skip_bad_clips=cfg.skip_bad_clips)
+        if self.data.bad_clips and self.dist.is_main:
+            warnings.warn(f"skipped {len(self.data.bad_clips)} bad clips of {cfg.data} (skip_bad_clips), first: "
+                          f"{self.data.bad_clips[0]['reason']}", RuntimeWarning, stacklevel=2)
         overrides = {"in_channels": self.data.latent_channels, "text_dim": self.data.text_dim}
         for k in ("depth", "hidden_size", "num_heads"):
             if getattr(cfg, k):

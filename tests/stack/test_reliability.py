@@ -251,3 +251,148 @@ def test_kill_anywhere_resumes_bitwise(shards, tmp_path):
     assert got == want  # no duplicate step, and exactly equal floats
     assert [d.name for d in ckpt.checkpoint_dirs(run)] == ["step_00000006"]
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def _copy_shards(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble_header", "drop_tensor"])
+def test_bad_shard_names_file_and_clip(shards, tmp_path, damage):
+    from safetensors.torch import load_file
+
+    from mugv.data.shards import BadClipError, LatentDataset, write_shard
+
+    root = _copy_shards(shards, tmp_path / "d")
+    f = root / "shard_0.safetensors"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size - 100])
+    elif damage == "garble_header":
+        b = bytearray(f.read_bytes())
+        b[8:24] = b"\xff" * 16
+        f.write_bytes(bytes(b))
+    else:
+        t = load_file(str(f))
+        del t["3.latent"]
+        write_shard(f, t)
+    ds = LatentDataset(root)
+    i = 3
+    with pytest.raises(BadClipError, match=r"shard_0\.safetensors, clip '3'"):
+        ds[i]
+    if damage != "drop_tensor":  # the whole shard is unreadable: every clip is bad
+        with pytest.raises(ValueError, match="every clip"):
+            LatentDataset(root, skip_bad_clips=True)
+        return
+    ok = LatentDataset(root, skip_bad_clips=True)
+    assert len(ok) == len(ds) - 1 and [b["clip"] for b in ok.bad_clips] == ["3"]
+    assert "3" not in [m["key"] for _, m in ok.entries]
+
+
+def test_flipped_bytes_fail_the_shard_checksum(shards, tmp_path):
+    from mugv.data.shards import INDEX, BadClipError, LatentDataset, atomic_write_json, file_sha256, write_shard
+
+    root = _copy_shards(shards, tmp_path / "d")
+    index = json.loads((root / INDEX).read_text())
+    index["shards"][0]["sha256"] = file_sha256(root / "shard_0.safetensors")
+    write_shard(root / "shard_1.safetensors", {"0.latent": torch.zeros(24, 1, 4, 8), "0.text": torch.zeros(2, 384)})
+    index["shards"].append({"file": "shard_1.safetensors", "source": "other",
+                            "sha256": file_sha256(root / "shard_1.safetensors"),
+                            "clips": [{**index["shards"][0]["clips"][3], "key": "0", "text_len": 2}]})
+    atomic_write_json(root / INDEX, index)
+    assert torch.equal(LatentDataset(root)[0].latent, LatentDataset(shards)[0].latent)
+    f = root / "shard_0.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-5] ^= 0x01  # one bit of a latent value: a silent wrong value without the checksum
+    f.write_bytes(bytes(b))
+    with pytest.raises(BadClipError, match="shard_0.safetensors.*SHA-256"):
+        LatentDataset(root)[0]
+    ok = LatentDataset(root, skip_bad_clips=True)
+    assert len(ok) == 1 and len(ok.bad_clips) == len(LatentDataset(shards))
+
+
+def test_skip_bad_clips_in_training(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from mugv.data.shards import write_shard
+    from mugv.train.trainer import Trainer
+
+    root = _copy_shards(shards, tmp_path / "d")
+    t = load_file(str(root / "shard_0.safetensors"))
+    del t["5.text"]
+    write_shard(root / "shard_0.safetensors", t)
+    with pytest.warns(RuntimeWarning, match="skipped 1 bad clips"):
+        tr = Trainer(_cfg(root, tmp_path / "o", skip_bad_clips=True))
+    assert len(tr.clip_tokens) == len(tr.data) == 7
+
+
+@pytest.mark.parametrize("video", ["../secret.mp4", "/etc/passwd", "a/../../b.mp4"])
+def test_captions_outside_the_videos_folder_are_refused(tmp_path, video):
+    from mugv.data.preprocess import read_captions
+
+    csv = tmp_path / "c.csv"
+    csv.write_text(f'video,caption\nok.mp4,"fine"\n{video},"escape"\n')
+    with pytest.raises(ValueError, match=r"c\.csv:3: .*outside the videos folder"):
+        read_captions(csv)
+    csv.write_text('video,caption\nsub/ok.mp4,"fine"\n')
+    assert read_captions(csv) == {"ok.mp4": "fine"}
+
+
+class _Killed(BaseException):
+    """Stands for the process dying at that point (nothing after it runs, no cleanup)."""
+
+
+@pytest.mark.parametrize("where", ["after_shard", "mid_shard"])
+def test_preprocess_interrupted_then_rerun_gives_the_same_index(tmp_path, monkeypatch, where):
+    import mugv.data.preprocess as pre
+    from mugv.config import PreprocessConfig
+    from tests.stack.test_data import _StubText, _video_folder
+
+    torch.manual_seed(0)
+    from mugv.models.vae import VAEConfig, VideoVAE
+
+    vae = VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False).eval()
+    caps = _video_folder(tmp_path / "videos")
+
+    def cfg(out):
+        return load_config(PreprocessConfig, overrides=dict(
+            videos=str(tmp_path / "videos"), captions=str(caps), out=str(out), base_resolution=48,
+            num_frames=[9], fps=8.0, device="cpu"))  # fmt: skip
+
+    pre.preprocess(cfg(tmp_path / "full"), vae=vae, text_encoder=_StubText(), progress=False)
+    real_json, real_shard = pre.atomic_write_json, pre.write_shard
+    shards_written = []
+
+    def shard(path, tensors):
+        if not Path(path).name.startswith("shard_"):
+            return real_shard(path, tensors)
+        if where == "mid_shard" and shards_written:  # the second shard dies half written
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(path) + ".tmp")
+            tmp = Path(str(path) + ".tmp")
+            tmp.write_bytes(tmp.read_bytes()[:100])
+            raise _Killed
+        shards_written.append(path)
+        real_shard(path, tensors)
+
+    def index(path, obj):
+        if where == "after_shard" and len(shards_written) == 2 and path.name == "index.json":
+            raise _Killed  # the second shard is on disk, the index does not list it yet
+        real_json(path, obj)
+
+    monkeypatch.setattr(pre, "write_shard", shard)
+    monkeypatch.setattr(pre, "atomic_write_json", index)
+    with pytest.raises(_Killed):
+        pre.preprocess(cfg(tmp_path / "part"), vae=vae, text_encoder=_StubText(), progress=False)
+    monkeypatch.undo()
+    rep = pre.preprocess(cfg(tmp_path / "part"), vae=vae, text_encoder=_StubText(), progress=False)
+    assert len(rep["resumed"]) == 1 and len(rep["processed"]) == 1
+    full = json.loads((tmp_path / "full" / "index.json").read_text())
+    part = json.loads((tmp_path / "part" / "index.json").read_text())
+    assert part["shards"] == full["shards"]  # same clips, order, metadata and shard checksums
+    keys = [(s["source"], c["key"]) for s in part["shards"] for c in s["clips"]]
+    assert len(keys) == len(set(keys)) == 3
+    assert not list((tmp_path / "part").glob("*.tmp"))  # a half-written shard was rewritten, never listed
