@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: package ``__init__``; ``mugv.config`` needs only the standard library, ``mugv.profiling`` only
 #: torch and mugv_kernels; ``mugv.perf`` models
 #: the DiT's cost; the generation pipeline reads the run checkpoints that training writes, so
-#: it sits above ``mugv.train``, and the run sampler on it.
+#: it sits above ``mugv.train``, and the run sampler on it. The enhancer (``mugv.enhance``) sits
+#: under the pipeline, which re-exports it.
 LAYERS: list[tuple[str, ...]] = [
     ("mugv_kernels",),
     ("mugv", "mugv.config", "mugv.profiling"),
@@ -24,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mugv.diffusion", "mugv.perf"),
     ("mugv.data",),
     ("mugv.train",),
+    ("mugv.enhance",),
     ("mugv.pipeline",),
     ("mugv.sample",),
     ("mugv.demo",),

@@ -102,3 +102,111 @@ def test_bad_inputs(released, tmp_path):
         model(torch.randn(1, 16, 2, 2, 2), torch.tensor([1.0]), torch.randn(1, 9, 24))
     with pytest.raises(ValueError, match="x_mask"):
         model(torch.randn(1, 16, 2, 2, 2), torch.tensor([1.0]), ctx, x_mask=torch.tensor([1, 0]))
+
+
+# ---------------------------------------------------------------------------- LoRA + SDEdit
+
+RANK, ALPHA = 4, 4.0
+TARGET = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+
+
+def lora_weights(ref: PublicWanModel, seed: int = 2) -> dict[str, torch.Tensor]:
+    """Random adapters for every target linear, in the released key layout (peft names under the
+    public training module's ``pipe.dit.`` prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, mod in ref.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name.endswith("." + t) for t in TARGET):
+            sd[f"pipe.dit.{name}.lora_A.default.weight"] = 0.3 * torch.randn(RANK, mod.in_features, generator=g)
+            sd[f"pipe.dit.{name}.lora_B.default.weight"] = 0.3 * torch.randn(mod.out_features, RANK, generator=g)
+    return sd
+
+
+def merged_public(ref: PublicWanModel, lora: dict[str, torch.Tensor]) -> PublicWanModel:
+    """The public model with ``W + (alpha / r) B A`` written into each adapted linear."""
+    out = public_model()
+    out.load_state_dict(ref.state_dict())
+    mods = dict(out.named_modules())
+    with torch.no_grad():
+        for k, a in lora.items():
+            if ".lora_A." in k:
+                name = k[len("pipe.dit."):].split(".lora_A.")[0]
+                b = lora[k.replace("lora_A", "lora_B")]
+                mods[name].weight.add_((ALPHA / RANK) * (b @ a))
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_lora(released, tmp_path_factory):
+    ref, path = released
+    lora = lora_weights(ref)
+    assert len(lora) == 2 * 2 * 10  # 2 blocks x (self q,k,v,o + cross q,k,v,o + ffn.0, ffn.2) x (A, B)
+    lpath = tmp_path_factory.mktemp("lora") / "pytorch_model.bin"
+    torch.save(lora, lpath)
+    return merged_public(ref, lora), path, lpath
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_forward_and_one_step_equal_public(with_lora, merge):
+    from peft.tuners.lora import LoraLayer
+
+    from mugv.enhance import enhance_latents
+    from mugv.models.wan_lora import apply_lora
+    from tests.stack._wan_public_ref import public_enhance
+
+    ref, path, lpath = with_lora
+    model = load_wan_dit(path, num_heads=2, text_len=8, kernels="reference")
+    info = apply_lora(model, lpath, merge=merge)
+    assert (info.rank, info.alpha, info.merged, len(info.modules)) == (RANK, ALPHA, merge, 20)
+    n_peft = sum(isinstance(m, LoraLayer) for m in model.modules())
+    assert n_peft == (0 if merge else 20)
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(1, 16, 3, 2, 4, generator=g)
+    noise = torch.randn(1, 16, 3, 2, 4, generator=g)
+    pos, neg = torch.randn(1, 5, 24, generator=g), torch.randn(1, 7, 24, generator=g)
+    with torch.no_grad():
+        want = ref(z0, torch.tensor([300.0]), pos, y=z0, i2v=True, timestep_t0=torch.zeros(1))
+        got = model(z0, torch.tensor([300.0]), pos, y=z0, x_mask=torch.arange(3) == 0)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        want = public_enhance(ref, z0, noise, pos, neg, steps=1, cfg=2.0, sigma=0.3, shift=1.0)
+    got = enhance_latents(model, z0, noise, pos, neg, sigma=0.3, steps=1, shift=1.0, cfg=2.0)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert (got[:, :, 1:] - z0[:, :, 1:]).abs().max() > 1e-2  # the step changed the noised frames
+    torch.testing.assert_close(got[:, :, :1], z0[:, :, :1], atol=0, rtol=0)  # frame 0 kept clean
+
+
+def test_multi_step_and_shift_equal_public(with_lora):
+    from mugv.enhance import enhance_latents
+    from mugv.models.wan_lora import apply_lora
+    from tests.stack._wan_public_ref import public_enhance
+
+    ref, path, lpath = with_lora
+    model = load_wan_dit(path, num_heads=2, text_len=8, kernels="reference")
+    apply_lora(model, lpath, rank=RANK, alpha=ALPHA)
+    g = torch.Generator().manual_seed(4)
+    z0, noise = torch.randn(1, 16, 2, 2, 2, generator=g), torch.randn(1, 16, 2, 2, 2, generator=g)
+    pos = torch.randn(1, 4, 24, generator=g)
+    with torch.no_grad():
+        want = public_enhance(ref, z0, noise, pos, None, steps=3, cfg=1.0, sigma=0.5, shift=3.0)
+    got = enhance_latents(model, z0, noise, pos, None, sigma=0.5, steps=3, shift=3.0, cfg=1.0)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_lora_bad_inputs(with_lora, tmp_path):
+    from mugv.models.wan_lora import apply_lora
+
+    ref, path, lpath = with_lora
+    model = load_wan_dit(path, num_heads=2, text_len=8, kernels="reference")
+    with pytest.raises(ValueError, match="rank mismatch.*rank 4.*rank=256"):
+        apply_lora(model, lpath, rank=256)
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        apply_lora(model, tmp_path / "missing.bin")
+    sd = lora_weights(ref)
+    sd["pipe.dit.blocks.0.norm3.lora_A.default.weight"] = torch.zeros(RANK, 32)
+    sd["pipe.dit.blocks.0.norm3.lora_B.default.weight"] = torch.zeros(32, RANK)
+    torch.save(sd, tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="blocks.0.norm3"):
+        apply_lora(model, tmp_path / "bad.bin")
+    torch.save({"pipe.dit.head.head.weight": torch.zeros(1)}, tmp_path / "nolora.bin")
+    with pytest.raises(ValueError, match="no LoRA weights"):
+        apply_lora(model, tmp_path / "nolora.bin")
