@@ -45,7 +45,8 @@ gpu-check:
 # beyond the GPU node's own torch/triton (one version each, no dependencies resolved),
 # into the ignored .wheels/ (must stay under 60 MB). Copy the folder with the repository.
 GPU_WHEELS ?= av==18.1.0 diffusers==0.42.1 torchao==0.18.0 nvtx==0.2.17 cuda-bindings==13.5.0 \
-              cuda-pathfinder==1.9.1 importlib_metadata==10.2.0 zipp==4.1.2 scikit-video==1.1.11 pybind11==3.1.0
+              cuda-pathfinder==1.9.1 importlib_metadata==10.2.0 zipp==4.1.2 scikit-video==1.1.11 pybind11==3.1.0 \
+              pytest-xdist==3.8.0 execnet==2.1.2
 gpu-wheels:
 	mkdir -p .wheels
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

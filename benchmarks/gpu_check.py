@@ -3,13 +3,16 @@
 ``python -m benchmarks.gpu_check --budget-s 480 --out benchmarks/results/<date>-<device>/``
 (``make gpu-check``) runs, on a bare machine with cold caches:
 
+0. a build of ``mugv_kernels._C`` (CMake + pybind11 + nvcc for sm_90a) when it is missing;
 1. ``pytest -m gpu`` over ``tests/`` (every op against its reference on CUDA, the ``csrc/``
-   backends, the DiT with kernels against the reference path, the VAE);
+   backends, the DiT with kernels against the reference path, the VAE), with
+   ``pytest-xdist`` workers when it is installed;
 2. ``compute-sanitizer --tool memcheck`` over a small GPU test selection, and
    ``--tool racecheck`` over the kernels that stage tiles in shared memory, when the tool
    is found (``PATH``, ``$CUDA_HOME/bin``, ``/usr/local/cuda/bin``);
 3. the headline case of every benchmark family (adaLN chain, QK-norm + RoPE, causal
-   conv3d, GroupNorm+SiLU, packed varlen attention), against eager and ``torch.compile``;
+   conv3d, GroupNorm+SiLU, packed varlen attention), against eager and ``torch.compile``
+   (the compile baselines last);
 4. one 10b-width DiT block forward + backward at 36,002 tokens, kernels vs eager vs
    ``torch.compile``, for MFU;
 5. the remaining benchmark shapes, while time is left.
@@ -43,12 +46,14 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -666,11 +671,17 @@ class Run:
         full_env = {**os.environ, **(env or {})}
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         with open(self.out / logname, "w") as logf:
+            p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=logf, stderr=subprocess.STDOUT)
             try:
-                p = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=logf, stderr=subprocess.STDOUT,
-                                   timeout=max(1.0, timeout))  # fmt: skip
-                return p.returncode
+                return p.wait(timeout=max(1.0, timeout))
             except subprocess.TimeoutExpired:
+                # SIGINT first: pytest stops and still writes its JUnit file with what finished
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
                 return None
 
     # --- step 0: the CUDA extension
@@ -718,14 +729,21 @@ class Run:
         share = self._share(self.args.share_tests)
         junit = self.out / "pytest-gpu.xml"
         paths = ["tests/kernels/test_gpu.py"] if self.dry_run else ["tests"]
+        workers = []  # Triton compiles in each worker process: cold caches warm several times faster
+        if not self.dry_run and importlib.util.find_spec("xdist") is not None:
+            workers = ["-n", str(min(4, os.cpu_count() or 1))]
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=15",
-               f"--junitxml={junit}", *paths]  # fmt: skip
+               f"--junitxml={junit}", *workers, *paths]  # fmt: skip
         rc = self._subprocess(cmd, share, "pytest-gpu.log")
+        self.tests = parse_junit(junit)  # on a timeout: what finished before the interrupt
         if rc is None:
             with open(self.out / "tests.jsonl", "w") as f:
+                for case in self.tests.get("cases", []):
+                    f.write(json.dumps({**self.env, **case}) + "\n")
                 f.write(json.dumps({**self.env, "test": "pytest -m gpu", "status": "timeout", "seconds": share}) + "\n")
-            return StepRecord("tests", "timeout", detail=f"pytest -m gpu did not finish in {share:.0f} s (pytest-gpu.log)")
-        self.tests = parse_junit(junit)
+            t = self.tests
+            return StepRecord("tests", "timeout", detail=f"pytest -m gpu interrupted after {share:.0f} s: {t['passed']} "
+                                                         f"passed, {t['failed']} failed before it (pytest-gpu.log)")  # fmt: skip
         with open(self.out / "tests.jsonl", "w") as f:
             for case in self.tests.get("cases", []):
                 f.write(json.dumps({**self.env, **case}) + "\n")
@@ -991,14 +1009,30 @@ def write_outputs(run: Run) -> Path:
     return path
 
 
+AOT_COLUMNS = [
+    ("family", ("family",)), ("kernel", ("kernel",)), ("variant", ("variant",)), ("warps", ("num_warps",)),
+    ("regs", ("registers",)), ("spill B", ("spill_bytes",)), ("smem B", ("shared_bytes",)),
+    ("warps/SM", ("occupancy", "warps_per_sm")), ("limiter", ("occupancy", "limiter")), ("wgmma", ("mma", "wgmma")),
+    ("mma.sync", ("mma", "mma_sync")), ("128-bit main loads", ("main_load_share_128",)), ("ok", ("ok",)),
+]  # fmt: skip
+"""Per-kernel columns of ``python -m mugv_kernels.aot --json`` shown in ``SUMMARY.md``."""
+
+
 def _aot_table(aot) -> str:
-    """A Markdown table of the AOT JSON: one row per kernel, every scalar field a column."""
-    rows = aot.get("kernels", aot) if isinstance(aot, dict) else aot
-    if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
+    """A Markdown table of the AOT JSON (schema 1 of :mod:`mugv_kernels.aot`), one row per kernel."""
+    rows = aot.get("kernels") if isinstance(aot, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         return "(unrecognized layout; see aot.json)"
-    cols = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool)) or v is None]
-    out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+
+    def get(r, path):
+        for key in path:
+            r = r.get(key) if isinstance(r, dict) else None
+        if isinstance(r, float):
+            return f"{r:.0%}" if path == ("main_load_share_128",) else f"{r:.3g}"
+        return "–" if r is None else str(r)
+
+    out = ["| " + " | ".join(c for c, _ in AOT_COLUMNS) + " |", "|" + " --- |" * len(AOT_COLUMNS)]
+    out += ["| " + " | ".join(get(r, path) for _, path in AOT_COLUMNS) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -1068,7 +1102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.step("csrc", run.build_csrc)
     run.step("tests", run.pytest_gpu)
     run.step("sanitizer", run.sanitize)
-    tier1 = [c for c in bench_cases if c.tier == 1]
+    # the headline cases, torch.compile baselines last (a cold Inductor compile costs the most)
+    tier1 = sorted((c for c in bench_cases if c.tier == 1), key=lambda c: c.impl == "compile")
     tier2 = [c for c in bench_cases if c.tier != 1]
     run.step("benchmarks", lambda: run.run_cases(tier1, run._share(args.share_benchmarks), "benchmarks"))
     run.step("block", lambda: run.run_cases(blocks, budget.left() - run._reserve(), "block"))

@@ -187,3 +187,15 @@ def test_dry_run_end_to_end(tmp_path):
     assert "DRY RUN" in summary and "| sanitizer |" in summary
     assert "over budget" in summary  # the block's compile case: its estimate exceeds what the dry run has left
     assert "## Kernel traffic under the interpreter" in summary
+
+
+def test_aot_table_from_the_json_schema():
+    doc = {"schema": 1, "kernels": [
+        {"family": "rope", "kernel": "_rope3d_fwd_kernel", "variant": "D=72", "num_warps": 4, "registers": 96,
+         "spill_bytes": 0, "shared_bytes": 0, "occupancy": {"warps_per_sm": 64, "limiter": "warps"},
+         "mma": {"wgmma": 0, "mma_sync": 0}, "main_load_share_128": 0.9, "ok": True},
+    ]}  # fmt: skip
+    lines = gc._aot_table(doc).splitlines()
+    assert lines[0].startswith("| family | kernel | variant |") and len(lines) == 3
+    assert "| rope | _rope3d_fwd_kernel | D=72 | 4 | 96 | 0 | 0 | 64 | warps | 0 | 0 | 90% | True |" == lines[2]
+    assert "unrecognized" in gc._aot_table([1, 2])
