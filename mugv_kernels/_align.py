@@ -19,14 +19,19 @@ __all__ = ["common_divisor", "multiple"]
 
 
 def common_divisor(*values: int) -> int:
-    """The largest power of two <= 16 dividing every value (in elements).
+    """The ``DIV`` hint for ``values`` (sizes and strides, in elements): the largest power
+    of two below 16 dividing every value, or 1 when 16 divides them all (the JIT's own
+    ``tt.divisibility = 16`` already says so, and a rewrite would only add instructions).
 
-    ``common_divisor(72, 3456, 72) == 8``; ``common_divisor(20, 40) == 4``; zero divides
-    by anything. Raises ``ValueError`` on a negative value.
+    ``common_divisor(72, 3456, 72) == 8``; ``common_divisor(20, 40) == 4``;
+    ``common_divisor(128, 6144) == 1``; zero divides by anything. Raises ``ValueError`` on
+    a negative value.
     """
     if any(v < 0 for v in values):
         raise ValueError(f"common_divisor: values must be >= 0, got {values}")
-    div = 16
+    if all(v % 16 == 0 for v in values):
+        return 1
+    div = 8
     while div > 1 and any(v % div for v in values):
         div //= 2
     return div

@@ -40,7 +40,7 @@ JSON schema (``--json``; ``"schema": 1``)::
         {
           "id": "<kernel>-<hash>",        # stable for equal specializations
           "family": "rope", "kernel": "_rope3d_fwd_kernel", "label": "<short text>",
-          "variant": "D=72" | "channels_last" | "ncdhw" | "all",   # Specialization.variant
+          "variant": "D=72 interleaved" | "channels_last" | "all" | ...,  # Specialization.variant
           "num_warps": 4, "num_stages": 1,
           "signature": {"<arg>": "*bf16" | "i32" | "fp32" | "constexpr" | ...},
           "constexprs": {"<arg>": value},  # constexprs and arguments specialized to 1
@@ -171,7 +171,9 @@ class Specialization:
         """The group the report and the gates file this specialization under:
         ``"D=<head_dim>"`` for kernels with a head-dim argument ``D``, ``"channels_last"``
         or ``"ncdhw"`` for kernels with channel-stride arguments (``s<x>c``: channels
-        innermost when one of them is the constant 1), else ``"all"``."""
+        innermost when one of them is the constant 1), ``"interleaved"`` or
+        ``"half-split"`` for kernels with an ``INTERLEAVED`` constexpr (RoPE pair layouts),
+        plus ``"across-heads"`` when its ``ACROSS_HEADS`` constexpr is set; else ``"all"``."""
         parts = []
         scalars = dict(self.scalars)
         if "D" in scalars:
@@ -180,6 +182,11 @@ class Specialization:
         if channel_strides:
             ones = set(self.specialized_to_one())
             parts.append("channels_last" if ones & set(channel_strides) else "ncdhw")
+        cex = self.constexpr_dict()
+        if "INTERLEAVED" in cex:
+            parts.append("interleaved" if cex["INTERLEAVED"] else "half-split")
+        if cex.get("ACROSS_HEADS"):
+            parts.append("across-heads")
         return " ".join(parts) or "all"
 
     def key(self) -> str:

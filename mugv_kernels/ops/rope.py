@@ -38,14 +38,19 @@ traffic is exactly the useful bytes; what they cost is issue slots and registers
 D = 72, 56 of 128 lanes (44%) do no useful arithmetic. That is affordable because the
 kernel does a few FLOPs per byte (memory-bound) and cos/sin are computed once per token
 (shared by all heads of q and k), not per element; the tile is kept small (one token x
-4 heads on a GPU, :func:`launch_config`) so registers stay low (96 forward / 93 backward
-for the fused q+k variant at sm_90a) and several programs stay resident per SM; the
-forward loads the next head block of q and k before finishing the current one (two
-blocks of loads in flight per thread), the backward issues all loads of a step (dy and x
-of q and k) before its math, to keep enough HBM requests in flight. The partner element ``x[p(e)]`` is read by a second load of the
-same row (an L1/L2 hit, no extra HBM traffic), which works for both pair layouts and any
-section split, instead of a register shuffle. Angles are ``fp32(pos) * fp32(inv_freq)``
-as in the public table; cos/sin use :func:`_cos_sin` (no libdevice slow path).
+4 heads on a GPU, :func:`launch_config`) so registers stay low and several programs stay
+resident per SM; the forward loads the next head block of q and k before finishing the
+current one (two blocks of loads in flight per thread), the backward issues all loads of
+a step (dy and x of q and k) before its math, to keep enough HBM requests in flight.
+The launcher passes ``DIV``, the power of two dividing D and the strides (8 at D = 72;
+:mod:`mugv_kernels._align`), so each thread's 8 lanes of a head row are a 16-byte run
+the compiler moves in one 128-bit access. The partner element ``x[p(e)]``: in the
+interleaved layout the pairs ``(2i, 2i + 1)`` of a loaded tile are swapped in registers
+(``tl.reshape`` to ``[..., BLOCK_D / 2, 2]``, ``tl.split``, ``tl.join``), no second load;
+in the half-split layout (partner half a section away), and for the across-heads
+weights and backward, a second load of the same row (an L1/L2 hit, no extra HBM
+traffic) serves any section split. Angles are ``fp32(pos) * fp32(inv_freq)`` as in the
+public table; cos/sin use :func:`_cos_sin` (no libdevice slow path).
 
 Layout (top to bottom): Triton kernels, launch helpers, the registered ops
 ``mugv::qk_norm_rope3d_fwd`` / ``mugv::qk_norm_rope3d_bwd`` with their autograd, the
@@ -64,6 +69,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mugv_kernels._align import common_divisor, multiple
 from mugv_kernels._registry import KERNEL_BACKENDS, check_backend, launch, mugv_op, register_aot_cases, use_triton
 from mugv_kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, last_dim_contiguous
 from mugv_kernels.reference.rope import qk_norm_rope3d_ref, rope3d_bwd_ref, rope3d_fwd_ref
@@ -165,12 +171,31 @@ def _tile_offsets(row_base, heads, stride_h, e3):
 
 
 @triton.jit
-def _load_pair(X, x_rows, stride_xh, heads, e3, p3, mask):
-    """A ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile and its pair partners, fp32."""
+def _swap_pairs(x):
+    """``x`` with the elements of each pair ``(2i, 2i + 1)`` of its last axis swapped: the
+    rotation partners of the interleaved layout, from registers (no second load)."""
+    a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], x.shape[2] // 2, 2]))
+    return tl.reshape(tl.join(b, a), [x.shape[0], x.shape[1], x.shape[2]])
+
+
+@triton.jit
+def _partners(x, P, p3, mask, INTERLEAVED: tl.constexpr):
+    """The pair partners ``x[p(e)]`` of a loaded tile ``x``: swapped in registers for the
+    interleaved layout, else loaded again from ``P + p3`` (the same row)."""
+    if INTERLEAVED:
+        xp = _swap_pairs(x)
+    else:
+        xp = tl.load(P + p3, mask=mask, other=0.0).to(tl.float32)
+    return xp
+
+
+@triton.jit
+def _load_pair(X, x_rows, stride_xh, heads, e3, p3, mask, INTERLEAVED: tl.constexpr):
+    """A ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile and its pair partners, fp32 (partners from a
+    second load when ``INTERLEAVED`` is false: valid for either layout)."""
     offs = _tile_offsets(x_rows, heads, stride_xh, 0)
     x = tl.load(X + offs + e3, mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(X + offs + p3, mask=mask, other=0.0).to(tl.float32)
-    return x, xp
+    return x, _partners(x, X + offs, p3, mask, INTERLEAVED)
 
 
 @triton.jit
@@ -224,8 +249,11 @@ def _rope3d_fwd_kernel(
     eps, neg_log2_theta,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, ACROSS_HEADS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
+    D = multiple(D, DIV)
+    stride_qb, stride_qn, stride_qh = multiple(stride_qb, DIV), multiple(stride_qn, DIV), multiple(stride_qh, DIV)
+    stride_kb, stride_kn, stride_kh = multiple(stride_kb, DIV), multiple(stride_kn, DIV), multiple(stride_kh, DIV)
     toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < n_tokens
     b = toks // N
@@ -250,10 +278,10 @@ def _rope3d_fwd_kernel(
     # issue the first head block's loads before the position math and weights
     heads = hs
     mask = tmask3 & (heads < H)[None, :, None]
-    xq, xqp = _load_pair(Q, q_rows, stride_qh, heads, e3, p3, mask)
+    xq, xqp = _load_pair(Q, q_rows, stride_qh, heads, e3, p3, mask, INTERLEAVED)
     xk, xkp = xq, xqp
     if HAS_K:
-        xk, xkp = _load_pair(K, k_rows, stride_kh, heads, e3, p3, mask)
+        xk, xkp = _load_pair(K, k_rows, stride_kh, heads, e3, p3, mask, INTERLEAVED)
     cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
     qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
     qwp = qw
@@ -261,19 +289,19 @@ def _rope3d_fwd_kernel(
     kwp = qw
     if HAS_QW and not ACROSS_HEADS:
         qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
-        qwp = tl.load(QW + p3, mask=e3 < D, other=0.0).to(tl.float32)
+        qwp = _partners(qw, QW, p3, e3 < D, INTERLEAVED)
     if HAS_KW and not ACROSS_HEADS:
         kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
-        kwp = tl.load(KW + p3, mask=e3 < D, other=0.0).to(tl.float32)
+        kwp = _partners(kw, KW, p3, e3 < D, INTERLEAVED)
     # software pipeline over head blocks: load block i + 1 (q and k) before finishing
     # block i, so two blocks of loads are in flight; the last prefetch is fully masked
     for h0 in range(BLOCK_H, H + BLOCK_H, BLOCK_H):
         next_heads = h0 + hs
         next_mask = tmask3 & (next_heads < H)[None, :, None]
-        nq, nqp = _load_pair(Q, q_rows, stride_qh, next_heads, e3, p3, next_mask)
+        nq, nqp = _load_pair(Q, q_rows, stride_qh, next_heads, e3, p3, next_mask, INTERLEAVED)
         nk, nkp = nq, nqp
         if HAS_K:
-            nk, nkp = _load_pair(K, k_rows, stride_kh, next_heads, e3, p3, next_mask)
+            nk, nkp = _load_pair(K, k_rows, stride_kh, next_heads, e3, p3, next_mask, INTERLEAVED)
         qw_h, qwp_h, kw_h, kwp_h = qw, qwp, kw, kwp
         if ACROSS_HEADS:  # the weight is [H * D]: this head block's slice (not loop-carried)
             if HAS_QW:
@@ -339,7 +367,7 @@ def _rope_bwd_across_heads(
         for h0 in range(0, H, BLOCK_H):
             heads = h0 + hs
             mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-            dy, dyp = _load_pair(DY, dy_rows, stride_dyh, heads, e3, p3, mask)
+            dy, dyp = _load_pair(DY, dy_rows, stride_dyh, heads, e3, p3, mask, False)
             x = tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=mask, other=0.0).to(tl.float32)
             w, _ = _head_weights(W, heads, H, D, e3, e3)
             dxn = dy * cos - dyp * ssin
@@ -360,7 +388,7 @@ def _rope_bwd_across_heads(
             n = toks - b * N
             cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
             mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-            dy, dyp = _load_pair(DY, b * stride_dyb + n * stride_dyn, stride_dyh, heads, e3, p3, mask)
+            dy, dyp = _load_pair(DY, b * stride_dyb + n * stride_dyn, stride_dyh, heads, e3, p3, mask, False)
             x_offs = _tile_offsets(b * stride_xb + n * stride_xn, heads, stride_xh, e3)
             x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(STATS + toks * 2, mask=tmask, other=0.0)[:, None, None]
@@ -384,8 +412,15 @@ def _rope3d_bwd_kernel(
     eps, neg_log2_theta,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_K: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, ACROSS_HEADS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
+    D = multiple(D, DIV)
+    stride_dqb, stride_dqn = multiple(stride_dqb, DIV), multiple(stride_dqn, DIV)
+    stride_dkb, stride_dkn = multiple(stride_dkb, DIV), multiple(stride_dkn, DIV)
+    stride_qb, stride_qn = multiple(stride_qb, DIV), multiple(stride_qn, DIV)
+    stride_kb, stride_kn = multiple(stride_kb, DIV), multiple(stride_kn, DIV)
+    stride_dqh, stride_dkh = multiple(stride_dqh, DIV), multiple(stride_dkh, DIV)
+    stride_qh, stride_kh = multiple(stride_qh, DIV), multiple(stride_kh, DIV)
     pid = tl.program_id(0).to(tl.int64)
     t_start = pid * tokens_per_program  # a multiple of BLOCK_T
     t_end = tl.minimum(t_start + tokens_per_program, n_tokens)
@@ -431,13 +466,13 @@ def _rope3d_bwd_kernel(
                 heads = h0 + hs
                 mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
                 # every load of the step (q and k) is issued before the math
-                dyq, dyqp = _load_pair(DQO, dq_rows, stride_dqh, heads, e3, p3, mask)
+                dyq, dyqp = _load_pair(DQO, dq_rows, stride_dqh, heads, e3, p3, mask, INTERLEAVED)
                 xq = dyq
                 if HAS_QW:
                     xq = tl.load(Q + _tile_offsets(q_rows, heads, stride_qh, e3), mask=mask, other=0.0).to(tl.float32)
                 dyk, dykp, xk = dyq, dyqp, xq
                 if HAS_K:
-                    dyk, dykp = _load_pair(DKO, dk_rows, stride_dkh, heads, e3, p3, mask)
+                    dyk, dykp = _load_pair(DKO, dk_rows, stride_dkh, heads, e3, p3, mask, INTERLEAVED)
                     if HAS_KW:
                         xk = tl.load(K + _tile_offsets(k_rows, heads, stride_kh, e3), mask=mask, other=0.0)
                         xk = xk.to(tl.float32)
@@ -469,14 +504,17 @@ class LaunchConfig:
     num_stages: int = 1
 
 
-def launch_config(H: int, D: int, device: torch.device) -> LaunchConfig:
+def launch_config(H: int, D: int, device: torch.device, *, interleaved: bool = False) -> LaunchConfig:
     """``BLOCK_D = next_power_of_2(D)``; on a GPU one token and ``512 // BLOCK_D`` heads
-    per tile (4 lanes per thread at 4 warps).
+    per tile: 8 lanes per thread (2 warps) when ``interleaved`` (pair partners swapped in
+    registers), whose threads then hold 16-byte runs of a head row (128-bit accesses);
+    else 4 lanes per thread (4 warps): the half-split layout and the across-heads norm
+    read partners with a second, gathered load, and wider tiles raise their registers
+    past the occupancy target or spill.
 
-    Small tiles keep the fused q+k variants at 96 (forward, with its one-block prefetch) /
-    93 (backward) registers at the MUG-V shape (sm_90a, ``python -m mugv_kernels.aot
-    --family rope``), i.e. 5 resident programs per SM; without the prefetch, 1024-lane
-    tiles needed 121 / 151 registers and 2048-lane tiles spilled in the backward. Triton's CPU interpreter
+    Small tiles keep registers low (``python -m mugv_kernels.aot --family rope --report``
+    at the MUG-V shape); without the forward's one-block prefetch, 1024-lane tiles
+    needed 121 / 151 registers and 2048-lane tiles spilled in the backward. Triton's CPU interpreter
     pays per operation, not per lane, so there a tile takes 16 tokens (same math, fewer
     interpreted steps); heads stay in blocks of at most 4 so the head loop and its masks
     run in the tests.
@@ -485,7 +523,7 @@ def launch_config(H: int, D: int, device: torch.device) -> LaunchConfig:
     if device.type == "cpu":
         return LaunchConfig(16, min(triton.next_power_of_2(max(H, 1)), 4), block_d, 4)
     block_h = max(1, min(triton.next_power_of_2(max(H, 1)), 512 // block_d))
-    num_warps = 4 if block_h * block_d >= 512 else 2
+    num_warps = max(1, block_h * block_d // (256 if interleaved else 128))
     return LaunchConfig(1, block_h, block_d, num_warps)
 
 
@@ -528,7 +566,8 @@ def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta
     if q4.numel() == 0:
         return q_out, k_out
     k4 = _as_bnhd(k) if k is not None else q4
-    cfg = launch_config(H, D, q.device)
+    across = bool(across_heads) and q_weight is not None
+    cfg = launch_config(H, D, q.device, interleaved=bool(interleaved) and not across)
     S0, S1, S2 = (int(s) for s in sections)
     launch(_rope3d_fwd_kernel, (triton.cdiv(B * N, cfg.block_t),))(
         q4, k4, positions, q_weight if q_weight is not None else q4, k_weight if k_weight is not None else q4,
@@ -538,8 +577,9 @@ def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta
         float(eps), -math.log2(theta),
         S0=S0, S1=S1, S2=S2, INTERLEAVED=bool(interleaved),
         HAS_K=k is not None, HAS_QW=q_weight is not None, HAS_KW=k is not None and k_weight is not None,
-        ACROSS_HEADS=bool(across_heads) and q_weight is not None,
+        ACROSS_HEADS=across,
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
+        DIV=common_divisor(D, *_strides3(q4), *_strides3(k4)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return q_out, k_out
@@ -567,9 +607,9 @@ def _rope3d_bwd_launch(
     k4 = _as_bnhd(k) if has_k else q4
     dq4 = _as_bnhd(dq_out)
     dk4 = _as_bnhd(dk_out) if has_k else dq4
-    cfg = launch_config(H, D, dev)
-    n_prog, per_prog = bwd_programs(n_tokens, cfg.block_t, dev)
     across = bool(across_heads) and q_weight is not None
+    cfg = launch_config(H, D, dev, interleaved=bool(interleaved) and not across)
+    n_prog, per_prog = bwd_programs(n_tokens, cfg.block_t, dev)
     C = H * D if across else D  # weight length
     dqw_p = torch.empty((n_prog, C), dtype=torch.float32, device=dev) if q_weight is not None else q.new_empty(0)
     dkw_p = torch.empty((n_prog, C), dtype=torch.float32, device=dev) if has_kw else q.new_empty(0)
@@ -589,7 +629,11 @@ def _rope3d_bwd_launch(
         S0=S0, S1=S1, S2=S2, INTERLEAVED=bool(interleaved),
         HAS_K=has_k, HAS_QW=q_weight is not None, HAS_KW=has_kw, ACROSS_HEADS=across,
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
+        DIV=common_divisor(D, *_strides3(dq4), *_strides3(dk4), *_strides3(q4), *_strides3(k4)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # left to itself, ptxas keeps the fused D = 128 interleaved backward (2 warps) at 96
+        # registers and spills 8 bytes; 128 fits it (16 warps per SM still)
+        **(dict(maxnreg=128) if cfg.num_warps == 2 else {}),
     )  # fmt: skip
     dqw = dqw_p.sum(0).to(q_weight.dtype) if q_weight is not None else q.new_empty(0)
     dkw = dkw_p.sum(0).to(k_weight.dtype) if has_kw else q.new_empty(0)

@@ -194,8 +194,8 @@ def test_common_divisor():
     from mugv_kernels._align import common_divisor
 
     assert common_divisor(72, 3456, 72) == 8  # MUG-V head dim, [T, 48, 72] strides
-    assert common_divisor(128, 6144) == 16 and common_divisor(64, 0) == 16  # 16 at most
-    assert common_divisor(20, 40) == 4 and common_divisor(72, 3) == 1 and common_divisor() == 16
+    assert common_divisor(128, 6144) == 1 and common_divisor(64, 0) == 1  # the JIT marks multiples of 16
+    assert common_divisor(20, 40) == 4 and common_divisor(72, 3) == 1 and common_divisor(72, 0) == 8
     with pytest.raises(ValueError, match=">= 0"):
         common_divisor(8, -8)
 
@@ -300,14 +300,15 @@ MATMUL_OPERANDS = {
 }
 """The tensors each matmul kernel feeds to its tensor-core dots."""
 
-_XF_ROPE72 = ("head_dim 72 is a runtime D in a 128-lane padded tile row: the mask e < D has unknown "
-              "constancy, so every element is its own 16-bit access; the rotation partner is a second, "
-              "gathered (permuted) load")
-_XF_ROPE128 = ("a [1 token, 4 heads, 128] tile over 128 threads holds 4 elements per thread (64-bit at best), "
-               "and the rotation partner is a second, gathered (permuted) 16-bit load")
+_XF_ROPE_HALF = ("half-split pairs: an element's partner is half a section away (21 or 22 elements in the "
+                 "(44, 42, 42) sections), not in its 16-byte run, so the partner tile is a second, gathered "
+                 "16-bit load")
+_XF_ROPE_ACROSS = ("the across-heads RMSNorm (Wan) path sweeps each token twice and reads pair partners and the "
+                   "[H * D] weights with second, gathered loads at 4 lanes per thread")
 _XF_GN_CL = ("at 128 channels in 32 groups (Cg = 4) a tile holds one group: its channel run is 8 bytes, "
              "64-bit accesses at most; 128-bit needs a tile spanning two groups (Cg = 8 and 16 pass)")
 
+_ROPE = ("_rope3d_fwd_kernel", "_rope3d_bwd_kernel")
 _GN = ("_gn_stats_kernel", "_gn_apply_kernel", "_gn_bwd_partial_kernel", "_gn_bwd_dx_kernel")
 _ATTN = ("_varlen_attn_fwd_kernel", "_varlen_attn_bwd_dkdv_kernel", "_varlen_attn_bwd_dq_kernel")
 
@@ -320,10 +321,9 @@ def _gate(kernel: str, variant: str, reason: str | None = None):
 MEMORY_GATES = [
     _gate("_adaln_fwd_kernel", "all"),
     _gate("_adaln_bwd_kernel", "all"),
-    _gate("_rope3d_fwd_kernel", "D=72", _XF_ROPE72),
-    _gate("_rope3d_bwd_kernel", "D=72", _XF_ROPE72),
-    _gate("_rope3d_fwd_kernel", "D=128", _XF_ROPE128),
-    _gate("_rope3d_bwd_kernel", "D=128", _XF_ROPE128),
+    *[_gate(k, v) for k in _ROPE for v in ("D=72 interleaved", "D=128 interleaved")],
+    *[_gate(k, "D=128 half-split", _XF_ROPE_HALF) for k in _ROPE],
+    *[_gate(k, "D=128 interleaved across-heads", _XF_ROPE_ACROSS) for k in _ROPE],
     *[_gate(k, "ncdhw") for k in _GN],
     *[_gate(k, "channels_last", _XF_GN_CL) for k in _GN],
     _gate("_varlen_attn_bwd_delta_kernel", "D=72"),

@@ -331,7 +331,7 @@ def test_gpu_tiling_under_interpreter(monkeypatch):
     from mugv_kernels.ops import rope as rope_ops
 
     gpu_config = rope_ops.launch_config
-    monkeypatch.setattr(rope_ops, "launch_config", lambda H, D, device: gpu_config(H, D, torch.device("meta")))
+    monkeypatch.setattr(rope_ops, "launch_config", lambda H, D, device, **kw: gpu_config(H, D, torch.device("meta"), **kw))
     monkeypatch.setattr(rope_ops, "bwd_programs", lambda n, block_t, device: (3, 2))  # 2 + 2 + 1 tokens
     assert rope_ops.launch_config(6, 72, torch.device("cpu")).block_t == 1
     D, sections = MUGV
