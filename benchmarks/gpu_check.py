@@ -523,13 +523,16 @@ def _block_step(dims, impl: str, dry_run: bool) -> Callable[[], object]:
     import mugv_kernels as mk
 
     pos = torch.cat([mk.video_positions(1, 1, s - 2, device=dev) for s in dims.seqlens]).int()
+    # activations as the model hands them to a block under bf16 autocast (fp32 on the CPU)
+    act = torch.float32 if dry_run else torch.bfloat16
     batch = PackedBatch(
-        t_mlp=torch.randn(2 * n, 6 * C, device=dev) * 0.1, index=(torch.arange(N, device=dev) % 7 == 0).int()[None],
-        positions=pos, cu_seqlens=cu(dims.seqlens), max_seqlen=max(dims.seqlens), text=torch.randn(L, C, device=dev),
+        t_mlp=torch.randn(2 * n, 6 * C, device=dev, dtype=act) * 0.1,
+        index=(torch.arange(N, device=dev) % 7 == 0).int()[None], positions=pos, cu_seqlens=cu(dims.seqlens),
+        max_seqlen=max(dims.seqlens), text=torch.randn(L, C, device=dev, dtype=act),
         text_cu_seqlens=cu(dims.text_seqlens), text_max_seqlen=max(dims.text_seqlens),
         backend="auto" if impl == "kernels" else "reference", attn_backend="auto" if impl == "kernels" else "sdpa",
     )  # fmt: skip
-    x = torch.randn(1, N, C, device=dev, requires_grad=True)
+    x = torch.randn(1, N, C, device=dev, dtype=act, requires_grad=True)
     fn = block
     if impl == "compile":
         from benchmarks._common import COMPILE_BACKEND
