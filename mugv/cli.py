@@ -1,4 +1,5 @@
-"""The ``mugv`` command line: ``curate``, ``preprocess``, ``train-vae``, ``train``, ``generate``, ``demo``.
+"""The ``mugv`` command line: ``curate``, ``preprocess``, ``train-vae``, ``train``, ``expand``, ``merge``,
+``generate``, ``demo``.
 
 Each training/data command takes ``--config FILE.toml`` (see ``configs/``) and one flag per
 config field (``mugv <command> --help`` lists them with their defaults); flags override
@@ -116,6 +117,29 @@ def _generate(sample, args):
         device=args.device)
 
 
+def _cmd_expand(args) -> int:
+    from mugv.train.hypercloning import expand_run
+
+    try:
+        step = expand_run(args.src, args.to_hidden_size, args.out, noise=args.noise, source=args.source,
+                          num_heads=args.num_heads, seed=args.seed)
+    except (ValueError, FileExistsError) as e:
+        raise ConfigError(str(e)) from e
+    print(f"wrote {step} (hidden size {args.to_hidden_size}); train it with --init-from {args.out}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from mugv.train.merge import merge_checkpoints
+
+    try:
+        step = merge_checkpoints(args.inputs, args.out, weights=args.weights, source=args.source)
+    except (ValueError, FileExistsError) as e:
+        raise ConfigError(str(e)) from e
+    print(f"wrote {step} (average of {len(args.inputs)} checkpoints, {args.source} weights)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from mugv.demo import run_demo
 
@@ -192,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=DEVICES, help="device")
     s.add_argument("--out", required=True, help="output mp4 path (the contact sheet goes next to it as .png)")
     s.set_defaults(func=_cmd_generate)
+    s = sub.add_parser("expand", help="HyperCloning: a wider DiT computing the same function", formatter_class=fmt,
+                       description=("Tile a run's DiT weights into a model k times wider (same head_dim, k times the "
+                                    "heads) that computes the same function, plus a little noise; writes a "
+                                    "weights-only run for `mugv train --init-from` (fresh optimizer)."))
+    s.add_argument("--from", dest="src", required=True, help="run directory or checkpoint (RUN/step_N)")
+    s.add_argument("--to-hidden-size", type=int, required=True, help="new width, a multiple k >= 2 of the current")
+    s.add_argument("--noise", type=float, default=1e-3, help="relative noise on the weight matrices (0 = exact)")
+    s.add_argument("--source", default="ema", choices=("ema", "model"), help="EMA or raw weights")
+    s.add_argument("--num-heads", type=int, default=None, help="optional check: must be k times the current heads")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    s.add_argument("--out", required=True, help="new run directory")
+    s.set_defaults(func=_cmd_expand)
+    s = sub.add_parser("merge", help="average checkpoints (EMA or raw weights) through DCP", formatter_class=fmt,
+                       description=("Weighted average of checkpoints of the same DiT shape, read one tensor at a "
+                                    "time; writes a weights-only run."))
+    s.add_argument("--inputs", nargs="+", required=True, help="runs or checkpoints (RUN, RUN/step_N)")
+    s.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per input (default equal)")
+    s.add_argument("--source", default="ema", choices=("ema", "model"), help="EMA or raw weights")
+    s.add_argument("--out", required=True, help="new run directory")
+    s.set_defaults(func=_cmd_merge)
     return p
 
 

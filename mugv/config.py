@@ -137,6 +137,10 @@ class RunConfig(_Config):
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(50, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr")
+    lr_schedule: str = _f("cosine", "after warmup: cosine (decay to min_lr_ratio * lr) | constant | anneal (constant, "
+                                    "then linear to 0 over the last anneal_steps)",
+                          choices=("constant", "cosine", "anneal"))
+    anneal_steps: int = _f(0, "lr_schedule=anneal: steps of the final linear decay to 0 (0 = none)")
     grad_clip: float = _f(1.0, "max global grad norm (0 = off)")
     seed: int = _f(0, "seed of every random choice (init, data order, crops, noise)")
     log_every: int = _f(10, "steps between log lines / TensorBoard points")
@@ -215,6 +219,8 @@ class TrainConfig(RunConfig):
     checkpoint_every: int = _f(0, "steps between checkpoints (0 = only at the end)")
     keep_last: int = _f(3, "checkpoints kept (older ones are deleted)")
     resume: bool = _f(True, "resume from the newest checkpoint in <out>/checkpoints if any")
+    init_from: str = _f("", "start from the weights of this run or checkpoint (raw weights; the optimizer, EMA and "
+                            "sampler start fresh; its DiT shape is used); a checkpoint in <out> still wins on resume")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
     profile_steps: str = _f("", "START:STOP: torch.profiler trace of steps START <= step < STOP to "
                                 "<out>/profile/rank<r>/trace.json + top_kernels.txt ('' = off)")

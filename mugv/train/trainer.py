@@ -41,6 +41,7 @@ from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shi
 from mugv.models import DiTConfig, MUGDiT
 from mugv.profiling import TorchProfile, nvtx_range, parse_profile_steps
 from mugv.train import checkpoint as ckpt
+from mugv.train import runs
 from mugv.train.ema import EMA
 from mugv.train.logging import MetricsLogger, dit_train_flops
 from mugv.train.parallelize import DistInfo, build_model, init_distributed, parallelize_dit, resolve_dtype
@@ -165,7 +166,11 @@ class Trainer:
         for k in ("depth", "hidden_size", "num_heads"):
             if getattr(cfg, k):
                 overrides[k] = getattr(cfg, k)
-        self.dit_cfg = DiTConfig.from_flavor(cfg.flavor, **overrides)
+        self.init_step_dir = None
+        if cfg.init_from:
+            self.dit_cfg, self.init_step_dir = runs.init_config(cfg, overrides)
+        else:
+            self.dit_cfg = DiTConfig.from_flavor(cfg.flavor, **overrides)
         self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and self.dist.world_size > 1)
         if self.dist.world_size > 1 and not self.use_fsdp:
             raise ConfigError("fsdp='off' with several ranks: every rank would train its own copy; use fsdp='auto'")
@@ -189,6 +194,8 @@ class Trainer:
             n_params = factory().num_params()
         self.model = build_model(factory, device=dev, on_meta=n_params > cfg.meta_init_threshold, seed=cfg.seed,
                                  parallelize=par)
+        if self.init_step_dir is not None:
+            runs.load_weights(self.init_step_dir, self.model, source="model")
         self.autocast = (not self.use_fsdp) and self.param_dtype != torch.float32
         self.optimizer = build_optimizer(self.model.parameters(), cfg, foreach=True)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -1,0 +1,48 @@
+"""Annealed SFT: the constant / cosine / anneal learning-rate schedules, and --init-from
+(weights only: a fresh optimizer, EMA and sampler)."""
+
+import pytest
+import torch
+
+from mugv.config import ConfigError, TrainConfig
+from mugv.train.schedule import lr_at
+from tests.stack.test_train import _cfg, make_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lr_schedules():
+    kw = dict(lr=1.0, warmup=2, total=10, min_ratio=0.1)
+    assert [lr_at(s, **kw, schedule="constant") for s in (0, 1, 2, 9, 20)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    # anneal: constant until total - N, then linear to 0 at total
+    got = [lr_at(s, **kw, schedule="anneal", anneal_steps=4) for s in range(2, 12)]
+    assert got == pytest.approx([1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0, 0.0])
+    assert lr_at(5, **kw, schedule="anneal") == 1.0  # anneal_steps 0: no decay
+    assert lr_at(5, **kw) == lr_at(5, **kw, schedule="cosine")  # the default is unchanged
+    assert lr_at(10, **kw) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="constant | cosine | anneal"):
+        lr_at(3, **kw, schedule="linear")
+    with pytest.raises(ValueError, match="anneal_steps"):
+        lr_at(3, **kw, schedule="anneal", anneal_steps=-1)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_init_from_loads_weights_only(tmp_path):
+    from mugv.train.trainer import Trainer
+
+    data = make_shards(tmp_path / "shards", n=4)
+    src = Trainer(_cfg(data, tmp_path / "src", steps=2))
+    src.fit()
+    sft = Trainer(_cfg(data, tmp_path / "sft", init_from=str(tmp_path / "src" / "step_2"), steps=3,
+                       lr_schedule="anneal", anneal_steps=2, warmup_steps=0, seed=5))
+    for (n, p), q in zip(sft.model.named_parameters(), src.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)  # raw weights of the source
+        torch.testing.assert_close(sft.ema.shadow[n], p.float(), rtol=0, atol=0)  # EMA restarts at them
+    assert not sft.optimizer.state and sft.step == 0 and sft.sampler.state_dict() != src.sampler.state_dict()
+    lrs = [sft.train_step(sft.sampler.next_step().indices).lr for _ in range(3)]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4])  # anneal over the last 2 of 3 steps
+    with pytest.raises(ConfigError, match="hidden_size=48, this config has 96"):
+        Trainer(_cfg(data, tmp_path / "x", init_from=str(tmp_path / "src"), hidden_size=96, num_heads=2))
+    with pytest.raises(FileNotFoundError):
+        Trainer(_cfg(data, tmp_path / "x", init_from=str(tmp_path / "missing")))
