@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from mugv.config import ConfigError
 from mugv.models import DiTConfig
-from mugv.train.checkpoint import latest_checkpoint
+from mugv.train.checkpoint import latest_checkpoint, save_run_state, verify_checkpoint
 
 __all__ = ["checkpoint_keys", "dit_config_of", "init_config", "load_weights", "read_run_config", "read_tensor",
            "resolve_step_dir", "write_weights_run"]
@@ -56,9 +55,12 @@ def resolve_step_dir(path: str | os.PathLike) -> tuple[Path, Path]:
 
     Raises:
         FileNotFoundError: nothing of that kind at ``path``, or a run without checkpoints.
+        CheckpointError: the named checkpoint is incomplete or corrupt (a run directory gives
+            its newest valid one).
     """
     p = Path(path)
     if (p / ".metadata").exists() and (p.parent.parent / "config.json").exists():
+        verify_checkpoint(p)
         return p.parent.parent, p
     if (p / "config.json").exists():
         step = latest_checkpoint(p)
@@ -69,6 +71,7 @@ def resolve_step_dir(path: str | os.PathLike) -> tuple[Path, Path]:
     if m and (p.parent / "config.json").exists():
         step = p.parent / "checkpoints" / f"step_{int(m.group(1)):08d}"
         if (step / ".metadata").exists():
+            verify_checkpoint(step)
             return p.parent, step
         raise FileNotFoundError(f"{p}: no checkpoint {step}")
     raise FileNotFoundError(f"{p}: expected a run directory (with config.json), <run>/checkpoints/step_N or <run>/step_N")
@@ -175,28 +178,38 @@ def read_tensor(step_dir: str | os.PathLike, stored_as: str, shape, dtype: torch
     return buf
 
 
+class _FixedState:
+    """The ``state_dict()`` an EMA would give (what :func:`save_run_state` stores as ``ema``)."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 def write_weights_run(out: str | os.PathLike, state: Mapping[str, torch.Tensor], run_config: dict,
                       extra: dict | None = None) -> Path:
     """Write a weights-only run (see the module docstring): ``out/config.json`` and
     ``out/checkpoints/step_00000000`` with ``state`` as both ``model`` and ``ema``.
 
-    Returns the checkpoint directory.
+    Written with :func:`mugv.train.checkpoint.save_run_state` (manifest and completion marker),
+    so it is a valid checkpoint for every reader. Returns the checkpoint directory.
 
     Raises:
         FileExistsError: ``out`` already holds checkpoints (never overwritten).
+        RuntimeError: ``state`` does not match the DiT of ``run_config["dit"]`` (keys or shapes).
     """
     out = Path(out)
     root = out / "checkpoints"
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{out}: already holds checkpoints; choose a new --out directory")
-    final, tmp = root / "step_00000000", root / "step_00000000.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    sd = {k: v.detach().contiguous() for k, v in state.items()}
-    with _quiet():
-        dcp.save({"model": sd, "ema": {k: v.float() for k, v in sd.items()}}, checkpoint_id=str(tmp))
-    torch.save({"step": 0, **(extra or {})}, tmp / "extra_rank0.pt")
-    os.replace(tmp, final)
+    from mugv.models import MUGDiT
+
+    with torch.device("meta"):
+        model = MUGDiT(dit_config_of(run_config), kernels=False)
+    model.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=True, assign=True)
+    ema = _FixedState({k: v.detach().float() for k, v in state.items()})
+    final = save_run_state(out, 0, model, None, ema, extra)
     (out / "config.json").write_text(json.dumps(run_config, indent=1))
     return final

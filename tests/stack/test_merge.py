@@ -71,7 +71,10 @@ def test_merge_reads_ema_or_raw_weights(tmp_path):
 def test_merge_errors(tmp_path):
     write_weights_run(tmp_path / "a", _model(0).state_dict(), INFO)
     wide = dataclasses.replace(CFG, hidden_size=96, num_heads=4)
-    write_weights_run(tmp_path / "w", MUGDiT(wide, kernels=False).state_dict(), INFO)
+    info = {"dit": {**INFO["dit"], "hidden_size": 96, "num_heads": 4}}
+    write_weights_run(tmp_path / "w", MUGDiT(wide, kernels=False).state_dict(), info)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a state that is not the recorded DiT
+        write_weights_run(tmp_path / "v", MUGDiT(wide, kernels=False).state_dict(), INFO)
     with pytest.raises(ValueError, match="at least two"):
         merge_checkpoints([tmp_path / "a"], tmp_path / "o")
     with pytest.raises(ValueError, match="2 values for 3"):
