@@ -207,3 +207,70 @@ def public_enhance(dit, latents_origin, noise, posi, nega, *, steps=1, cfg=2.0, 
         lat = lat + v * (nxt - sigmas[i])
     lat[:, :, :1] = first
     return lat
+
+
+# ------------------------------------------------------------------ the original Wan2.1 VAE layout
+
+
+def original_wan_vae_shapes(base_dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+                            temperal_downsample=(False, True, True)):
+    """``{key: shape}`` of the original ``WanVAE_`` state dict (``Wan2.1_VAE.pth``), enumerated from
+    the constructors of Wan2.1's ``wan/modules/vae.py`` (Encoder3d / Decoder3d / ResidualBlock /
+    AttentionBlock / Resample; ``attn_scales`` empty, as released)."""
+    out = {}
+
+    def conv(name, cout, cin, k):
+        out[f"{name}.weight"] = (cout, cin, *k)
+        out[f"{name}.bias"] = (cout,)
+
+    def res(name, cin, cout):
+        out[f"{name}.residual.0.gamma"] = (cin, 1, 1, 1)
+        conv(f"{name}.residual.2", cout, cin, (3, 3, 3))
+        out[f"{name}.residual.3.gamma"] = (cout, 1, 1, 1)
+        conv(f"{name}.residual.6", cout, cout, (3, 3, 3))
+        if cin != cout:
+            conv(f"{name}.shortcut", cout, cin, (1, 1, 1))
+
+    def middle(name, d):
+        res(f"{name}.middle.0", d, d)
+        out[f"{name}.middle.1.norm.gamma"] = (d, 1, 1)
+        conv(f"{name}.middle.1.to_qkv", 3 * d, d, (1, 1))
+        conv(f"{name}.middle.1.proj", d, d, (1, 1))
+        res(f"{name}.middle.2", d, d)
+
+    dims = [base_dim * u for u in (1, *dim_mult)]
+    conv("encoder.conv1", dims[0], 3, (3, 3, 3))
+    n = 0
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(num_res_blocks):
+            res(f"encoder.downsamples.{n}", cin, cout)
+            cin, n = cout, n + 1
+        if i != len(dim_mult) - 1:
+            conv(f"encoder.downsamples.{n}.resample.1", cout, cout, (3, 3))
+            if temperal_downsample[i]:
+                conv(f"encoder.downsamples.{n}.time_conv", cout, cout, (3, 1, 1))
+            n += 1
+    middle("encoder", dims[-1])
+    out["encoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
+    conv("encoder.head.2", 2 * z_dim, dims[-1], (3, 3, 3))
+    conv("conv1", 2 * z_dim, 2 * z_dim, (1, 1, 1))
+    conv("conv2", z_dim, z_dim, (1, 1, 1))
+    dims = [base_dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
+    up = tuple(temperal_downsample[::-1])
+    conv("decoder.conv1", dims[0], z_dim, (3, 3, 3))
+    middle("decoder", dims[0])
+    n = 0
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        if i in (1, 2, 3):
+            cin //= 2
+        for _ in range(num_res_blocks + 1):
+            res(f"decoder.upsamples.{n}", cin, cout)
+            cin, n = cout, n + 1
+        if i != len(dim_mult) - 1:
+            conv(f"decoder.upsamples.{n}.resample.1", cout // 2, cout, (3, 3))
+            if up[i]:
+                conv(f"decoder.upsamples.{n}.time_conv", 2 * cout, cout, (3, 1, 1))
+            n += 1
+    out["decoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
+    conv("decoder.head.2", 3, dims[-1], (3, 3, 3))
+    return out

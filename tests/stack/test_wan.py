@@ -210,3 +210,51 @@ def test_lora_bad_inputs(with_lora, tmp_path):
     torch.save({"pipe.dit.head.head.weight": torch.zeros(1)}, tmp_path / "nolora.bin")
     with pytest.raises(ValueError, match="no LoRA weights"):
         apply_lora(model, tmp_path / "nolora.bin")
+
+
+# ---------------------------------------------------------------------------- Wan2.1 VAE
+
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1, attn_scales=(), temperal_downsample=(True,))
+
+
+def test_vae_full_layout_converts_exactly():
+    from diffusers import AutoencoderKLWan
+
+    from mugv.models.wan_vae import WAN21_VAE_CONFIG, convert_wan_vae_state_dict
+    from tests.stack._wan_public_ref import original_wan_vae_shapes
+
+    conv = convert_wan_vae_state_dict({k: torch.empty(s, device="meta") for k, s in original_wan_vae_shapes().items()})
+    with torch.device("meta"):
+        ref = AutoencoderKLWan(**{k: list(v) if isinstance(v, tuple) else v for k, v in WAN21_VAE_CONFIG.items()})
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in conv.items()} == want
+
+
+def test_vae_pth_loads_strictly_and_runs_on_mugv_convs(tmp_path):
+    from mugv.models.wan_vae import load_wan_vae
+    from tests.stack._wan_public_ref import original_wan_vae_shapes
+
+    cfg = {k: v for k, v in TINY_VAE.items()}
+    shapes = original_wan_vae_shapes(**{k: v for k, v in cfg.items() if k != "attn_scales"})
+    g = torch.Generator().manual_seed(5)
+    sd = {k: (1.0 + 0.1 * torch.randn(s, generator=g)) if k.endswith("gamma") else 0.2 * torch.randn(s, generator=g)
+          for k, s in shapes.items()}
+    pth = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(sd, pth)
+    # the causal convs on mk.causal_conv3d's reference (its Triton kernel is tested against it in tests/kernels)
+    ours = load_wan_vae(tmp_path, config=cfg, kernels="reference", tiling=False)  # finds Wan2.1_VAE.pth in the dir
+    stock = load_wan_vae(pth, config=cfg, kernels=False, tiling=False)
+    assert getattr(ours.vae, "_mugv_kernels", None) is not None
+    video = torch.rand(1, 3, 5, 8, 8, generator=g) * 2 - 1
+    z = ours.encode(video)
+    assert z.shape == (1, 16, 3, 4, 4)  # TINY_VAE has one down stage: 2x in time (causal 5 -> 3), 2x in space
+    torch.testing.assert_close(z, stock.encode(video), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.decode(z), stock.decode(z), atol=1e-4, rtol=1e-4)
+    assert ours.decode(z).shape == video.shape
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        ours.encode(video[:, :, :4])
+    with pytest.raises(FileNotFoundError, match="Wan VAE not found"):
+        load_wan_vae(tmp_path / "nothing")
+    torch.save({**sd, "encoder.extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="encoder.extra.weight"):
+        load_wan_vae(tmp_path / "bad.pth", config=cfg)
