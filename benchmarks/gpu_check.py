@@ -304,7 +304,7 @@ def measure(fn: Callable[[], object], share_s: float, on_gpu: bool, max_rounds: 
     time_calls = _timer(on_gpu)
     probe = time_calls(fn, 1)[0]
     n = rounds_for(probe, share_s, min_rounds=1 if not on_gpu else 3, max_rounds=max_rounds)
-    times = time_calls(fn, n) if n > 1 else [probe]
+    times = [probe] + (time_calls(fn, n - 1) if n > 1 else [])  # the sizing call is the first round
     return first, statistics.median(times), len(times)
 
 
@@ -492,7 +492,7 @@ def block_cases(dry_run: bool) -> list[Case]:
     references, attention by per-clip SDPA) and ``compile`` (``torch.compile`` of eager)."""
     from mugv import perf
 
-    flavor, tokens, text = ("tiny", (26,), (5,)) if dry_run else ("10b", (36002,), (120,))
+    flavor, tokens, text = ("tiny", (11,), (3,)) if dry_run else ("10b", (36002,), (120,))
     dims = perf.block_dims(flavor, tokens, text)
     costs = perf.block_ops(dims)
     out = []
@@ -1057,14 +1057,14 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--share-sanitizer", type=float, default=0.12, help="budget fraction for compute-sanitizer (0.12)")
     p.add_argument("--share-benchmarks", type=float, default=0.33, help="budget fraction for the headline cases (0.33)")
     p.add_argument("--case-s", type=float, default=None, help="seconds of measured rounds per case (3; 0.2 dry run)")
-    p.add_argument("--max-rounds", type=int, default=None, help="rounds per case at most (20; 3 dry run)")
+    p.add_argument("--max-rounds", type=int, default=None, help="rounds per case at most (20; 2 dry run)")
     args = p.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 90.0 if args.dry_run else 480.0
     if args.case_s is None:
         args.case_s = 0.2 if args.dry_run else 3.0
     if args.max_rounds is None:
-        args.max_rounds = 3 if args.dry_run else 20
+        args.max_rounds = 2 if args.dry_run else 20
     return args
 
 
