@@ -97,9 +97,20 @@ def _cmd_generate(args) -> int:
     with TorchProfile(prof_dir) if args.profile else contextlib.nullcontext():
         res = _generate(sample, args)
     print(f"wrote {res.video} and {res.sheet} ({res.frames} frames {res.height}x{res.width}, {res.seconds:.1f} s)")
+    if args.enhance:
+        _enhance_generated(args, res.video)
     if args.profile:
         print(f"profile: {prof_dir / 'trace.json'} and {prof_dir / 'top_kernels.txt'}")
     return 0
+
+
+def _enhance_generated(args, video) -> None:
+    """`generate --enhance`: the enhancer on the generated mp4 -> <out>_enhanced.mp4."""
+    from pathlib import Path
+
+    if args.released is None or args.wan is None:
+        raise ConfigError("--enhance needs --released (its enhancer/ folder) and --wan (Wan2.1-T2V-1.3B)")
+    _enhance(args, video, Path(args.out).with_name(Path(args.out).stem + "_enhanced.mp4"))
 
 
 def _generate(sample, args):
@@ -115,6 +126,54 @@ def _generate(sample, args):
         height=args.height or 64, width=args.width or 128, steps=args.steps, cfg=args.cfg,
         seed=0 if args.seed is None else args.seed, fps=args.fps, vae=args.vae, use_ema=not args.no_ema,
         device=args.device)
+
+
+def _enhance(args, input_path, out) -> None:
+    from mugv.enhance import EnhancePipeline, enhance_file
+
+    try:
+        pipe = EnhancePipeline.from_released(
+            args.released, args.wan, device=None if args.device == "auto" else args.device,
+            merge_lora=not args.no_merge_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+        path = enhance_file(pipe, input_path, args.enhance_prompt or args.prompt, out, fps=args.enhance_fps,
+                            sigma=args.sigma, cfg=args.enhance_cfg, steps=args.enhance_steps, shift=args.shift,
+                            seed=args.enhance_seed, resize=args.resize)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.last_timings.items())
+    mem = f", peak {pipe.peak_memory_gib:.1f} GiB" if pipe.peak_memory_gib is not None else ""
+    print(f"wrote {path} ({stages}{mem})")
+
+
+def _cmd_enhance(args) -> int:
+    _enhance(args, args.input, args.out)
+    return 0
+
+
+def _add_enhance_args(s, *, standalone: bool) -> None:
+    """Options of the enhancer, shared by `enhance` and `generate --enhance`."""
+    pre = "" if standalone else "--enhance: "
+    s.add_argument("--wan", default=None, required=standalone, help=f"{pre}Wan2.1-T2V-1.3B directory (Wan2.1_VAE.pth "
+                   "or vae/, umT5 as text_encoder/ + tokenizer/)")
+    s.add_argument("--sigma", type=float, default=0.3, help=f"{pre}SDEdit noise level")
+    s.add_argument("--shift", type=float, default=1.0, help=f"{pre}schedule shift")
+    s.add_argument("--no-merge-lora", action="store_true", help=f"{pre}keep the LoRA as separate peft layers")
+    s.add_argument("--lora-rank", type=int, default=None, help=f"{pre}expected LoRA rank (default: the file's)")
+    s.add_argument("--lora-alpha", type=float, default=None, help=f"{pre}LoRA alpha (default: adapter_config.json "
+                   "beside the file, else 4.0 as the public script)")
+    s.add_argument("--resize", action="store_true", help=f"{pre}fit a video that is not 4k+1 frames or not a "
+                   "multiple of 16 in size (keep the first 4k+1 frames, center-crop); default: an error")
+    s.add_argument("--enhance-fps", type=float, default=None, help=f"{pre}mp4 frame rate (default: the input's)")
+    if standalone:
+        s.set_defaults(enhance_prompt=None)
+        s.add_argument("--cfg", dest="enhance_cfg", type=float, default=2.0, help="classifier-free guidance scale")
+        s.add_argument("--steps", dest="enhance_steps", type=int, default=1, help="denoising steps")
+        s.add_argument("--seed", dest="enhance_seed", type=int, default=0, help="noise seed")
+    else:
+        s.add_argument("--enhance-prompt", default=None, help=f"{pre}caption for the enhancer (default --prompt)")
+        s.add_argument("--enhance-cfg", type=float, default=2.0, help=f"{pre}guidance scale")
+        s.add_argument("--enhance-steps", type=int, default=1, help=f"{pre}denoising steps")
+        s.add_argument("--enhance-seed", type=int, default=0, help=f"{pre}noise seed")
 
 
 def _cmd_expand(args) -> int:
@@ -215,7 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="--checkpoint: use the raw weights instead of the EMA")
     s.add_argument("--device", default="auto", choices=DEVICES, help="device")
     s.add_argument("--out", required=True, help="output mp4 path (the contact sheet goes next to it as .png)")
+    s.add_argument("--enhance", action="store_true", help="--released: then run the enhancer on the result "
+                   "(<out>_enhanced.mp4; needs --wan)")
+    _add_enhance_args(s, standalone=False)
     s.set_defaults(func=_cmd_generate)
+    s = sub.add_parser("enhance", help="refine a video with the MUG-V enhancer (one-step SDEdit)", formatter_class=fmt,
+                       description=("Encode the input video with the Wan2.1 VAE, noise it to --sigma, run the "
+                                    "released Wan2.1-based I2V refiner (LoRA merged unless --no-merge-lora) for "
+                                    "--steps with CFG, decode, write the mp4. The first latent frame stays clean."))
+    s.add_argument("--input", required=True, help="input video (e.g. the mp4 of `mugv generate`)")
+    s.add_argument("--prompt", required=True, help="the caption")
+    s.add_argument("--released", required=True, help="MUG-V-inference directory (or its enhancer/ folder) with "
+                   "dit_i2v.safetensors and pytorch_model.bin")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="device")
+    s.add_argument("--out", required=True, help="output mp4 path")
+    _add_enhance_args(s, standalone=True)
+    s.set_defaults(func=_cmd_enhance)
     s = sub.add_parser("expand", help="HyperCloning: a wider DiT computing the same function", formatter_class=fmt,
                        description=("Tile a run's DiT weights into a model k times wider (same head_dim, k times the "
                                     "heads) that computes the same function, plus a little noise; writes a "

