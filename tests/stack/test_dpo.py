@@ -1,0 +1,100 @@
+"""Preference optimization: the DPO loss is log 2 at step 0, DPO on synthetic pairs (preferred
+from one distribution, rejected from another) raises the implicit reward margin and lowers the
+policy's flow loss on preferred clips relative to rejected ones; KTO runs; bad pair files."""
+
+import math
+
+import pytest
+import torch
+
+from mugv.config import ConfigError, DPOConfig, load_config
+from mugv.data.shards import atomic_write_json, write_shard
+from mugv.train.dpo import DPOTrainer, dpo_loss, kto_loss
+from tests.stack.test_train import _cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+C, D, P = 24, 384, 4
+
+
+def _pair_shards(root):
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors, clips = {}, []
+    for i in range(P):
+        text = torch.randn(4, D, generator=g)
+        for kind, mean in (("w", 1.0), ("l", -1.0)):  # preferred around +1, rejected around -1
+            k = f"{kind}{i}"
+            tensors[f"{k}.latent"] = mean + 0.3 * torch.randn(C, 2, 4, 4, generator=g)
+            tensors[f"{k}.text"] = text.clone()
+            clips.append({"key": k, "latent_shape": [C, 2, 4, 4], "num_frames": 9, "height": 32, "width": 32,
+                          "fps": 8.0, "start_frame": 0, "caption": f"prompt {i}", "text_len": 4, "source": "synthetic"})
+    write_shard(root / "shard_0.safetensors", tensors)
+    write_shard(root / "null_text.safetensors", {"text": torch.randn(2, D, generator=g)})
+    atomic_write_json(root / "index.json", {"version": 1, "latent_channels": C, "text_dim": D, "text_encoder": "x",
+                                            "vae": "", "shards": [{"file": "shard_0.safetensors", "clips": clips}]})
+    (root / "pairs.csv").write_text("prompt,preferred,rejected\n" + "".join(f"prompt {i},w{i},l{i}\n" for i in range(P)))
+    (root / "labels.csv").write_text("key,label\n" + "".join(f"w{i},1\nl{i},0\n" for i in range(P)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from mugv.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = _pair_shards(tmp / "shards")
+    Trainer(_cfg(data, tmp / "sft", steps=1)).fit()
+    return tmp, data
+
+
+def _dpo(tmp, data, out, **kw):
+    base = dict(_cfg(data, tmp / out).__dict__)
+    base.update(init_from=str(tmp / "sft"), pairs=str(data / "pairs.csv"), lr=2e-3, warmup_steps=0,
+                lr_schedule="constant", pairs_per_step=P, steps=8, checkpoint_every=0, grad_clip=0.0)
+    base.update(kw)
+    return load_config(DPOConfig, overrides=base)
+
+
+def test_losses_by_hand():
+    e_w, e_l = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
+    loss, inside = dpo_loss(e_w, e_l, e_w, e_l, beta=10.0)
+    torch.testing.assert_close(loss, torch.full((2,), math.log(2)))  # policy == reference
+    loss, inside = dpo_loss(e_w - 0.01, e_l, e_w, e_l, beta=10.0)
+    torch.testing.assert_close(inside, torch.full((2,), 0.05))
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(torch.full((2,), 0.05)))
+    loss, r = kto_loss(torch.tensor([0.9, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([True, False]), beta=2.0)
+    torch.testing.assert_close(r, torch.tensor([0.1, 0.0]))  # z = mean r = 0.05
+    torch.testing.assert_close(loss, torch.tensor([1 - 1 / (1 + math.exp(-0.05)), 1 - 1 / (1 + math.exp(-0.05))]))
+
+
+def test_dpo_prefers_the_preferred_distribution(setup):
+    tmp, data = setup
+    tr = DPOTrainer(_dpo(tmp, data, "dpo"))
+    rows = tuple(range(P))
+    _, before = tr.preference_loss(rows, step=10**6, grad=False)
+    assert before["margin"] == 0.0  # policy == reference
+    res = tr.train_step(tr.sampler.next_step().indices)
+    assert res.loss == pytest.approx(math.log(2), rel=1e-6, abs=1e-7)  # step 0: log 2
+    for _ in range(7):
+        tr.train_step(tr.sampler.next_step().indices)
+    _, after = tr.preference_loss(rows, step=10**6, grad=False)
+    assert after["margin"] > 0.1 and after["accuracy"] == 1.0
+    assert after["flow_w"] - after["flow_l"] < before["flow_w"] - before["flow_l"]
+    for p in tr.reference.parameters():
+        assert not p.requires_grad and p.grad is None
+
+
+def test_kto_runs_and_bad_pairs(setup, tmp_path):
+    tmp, data = setup
+    tr = DPOTrainer(_dpo(tmp, data, "kto", loss="kto", pairs=str(data / "labels.csv"), steps=2, pairs_per_step=3))
+    r = tr.fit()
+    assert r.step == 2 and all(math.isfinite(v) for v in r.losses)
+    assert r.losses[0] == pytest.approx(0.5, abs=1e-6)  # r = z = 0 at step 0: 1 - sigmoid(0)
+    with pytest.raises(ConfigError, match="init-from"):
+        DPOTrainer(_dpo(tmp, data, "x", init_from=""))
+    with pytest.raises(ConfigError, match="prompt,preferred,rejected"):
+        DPOTrainer(_dpo(tmp, data, "x", pairs=str(data / "labels.csv")))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,preferred,rejected\np,w0,nope\n")
+    with pytest.raises(ConfigError, match="'nope' not in the data"):
+        DPOTrainer(_dpo(tmp, data, "x", pairs=str(bad)))
