@@ -293,10 +293,15 @@ class WanDiT(nn.Module):
         self.head = WanHead(cfg)
 
     def _time(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``t [B]`` -> ``(e [B, C], e0 [B, 6, C])`` fp32."""
-        w = self.time_embedding[0].weight
-        e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t).to(w.dtype)).float()
-        e0 = self.time_projection(e.to(w.dtype)).float().unflatten(1, (6, self.cfg.dim))
+        """``t [B]`` -> ``(e [B, C], e0 [B, 6, C])``, computed in fp32 whatever the weight dtype (the
+        public model runs these layers under fp32 autocast)."""
+
+        def lin(m: nn.Linear, x: Tensor) -> Tensor:
+            return nn.functional.linear(x, m.weight.float(), m.bias.float())
+
+        te, tp = self.time_embedding, self.time_projection
+        e = lin(te[2], nn.functional.silu(lin(te[0], sinusoidal_embedding(self.cfg.freq_dim, t))))
+        e0 = lin(tp[1], nn.functional.silu(e)).unflatten(1, (6, self.cfg.dim))
         return e, e0
 
     def embed_text(self, context: Tensor) -> Tensor:
