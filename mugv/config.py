@@ -202,6 +202,8 @@ class TrainConfig(RunConfig):
     token_budget: int = _f(4096, "most video tokens per rank per step (packing sampler)")
     ema_decay: float = _f(0.999, "EMA decay (0 = no EMA)")
     i2v_ratio: float = _f(0.25, "fraction of clips trained image-to-video (first latent frame clean)")
+    t2i_loss_weight: float = _f(0.3, "loss weight of one-frame clips (images: text-to-image) against video clips "
+                                     "(0.3 in the public MUG-V trainer)")
     caption_dropout: float = _f(0.1, "probability of replacing a caption with the empty one (for CFG)")
     timestep_shift: bool = _f(True, "shift training times by sqrt(H*W/512^2)*sqrt(T_latent) (MUG-V); sampling follows")
     param_dtype: str = _f("auto", "FSDP/compute param dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32")

@@ -11,7 +11,9 @@ One step, per rank (the recipe of MUG-V, arXiv 2510.17519 Sec. 4, and its public
    (image-to-video conditioning, ``x_mask``) and is left out of the loss; with probability
    ``caption_dropout`` the caption becomes the empty caption (for classifier-free guidance).
 3. One packed forward (:meth:`MUGDiT.forward_packed`, ``cu_seqlens``) over the rank's clips.
-4. Loss = sum of squared velocity errors over noised frames / the number of such elements
+4. Loss = sum of squared velocity errors over noised frames (one-frame clips, i.e. images
+   trained text-to-image, weighted by ``t2i_loss_weight``, 0.3 as in the public trainer) / the
+   number of such elements
    in the *global* batch (all ranks), times the world size because FSDP averages
    gradients: the gradient equals a single process's on the union of the batches.
 5. Non-finite loss or gradient norm: the step is skipped (no update, counted); after
@@ -265,7 +267,8 @@ class Trainer:
             count = torch.zeros((), device=self.dist.device)
             for o, y, m in zip(out, tgt, masks):
                 err = (o[:C].float() - y).pow(2)[:, m]  # noised frames only: [C, T_noised, h, w]
-                sq = sq + err.sum()
+                w = cfg.t2i_loss_weight if y.shape[1] == 1 else 1.0  # one-frame clips: images (t2i)
+                sq = sq + w * err.sum()
                 count = count + err.numel()
         stats = torch.stack([sq.detach(), count])
         if dist.is_initialized():

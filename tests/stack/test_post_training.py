@@ -46,3 +46,21 @@ def test_init_from_loads_weights_only(tmp_path):
         Trainer(_cfg(data, tmp_path / "x", init_from=str(tmp_path / "src"), hidden_size=96, num_heads=2))
     with pytest.raises(FileNotFoundError):
         Trainer(_cfg(data, tmp_path / "x", init_from=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("weight", [0.3, 1.0])
+def test_t2i_loss_weight_on_one_frame_clips(tmp_path, weight):
+    """Images (one-frame clips) count ``t2i_loss_weight`` times in the loss sum; videos once."""
+    from mugv.train.trainer import Trainer
+
+    data = make_shards(tmp_path / "shards", n=5)
+    tr = Trainer(_cfg(data, tmp_path / "run", t2i_loss_weight=weight, i2v_ratio=0.0, caption_dropout=0.0))
+    idx = (0, 3)  # clip 3 has one latent frame: an image
+    assert tr.data.latent_shape(3)[1] == 1 and tr.data.latent_shape(0)[1] > 1
+    lat, tgt, masks, texts, ts, fps, _ = tr._batch(idx, 0)
+    with torch.no_grad():
+        out = tr.model.forward_packed(lat, ts, texts, fps=fps, x_mask=masks)
+    sq = [(o[:24] - y).pow(2) for o, y in zip(out, tgt)]
+    want = (sq[0].sum() + weight * sq[1].sum()) / (sq[0].numel() + sq[1].numel())
+    assert tr.train_step(idx).loss == pytest.approx(want.item(), rel=1e-5)
+    assert TrainConfig().t2i_loss_weight == 0.3
