@@ -74,11 +74,17 @@ class CheckpointWriteError(OSError):
 
 def fault_point(name: str, step: int) -> None:
     """Test hook: SIGKILL this process at fault point ``name`` of ``step`` when the environment
-    variable ``MUGV_FAULT_INJECT`` is ``"<name>@<step>"`` (points: ``step`` in the middle of a
-    training step, ``checkpoint_write`` between the shard files and the marker,
-    ``rotation`` in the middle of deleting an old checkpoint). A no-op otherwise."""
-    if os.environ.get(FAULT_ENV) == f"{name}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    variable ``MUGV_FAULT_INJECT`` is ``"<name>@<step>"`` or ``"<name>@<step>@<rank>"`` (that
+    rank only, and only in the first attempt of a torchrun job: ``TORCHELASTIC_RESTART_COUNT``
+    unset or 0). Points: ``step`` in the middle of a training step, ``checkpoint_write``
+    between the shard files and the marker, ``rotation`` in the middle of deleting an old
+    checkpoint. A no-op otherwise."""
+    parts = os.environ.get(FAULT_ENV, "").split("@")
+    if len(parts) < 2 or parts[0] != name or parts[1] != str(step):
+        return
+    if len(parts) > 2 and (parts[2] != str(_rank()) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_path(path: Path) -> None:

@@ -396,3 +396,39 @@ def test_preprocess_interrupted_then_rerun_gives_the_same_index(tmp_path, monkey
     keys = [(s["source"], c["key"]) for s in part["shards"] for c in s["clips"]]
     assert len(keys) == len(set(keys)) == 3
     assert not list((tmp_path / "part").glob("*.tmp"))  # a half-written shard was rewritten, never listed
+
+
+def _torchrun(config, out, port, fault=None):
+    # a restarted group re-creates its store (with torchrun's shared store, the restarted gloo
+    # ranks failed to connect to each other)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env.pop(ckpt.FAULT_ENV, None)
+    if fault:
+        env[ckpt.FAULT_ENV] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--monitor-interval", "0.2",
+           "-m", "mugv.cli", "train", "--config", str(config), "--out", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_dead_rank_restarts_the_group_and_resumes(shards, tmp_path):
+    """Rank 1 dies (SIGKILL) at step 3 of the first attempt; torchrun (``--max-restarts 1``)
+    restarts both ranks, which resume from the step-2 checkpoint to the losses of a run
+    without the failure."""
+    from tests.stack.test_train import _free_port
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'data = "{shards}"\nsteps = 4\ncheckpoint_every = 2\nkeep_last = 2\ntoken_budget = 160\n'
+        'progress = false\ntensorboard = false\ndepth = 1\nhidden_size = 48\nnum_heads = 1\n'
+        'warmup_steps = 2\nlr = 1e-3\nema_decay = 0.9\ndevice = "cpu"\nthreads = 1\n'
+    )
+    ref = _torchrun(config, tmp_path / "ref", _free_port())
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    r = _torchrun(config, tmp_path / "run", _free_port(), fault="step@3@1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "failed (exitcode: -9) local_rank: 1" in r.stderr, r.stderr[-3000:]  # rank 1 died, then a restart
+    want = [(x["step"], x["loss"]) for x in read_metrics(tmp_path / "ref" / "train.jsonl")]
+    got = [(x["step"], x["loss"]) for x in read_metrics(tmp_path / "run" / "train.jsonl")]
+    assert [s for s, _ in want] == [1, 2, 3, 4] and got == want
