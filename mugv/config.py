@@ -199,7 +199,8 @@ class TrainConfig(RunConfig):
     depth: int = _f(0, "override the flavor's depth (0 = keep)")
     hidden_size: int = _f(0, "override the flavor's width (0 = keep)")
     num_heads: int = _f(0, "override the flavor's head count (0 = keep)")
-    token_budget: int = _f(4096, "most video tokens per rank per step (packing sampler)")
+    token_budget: int = _f(4096, "most video tokens per rank per step (packing sampler); a context-parallel group "
+                                 "of cp ranks packs cp * token_budget")
     ema_decay: float = _f(0.999, "EMA decay (0 = no EMA)")
     i2v_ratio: float = _f(0.25, "fraction of clips trained image-to-video (first latent frame clean)")
     t2i_loss_weight: float = _f(0.3, "loss weight of one-frame clips (images: text-to-image) against video clips "
@@ -212,7 +213,13 @@ class TrainConfig(RunConfig):
     meta_init_threshold: float = _f(2e9, "models with more parameters are built on the meta device, sharded, then "
                                          "initialized shard by shard (never whole on one rank); smaller ones are "
                                          "initialized whole on every rank, as in one process (0 = always meta)")
-    activation_checkpointing: bool = _f(False, "recompute each DiT block in the backward pass")
+    activation_checkpointing: str = _f("none", "none | full (recompute each DiT block in the backward pass) | selective "
+                                       "(keep matmul, attention and all-to-all outputs; recompute norms, modulation, "
+                                       "RoPE, GELU)", choices=("none", "full", "selective"))
+    context_parallel: int = _f(1, "Ulysses context-parallel degree: ranks sharing one micro-batch, each holding 1/cp "
+                                  "of its tokens (divides num_heads and the world size)")
+    dp_replicate: int = _f(1, "HSDP replica groups (e.g. nodes): parameters are sharded within a group and "
+                              "replicated across groups")
     compile: bool = _f(False, "torch.compile each DiT block")
     kernels: str = _f("auto", "use mugv_kernels fused ops: auto (on CUDA) | on | off", choices=("auto", "on", "off"))
     max_bad_steps: int = _f(5, "stop after this many NaN/inf losses in a row (each is skipped)")

@@ -3,14 +3,27 @@
 
 :func:`parallelize_dit` applies, in this order,
 
-1. activation checkpointing per block (``checkpoint_wrapper``, non-reentrant),
+1. activation checkpointing per block (``checkpoint_wrapper``, non-reentrant): ``full``
+   recomputes the whole block, ``selective`` recomputes only the cheap ops (the op-level
+   selective-checkpoint policy of torchtitan, :func:`selective_checkpoint_policy`),
 2. ``torch.compile`` per block (optional; in place, so parameter names do not change),
-3. FSDP2 ``fully_shard`` per block and at the root, with
+3. Ulysses context parallelism over the mesh's ``"cp"`` dim: hooks on the (wrapped) blocks
+   and the final layer, and the attention call of the packed batch
+   (:mod:`mugv.train.context_parallel`); the sharding of the first block's input is outside
+   the checkpointed region, the all-to-alls inside it,
+4. FSDP2 ``fully_shard`` per block and at the root, with
    ``MixedPrecisionPolicy(param_dtype, reduce_dtype)`` (bf16 compute, fp32 gradient reduce
    by default on GPUs; fp32 params on CPU/gloo, where bf16 matmuls are slow).
 
-Also here: process-group setup from ``torchrun``'s environment (:func:`init_distributed`)
-and model construction on the meta device or fully (:func:`build_model`).
+Also here: process-group setup from ``torchrun``'s environment (:func:`init_distributed`), the
+``("dp_replicate", "dp_shard", "cp")`` device mesh (:func:`build_mesh`, as torchtitan's
+``ParallelDims``), and model construction on the meta device or fully (:func:`build_model`).
+
+The mesh: ``world = dp_replicate * dp_shard * cp``. FSDP2 shards parameters over ``dp_shard``
+and ``cp`` flattened (``"dp_shard_cp"``): the ranks of a context-parallel group hold different
+parameter shards too. With ``dp_replicate > 1`` it is HSDP: replicated across the
+``dp_replicate`` groups (nodes), sharded within. Data parallelism (the sampler's replicas) is
+``dp_replicate * dp_shard``; the ranks of one cp group read the same micro-batch.
 """
 
 from __future__ import annotations
@@ -24,11 +37,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mugv.config import ConfigError, pick_device
 
-__all__ = ["DistInfo", "build_model", "init_distributed", "parallelize_dit", "resolve_dtype"]
+__all__ = ["AC_MODES", "DistInfo", "ParallelDims", "build_mesh", "fsdp_mesh", "build_model", "init_distributed", "parallelize_dit",
+           "resolve_dtype", "selective_checkpoint_policy"]
+
+#: Values of ``--activation-checkpointing``.
+AC_MODES = ("none", "full", "selective")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "fp16": torch.float16}
@@ -91,6 +110,110 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of the ``("dp_replicate", "dp_shard", "cp")`` mesh (``world = product``).
+
+    Attributes:
+        dp_replicate: HSDP replica groups (1 = plain FSDP).
+        dp_shard: FSDP shard degree of the data-parallel part.
+        cp: Ulysses context-parallel degree (ranks sharing one micro-batch).
+    """
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+
+    @classmethod
+    def from_world(cls, world_size: int, *, dp_replicate: int = 1, cp: int = 1) -> ParallelDims:
+        """``dp_shard = world_size / (dp_replicate * cp)``.
+
+        Raises:
+            ConfigError: a degree below 1, or ``dp_replicate * cp`` not dividing ``world_size``.
+        """
+        if dp_replicate < 1 or cp < 1:
+            raise ConfigError(f"dp_replicate and context_parallel must be >= 1, got {dp_replicate} and {cp}")
+        if world_size % (dp_replicate * cp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by dp_replicate * context_parallel = {dp_replicate} * {cp}"
+            )
+        return cls(dp_replicate, world_size // (dp_replicate * cp), cp)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: micro-batches per step (``dp_replicate * dp_shard``)."""
+        return self.dp_replicate * self.dp_shard
+
+    def dp_rank(self, rank: int) -> int:
+        """The micro-batch a global ``rank`` reads (ranks of one cp group are contiguous)."""
+        return rank // self.cp
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """The ``("dp_replicate", "dp_shard", "cp")`` ``DeviceMesh`` (``cp`` innermost, so a cp
+    group is ``cp`` consecutive ranks, on one node), with the flattened ``"dp_shard_cp"``
+    dim that FSDP2 shards over. Needs an initialized process group of ``dims`` ranks."""
+    mesh = init_device_mesh(
+        device_type, (dims.dp_replicate, dims.dp_shard, dims.cp), mesh_dim_names=("dp_replicate", "dp_shard", "cp")
+    )
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return mesh
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 uses: ``"dp_shard_cp"``, or ``("dp_replicate", "dp_shard_cp")`` (HSDP)."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return mesh["dp_shard_cp"]
+
+
+#: ATen ops whose outputs ``selective`` activation checkpointing keeps: the matmuls and the
+#: attention kernels (expensive to recompute), and the all-to-alls of context parallelism (so
+#: the recompute does not communicate). Everything else (norms, adaLN modulation, RoPE, GELU,
+#: residuals, views) is recomputed in the backward pass.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._flash_attention_forward.default,
+    torch.ops.aten._efficient_attention_forward.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+}
+
+
+def _is_saved_op(func) -> bool:
+    if func in _SAVE_OPS:
+        return True
+    name = str(func)  # e.g. "mugv.varlen_attention_fwd.default": our fused attention kernels
+    return name.startswith("mugv.") and "attention" in name and "bwd" not in name
+
+
+def selective_checkpoint_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Op-level selective activation checkpointing policy (torchtitan's SAC, for
+    ``torch.utils.checkpoint.create_selective_checkpoint_contexts``): ``MUST_SAVE`` the outputs
+    of matmuls, attention and the context-parallel all-to-alls, ``PREFER_RECOMPUTE`` the rest."""
+    return CheckpointPolicy.MUST_SAVE if _is_saved_op(func) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _sac_context():
+    return create_selective_checkpoint_contexts(selective_checkpoint_policy)
+
+
+def _ac_mode(value) -> str:
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    if value not in AC_MODES:
+        raise ConfigError(f"activation_checkpointing must be {' | '.join(AC_MODES)}, got {value!r}")
+    return value
+
+
 def build_model(
     factory: Callable[[], nn.Module],
     *,
@@ -133,24 +256,31 @@ def parallelize_dit(
     fsdp: bool,
     param_dtype: torch.dtype = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = "none",
     compile: bool = False,
     mesh=None,
+    cp_mesh=None,
     reshard_after_forward: bool = True,
     forward_methods: tuple[str, ...] = ("forward_packed",),
     compile_backend: str = "inductor",
 ) -> nn.Module:
-    """Apply activation checkpointing, per-block compile and FSDP2 to a model with ``.blocks``.
+    """Apply context parallelism, activation checkpointing, per-block compile and FSDP2 to a
+    model with ``.blocks``.
 
     Args:
         model: a model whose ``blocks`` attribute is an ``nn.ModuleList`` of DiT blocks.
         fsdp: shard with ``fully_shard`` (needs an initialized process group).
         param_dtype: FSDP2 compute dtype of the unsharded parameters (master weights stay fp32).
         reduce_dtype: dtype of the gradient reduce-scatter.
-        activation_checkpointing: recompute each block's activations in the backward pass.
+        activation_checkpointing: ``"none"``, ``"full"`` (recompute each block in the
+            backward pass; True means this) or ``"selective"`` (keep matmul, attention and
+            all-to-all outputs, recompute the rest: :func:`selective_checkpoint_policy`).
         compile: ``torch.compile`` each block (in place).
         compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` in tests).
-        mesh: a 1-D ``DeviceMesh`` (default: the whole world).
+        mesh: the FSDP ``DeviceMesh``: 1-D, or 2-D ``(replicate, shard)`` for HSDP
+            (:func:`fsdp_mesh`; default: the whole world).
+        cp_mesh: a 1-D ``DeviceMesh`` of the context-parallel group (the ``"cp"`` dim of
+            :func:`build_mesh`); None or size 1: no context parallelism.
         reshard_after_forward: free unsharded block parameters after the forward (ZeRO-3);
             the root is never resharded (it is used again right away in the backward).
         forward_methods: methods of the root other than ``forward`` that run the model
@@ -161,17 +291,25 @@ def parallelize_dit(
 
     Raises:
         TypeError: ``model.blocks`` is not an ``nn.ModuleList``.
+        ValueError: ``num_heads`` not divisible by the ``cp_mesh`` size.
+        ConfigError: an unknown ``activation_checkpointing`` mode.
         RuntimeError: ``fsdp=True`` without an initialized process group.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"parallelize_dit: expected model.blocks to be an nn.ModuleList, got {type(blocks).__name__}")
-    if activation_checkpointing:
+    ac = _ac_mode(activation_checkpointing)
+    if ac != "none":
+        extra = {"context_fn": _sac_context} if ac == "selective" else {}
         for i, blk in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
+            blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False, **extra)
     if compile:
         for blk in blocks:
             blk.compile(backend=compile_backend)
+    if cp_mesh is not None and cp_mesh.size() > 1:
+        from mugv.train.context_parallel import apply_context_parallel
+
+        model._context_parallel = apply_context_parallel(model, cp_mesh)
     if fsdp:
         if not dist.is_initialized():
             raise RuntimeError("parallelize_dit: fsdp=True needs torch.distributed initialized (run under torchrun)")

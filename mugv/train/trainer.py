@@ -15,7 +15,10 @@ One step, per rank (the recipe of MUG-V, arXiv 2510.17519 Sec. 4, and its public
    trained text-to-image, weighted by ``t2i_loss_weight``, 0.3 as in the public trainer) / the
    number of such elements
    in the *global* batch (all ranks), times the world size because FSDP averages
-   gradients: the gradient equals a single process's on the union of the batches.
+   gradients: the gradient equals a single process's on the union of the batches. Under
+   context parallelism (:mod:`mugv.train.context_parallel`) the ``cp`` ranks of a group hold
+   the same micro-batch, so it is counted ``cp`` times in the statistics and its gradient
+   ``cp`` times by the all-gather's backward: the same formula stays exact.
 5. Non-finite loss or gradient norm: the step is skipped (no update, counted); after
    ``max_bad_steps`` in a row the run stops with an error. Otherwise clip, AdamW step with a
    warmup + cosine learning rate (:mod:`mugv.train.schedule`), EMA update.
@@ -46,7 +49,8 @@ from mugv.train import checkpoint as ckpt
 from mugv.train import runs
 from mugv.train.ema import EMA
 from mugv.train.logging import MetricsLogger, dit_train_flops
-from mugv.train.parallelize import DistInfo, build_model, init_distributed, parallelize_dit, resolve_dtype
+from mugv.train.parallelize import (DistInfo, ParallelDims, build_mesh, build_model, fsdp_mesh, init_distributed,
+                                    parallelize_dit, resolve_dtype)
 from mugv.train.schedule import build_optimizer, set_lr
 
 __all__ = ["NonFiniteLossError", "StepResult", "TrainResult", "Trainer", "clip_randomness", "train"]
@@ -182,6 +186,13 @@ class Trainer:
         if self.use_fsdp and not dist.is_initialized():
             raise ConfigError("fsdp='on' needs a process group: launch with torchrun")
         dcfg = self.dit_cfg
+        # ("dp_replicate", "dp_shard", "cp") mesh; a cp group shares one micro-batch
+        self.dims = ParallelDims.from_world(self.dist.world_size, dp_replicate=cfg.dp_replicate, cp=cfg.context_parallel)
+        if self.dims.cp > 1:
+            from mugv.train.context_parallel import check_cp_heads
+
+            check_cp_heads(dcfg.num_heads, self.dims.cp)
+        mesh = build_mesh(self.dims, dev.type) if self.use_fsdp else None
 
         def factory():
             return MUGDiT(dcfg, kernels=kernels)
@@ -190,6 +201,7 @@ class Trainer:
             return parallelize_dit(
                 m, fsdp=self.use_fsdp, param_dtype=self.param_dtype, reduce_dtype=reduce_dtype,
                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                mesh=fsdp_mesh(mesh) if mesh is not None else None, cp_mesh=mesh["cp"] if mesh is not None else None,
             )
 
         with torch.device("meta"):
@@ -207,7 +219,8 @@ class Trainer:
             for s in (self.data.latent_shape(i) for i in range(len(self.data)))
         ]
         self.sampler = PackingSampler(
-            self.clip_tokens, cfg.token_budget, num_replicas=self.dist.world_size, rank=self.dist.rank, seed=cfg.seed
+            self.clip_tokens, cfg.token_budget * self.dims.cp, num_replicas=self.dims.dp,
+            rank=self.dims.dp_rank(self.dist.rank), seed=cfg.seed,
         )
         self.null_text = self.data.null_text()
         self.step = 0
@@ -399,7 +412,7 @@ class Trainer:
                 self.losses.append(res.loss)
                 done += 1
                 flops = dit_train_flops(self.matmul_params, self.dit_cfg.depth, self.dit_cfg.hidden_size,
-                                        res.tokens, res.text_tokens) * self.dist.world_size
+                                        res.tokens, res.text_tokens) * self.dims.dp
                 log.step(self.step, float("nan") if res.skipped else res.loss, lr=res.lr, grad_norm=res.grad_norm,
                          tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:

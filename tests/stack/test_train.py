@@ -149,7 +149,7 @@ def _fsdp_worker(rank, world, port, data, out, steps, q):
     import torch.distributed as dist
 
     try:
-        tr = Trainer(_cfg(data, out, fsdp="on", activation_checkpointing=True))
+        tr = Trainer(_cfg(data, out, fsdp="on", activation_checkpointing="full"))
         assert tr.use_fsdp
         losses = [tr.train_step(tr.sampler.next_step().indices).loss for _ in range(steps)]
         if rank == 0:
