@@ -152,7 +152,8 @@ def _enhance(args, input_path, out) -> None:
     try:
         pipe = EnhancePipeline.from_released(
             args.released, args.wan, device=None if args.device == "auto" else args.device,
-            merge_lora=not args.no_merge_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+            merge_lora=not args.no_merge_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            tiling=not args.no_tiling)
         path = enhance_file(pipe, input_path, args.enhance_prompt or args.prompt, out, fps=args.enhance_fps,
                             sigma=args.sigma, cfg=args.enhance_cfg, steps=args.enhance_steps, shift=args.shift,
                             seed=args.enhance_seed, resize=args.resize)
@@ -182,6 +183,8 @@ def _add_enhance_args(s, *, standalone: bool) -> None:
     s.add_argument("--resize", action="store_true", help=f"{pre}fit a video that is not 4k+1 frames or not a "
                    "multiple of 16 in size (keep the first 4k+1 frames, center-crop); default: an error")
     s.add_argument("--enhance-fps", type=float, default=None, help=f"{pre}mp4 frame rate (default: the input's)")
+    s.add_argument("--no-tiling", action="store_true", help=f"{pre}decode whole frames as the public pipeline "
+                   "(default: spatial tiles, bounded memory, blended seams)")
     if standalone:
         s.set_defaults(enhance_prompt=None)
         s.add_argument("--cfg", dest="enhance_cfg", type=float, default=2.0, help="classifier-free guidance scale")

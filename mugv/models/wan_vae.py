@@ -8,8 +8,8 @@ Latents: 16 channels, 4x in time (causal: ``T = 4k + 1`` frames -> ``k + 1`` lat
 8x in space; normalized per channel as ``z = (mu - mean) / std`` with Wan2.1's
 ``latents_mean``/``latents_std`` (the public pipeline encodes to the posterior mean). The
 decoder runs one latent frame at a time with the causal cache (diffusers' ``_decode``: streamed
-in time); with ``tiling`` the frame is decoded in overlapping spatial tiles (diffusers'
-``enable_tiling``), so 105 frames at 720x1280 fit in a bounded working set.
+in time); with ``tiling`` each frame is decoded in overlapping spatial tiles (diffusers'
+``enable_tiling``), so 105 frames at 720x1280 decode in a bounded working set.
 
 Key conversion (original ``WanVAE_`` -> diffusers), module by module: ``conv1``/``conv2`` ->
 ``quant_conv``/``post_quant_conv``; ``{en,de}coder.conv1`` -> ``conv_in``; ``head.0``/``head.2``
@@ -98,8 +98,10 @@ class WanVAE:
 
     Args:
         vae: the diffusers model (weights loaded; kernels applied or not).
-        tiling: decode (and encode) in spatial tiles (diffusers' ``enable_tiling``, its default
-            256-pixel tiles with 192-pixel stride) when a frame is larger than a tile.
+        tiling: decode in spatial tiles (diffusers' ``enable_tiling``, its default 256-pixel
+            tiles with 192-pixel stride, seams blended) when a frame is larger than a tile. The
+            encode is never tiled (the public pipeline encodes whole frames), and neither is the
+            public decode: ``tiling=False`` is the public output, True bounds the decoder's memory.
     """
 
     def __init__(self, vae, *, tiling: bool = True) -> None:
@@ -130,7 +132,11 @@ class WanVAE:
         T, H, W = video.shape[2:]
         if (T - 1) % 4 or H % 8 or W % 8:
             raise ValueError(f"video (T, H, W) = {(T, H, W)}: the Wan VAE needs T = 4k + 1 and H, W multiples of 8")
-        mu = self.vae.encode(video.to(self.dtype)).latent_dist.mode().float()
+        tiled, self.vae.use_tiling = self.vae.use_tiling, False
+        try:
+            mu = self.vae.encode(video.to(self.dtype)).latent_dist.mode().float()
+        finally:
+            self.vae.use_tiling = tiled
         return (mu - self.mean.to(mu.device)) / self.std.to(mu.device)
 
     @torch.no_grad()

@@ -213,7 +213,8 @@ def test_lora_bad_inputs(with_lora, tmp_path):
 
 # ---------------------------------------------------------------------------- Wan2.1 VAE
 
-TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1, attn_scales=(), temperal_downsample=(True,))
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1, attn_scales=(), temperal_downsample=(True,),
+                scale_factor_spatial=2, scale_factor_temporal=2)  # one down stage
 
 
 def test_vae_full_layout_converts_exactly():
@@ -234,7 +235,8 @@ def test_vae_pth_loads_strictly_and_runs_on_mugv_convs(tmp_path):
     from tests.stack._wan_public_ref import original_wan_vae_shapes
 
     cfg = {k: v for k, v in TINY_VAE.items()}
-    shapes = original_wan_vae_shapes(**{k: v for k, v in cfg.items() if k != "attn_scales"})
+    shapes = original_wan_vae_shapes(**{k: v for k, v in cfg.items() if k not in ("attn_scales", "scale_factor_spatial",
+                                                                          "scale_factor_temporal")})
     g = torch.Generator().manual_seed(5)
     sd = {k: (1.0 + 0.1 * torch.randn(s, generator=g)) if k.endswith("gamma") else 0.2 * torch.randn(s, generator=g)
           for k, s in shapes.items()}
@@ -332,3 +334,29 @@ def test_enhance_cli_reports_missing_files(tmp_path, capsys):
                "--wan", str(tmp_path / "wan"), "--out", str(tmp_path / "o.mp4"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "umT5 encoder not found" in err and str(tmp_path / "wan") in err
+
+
+def test_vae_tiled_decode_close_to_whole_frames(tmp_path):
+    """Tiles smaller than the frame: the encode stays whole-frame (identical); the decode is
+    blended from tiles (its own numbers near the seams: only its shape and range are checked);
+    tiles as large as the frame give the whole-frame decode exactly."""
+    from mugv.models.wan_vae import load_wan_vae
+    from tests.stack._wan_public_ref import original_wan_vae_shapes
+
+    shapes = original_wan_vae_shapes(base_dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1,
+                                     temperal_downsample=(True,))
+    g = torch.Generator().manual_seed(8)
+    torch.save({k: (1.0 + 0.05 * torch.randn(s, generator=g)) if k.endswith("gamma")
+                else 0.05 * torch.randn(s, generator=g) for k, s in shapes.items()}, tmp_path / "Wan2.1_VAE.pth")
+    whole = load_wan_vae(tmp_path, config=TINY_VAE, kernels="reference", tiling=False)
+    tiled = load_wan_vae(tmp_path, config=TINY_VAE, kernels="reference", tiling=True)
+    tiled.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,
+                            tile_sample_stride_width=8)
+    video = torch.rand(1, 3, 1, 32, 32, generator=g) * 2 - 1
+    z = whole.encode(video)
+    torch.testing.assert_close(tiled.encode(video), z, atol=0, rtol=0)
+    a, b = whole.decode(z), tiled.decode(z)
+    assert a.shape == b.shape == video.shape
+    assert torch.isfinite(b).all() and b.abs().max() <= 1.0
+    tiled.vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+    torch.testing.assert_close(tiled.decode(z), a, atol=0, rtol=0)
