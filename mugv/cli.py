@@ -70,13 +70,39 @@ def _cmd_train_vae(args) -> int:
     return 0
 
 
+def _stages_of(path) -> list:
+    """The ``[[stages]]`` tables of a run config file (``[]`` without a file or stages)."""
+    if path is None:
+        return []
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            stages = tomllib.load(f).get("stages", [])
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    if not isinstance(stages, list):
+        raise ConfigError(f"{path}: 'stages' must be an array of tables ([[stages]])")
+    return stages
+
+
 def _cmd_train(args) -> int:
     import torch.distributed as dist
 
     from mugv.train.trainer import train
 
+    stages = _stages_of(args.config)
     try:
-        res = train(config_from_args(TrainConfig, args))
+        if stages:
+            from mugv.train.stages import train_stages
+
+            results = train_stages(config_from_args(TrainConfig, args), stages)
+            if not results:
+                print("every stage is finished")
+                return 0
+            res = results[-1]
+        else:
+            res = train(config_from_args(TrainConfig, args))
         if not dist.is_initialized() or dist.get_rank() == 0:
             done = [v for v in res.losses if v is not None]
             print(f"trained to step {res.step} ({res.skipped} skipped); last loss {done[-1] if done else 'n/a'}; "

@@ -406,7 +406,9 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
                 raise ConfigError(f"{path}: not valid TOML: {e}") from e
         if table is not None:
             data = data.get(table, {})
-        data = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        # tables and arrays of tables (e.g. [[stages]]) belong to other readers
+        data = {k: v for k, v in data.items()
+                if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{path}: unknown {cls.__name__} keys {unknown}; known: {sorted(names)}")

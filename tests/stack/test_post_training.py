@@ -64,3 +64,38 @@ def test_t2i_loss_weight_on_one_frame_clips(tmp_path, weight):
     want = (sq[0].sum() + weight * sq[1].sum()) / (sq[0].numel() + sq[1].numel())
     assert tr.train_step(idx).loss == pytest.approx(want.item(), rel=1e-5)
     assert TrainConfig().t2i_loss_weight == 0.3
+
+
+def test_stages_switch_and_resume_inside_the_right_stage(tmp_path):
+    from mugv.train.stages import stage_configs, train_stages
+
+    a, b = make_shards(tmp_path / "a", n=4, seed=0), make_shards(tmp_path / "b", n=4, seed=1)
+    stages = [{"name": "images", "steps": 2, "data": str(a), "lr": 2e-3},
+              {"name": "video", "steps": 3, "data": str(b), "lr_schedule": "anneal", "anneal_steps": 2}]
+    full = train_stages(_cfg(a, tmp_path / "full", checkpoint_every=1), stages)
+    assert [r.step for r in full] == [2, 3]
+    cfgs = stage_configs(_cfg(a, tmp_path / "full"), stages)
+    assert cfgs[1].init_from == cfgs[0].out and cfgs[1].data == str(b) and cfgs[1].lr_schedule == "anneal"
+    assert cfgs[0].out.endswith("stage_0_images") and cfgs[0].lr == 2e-3 and cfgs[1].lr == 1e-3
+    part = train_stages(_cfg(a, tmp_path / "part", checkpoint_every=1), stages, stop_after=3)
+    assert [r.step for r in part] == [2, 1]  # interrupted inside stage 1
+    resumed = train_stages(_cfg(a, tmp_path / "part", checkpoint_every=1), stages)
+    assert [r.step for r in resumed] == [3]  # stage 0 is skipped, stage 1 resumes at step 1
+    assert resumed[0].losses == full[1].losses  # exactly the uninterrupted stage
+    assert train_stages(_cfg(a, tmp_path / "part"), stages) == []
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(video\).*learning_rate"):
+        stage_configs(_cfg(a, tmp_path / "x"), [stages[0], {"name": "video", "learning_rate": 1}])
+
+
+def test_train_command_runs_stages_from_the_config_file(tmp_path, capsys):
+    from mugv.cli import main
+
+    a = make_shards(tmp_path / "a", n=3)
+    f = tmp_path / "run.toml"
+    f.write_text(f'steps = 1\ntoken_budget = 160\ndepth = 1\nhidden_size = 48\nnum_heads = 1\ndevice = "cpu"\n'
+                 f'tensorboard = false\nprogress = false\nout = "{tmp_path / "run"}"\n\n'
+                 f'[[stages]]\nname = "one"\nsteps = 1\ndata = "{a}"\n\n[[stages]]\nname = "two"\nsteps = 1\n'
+                 f'data = "{a}"\nlr_schedule = "constant"\n')
+    assert main(["train", "--config", str(f)]) == 0
+    assert (tmp_path / "run" / "stage_1_two" / "checkpoints" / "step_00000001").is_dir()
+    assert main(["train", "--config", str(f)]) == 0 and "every stage is finished" in capsys.readouterr().out
