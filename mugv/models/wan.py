@@ -20,7 +20,7 @@ with ``head.modulation + e`` (the time embedding itself), then a linear map and 
 Here each sub-layer boundary is one fused op (:func:`mugv_kernels.ada_layer_norm`,
 :func:`mugv_kernels.gated_residual_ada_layer_norm`, :func:`mugv_kernels.gated_residual`), the
 two modulation sets are selected per token by ``index`` (no second norm, no ``torch.where``),
-the QK norm + RoPE and the packed attention are those of the diffusers integration
+and the QK norm + RoPE and the packed attention are the kernels the diffusers integration uses
 (:func:`mugv_kernels.qk_norm_rope3d` with ``across_heads=True``, Wan's sections and positions
 from :mod:`mugv_kernels.integrations.diffusers`, :func:`mugv_kernels.varlen_attention` with its
 ``cross_attention_offsets``). Parameter names are those of the public ``WanModel``,
@@ -29,7 +29,8 @@ reads the sizes off the file.
 
 RoPE: Wan's sections ``(t, h, w) = (D - 4 (D // 6), 2 (D // 6), 2 (D // 6))`` (44/42/42 at
 head_dim 128), theta 1e4, interleaved pairs, 0-based positions (the public model builds complex
-tables and rotates in fp64; we rotate in the input dtype, angles in fp32).
+tables and rotates in fp64; here :func:`mugv_kernels.qk_norm_rope3d` computes the angles from
+the integer positions, with no table).
 """
 
 from __future__ import annotations
