@@ -226,3 +226,18 @@ def test_selective_checkpoint_saves_matmuls_and_attention():
     ref = x.detach().requires_grad_()
     blk(ref, batch).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_memory_count_per_ac_mode():
+    """The meta-device count: full < selective < none, cp divides the count, the parts add up."""
+    from mugv.train.memory import count_block_activations, count_model_activations
+
+    one = count_block_activations("debug", 4802, 1)
+    two = count_block_activations("debug", 4802, 2)
+    assert one["full"] == 4802 * 288 * 2  # the bf16 block input
+    assert one["full"] < one["selective"] < one["none"]
+    assert two["none"] == pytest.approx(one["none"] / 2, rel=0.05)
+    model = count_model_activations("debug", 4802, 2)
+    assert model["full"] == 56 * two["full"] + two["none"]
+    with pytest.raises(ValueError, match="not divisible"):
+        count_block_activations("debug", 100, 3)
