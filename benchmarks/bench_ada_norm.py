@@ -2,7 +2,7 @@
 ``r = residual + gate * y; out = LayerNorm(r) * (1 + scale) + shift`` against PyTorch
 eager and ``torch.compile`` of the same math, forward and forward+backward.
 
-GPU shapes (issue 2): MUG-V 10B width 3456 at 36002 / 50402 tokens (3 s / 5 s at 720p)
+GPU shapes: MUG-V 10B width 3456 at 36002 / 50402 tokens (3 s / 5 s at 720p)
 and the 1B width 1152, bf16, one modulation set (T2V) and two sets selected per token
 (I2V). On CPU the suite runs a tiny shape through the interpreter so it stays exercised.
 

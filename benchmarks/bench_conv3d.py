@@ -1,11 +1,11 @@
 """Video-VAE family benchmarks: causal 3D convolution and GroupNorm + SiLU.
 
-Convolution (issue 5): our Triton implicit GEMM (NCDHW and channels-last input) and the
+Convolution: our Triton implicit GEMM (NCDHW and channels-last input) and the
 CUDA kernel (``backend="cuda"``, channels-last, when ``mugv_kernels._C`` is built) against
 
 * ``cudnn``: ``F.conv3d`` alone on an input already padded (cuDNN's speed, no padding
   cost), NCDHW and ``channels_last_3d``;
-* ``pad+cudnn``: ``F.pad`` + ``F.conv3d``, what the public VAE runs (the issue's target
+* ``pad+cudnn``: ``F.pad`` + ``F.conv3d``, what the public VAE runs (our target
   is >= 1.3x this pair);
 * ``compile``: ``torch.compile`` of the pad + conv pair.
 

@@ -2,7 +2,7 @@
 MUG-V formulation in eager PyTorch and ``torch.compile`` of our reference, forward and
 forward+backward.
 
-GPU shapes (issue 3): MUG-V 10B self-attention, q and k ``[1, N, 48, 72]`` bf16 at
+GPU shapes: MUG-V 10B self-attention, q and k ``[1, N, 48, 72]`` bf16 at
 N = 36002 / 50402 tokens (3 s / 5 s at 720p: 10 / 14 latent frames of 45 x 80 patches
 plus start/end tokens), taken as slices of a fused ``[1, N, 3, 48, 72]`` qkv projection
 as the model does, positions from :func:`mugv_kernels.video_positions`, learned norm

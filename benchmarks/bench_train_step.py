@@ -13,7 +13,7 @@ bf16 autocast over fp32 master weights (the single-GPU analog of FSDP2's
 :func:`mugv.train.logging.dit_train_flops` (6N per token + attention; the recomputation of
 activation checkpointing is not counted, as MFU conventions require), MFU is against the
 device's bf16 dense peak from :func:`mugv_kernels.device.device_peaks`.
-Targets (issue 7, H100): kernels on >= 1.3x kernels off; 10b-width blocks at 36,002 tokens
+Targets (H100): kernels on >= 1.3x kernels off; 10b-width blocks at 36,002 tokens
 >= 45% MFU. On CPU a tiny model runs so the suite stays exercised (no figures recorded).
 """
 

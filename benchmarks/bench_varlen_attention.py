@@ -2,9 +2,9 @@
 ``mk.varlen_attention`` on a packed mixed batch against padding the batch to its longest
 clip and masking the padded keys, forward and forward+backward.
 
-GPU shapes (issue 4): four clips of 36002, 18002, 9002 and 4502 tokens (MUG-V 720p at
+GPU shapes: four clips of 36002, 18002, 9002 and 4502 tokens (MUG-V 720p at
 3 s and shorter / smaller clips), 48 heads, head_dim 72 (MUG-V 10B), bf16, self-attention;
-and the 36002-token clip alone (the issue's >= 60% of bf16 dense peak target). On CPU the
+and the 36002-token clip alone (target: >= 60% of the bf16 dense peak). On CPU the
 suite runs a tiny batch in fp32 so it stays exercised (no figure is recorded there).
 
 Useful work: ``4 * H * D * sum_b Nq_b * Nk_b`` FLOPs forward (QK^T and PV, 2 FLOPs per
