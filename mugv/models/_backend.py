@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "resolve_backend"]
+from torch import nn
+
+__all__ = ["BACKENDS", "resolve_backend", "set_module_backend"]
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
 """What ``kernels=`` accepts besides a bool: ``"auto"`` (the Triton kernels on CUDA, the
@@ -21,3 +23,20 @@ def resolve_backend(kernels: bool | str) -> str:
     if kernels not in BACKENDS:
         raise ValueError(f"kernels must be a bool or one of {BACKENDS}, got {kernels!r}")
     return kernels
+
+
+def set_module_backend(model: nn.Module, kernels: bool | str) -> str:
+    """Set ``model.kernels`` and ``model.backend``, and the ``backend`` attribute of every
+    submodule that has one (convs, GroupNorms), from ``kernels`` (see :func:`resolve_backend`).
+
+    Returns:
+        The backend name.
+
+    Raises:
+        ValueError: an unknown ``kernels`` value.
+    """
+    model.kernels, model.backend = kernels, resolve_backend(kernels)
+    for m in model.modules():
+        if m is not model and hasattr(m, "backend"):
+            m.backend = model.backend
+    return model.backend

@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugv.models._backend import resolve_backend
+from mugv.models._backend import set_module_backend
 from mugv.profiling import annotate
 from mugv.models.vae_compat import CompatDecoder, CompatEncoder, ConvSlot, group_norm, norm_act
 
@@ -625,10 +625,7 @@ class VideoVAE(nn.Module):
         Raises:
             ValueError: an unknown backend name.
         """
-        self.kernels, self.backend = kernels, resolve_backend(kernels)
-        for m in self.modules():
-            if m is not self and hasattr(m, "backend"):
-                m.backend = self.backend
+        set_module_backend(self, kernels)
         return self
 
     @property

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mugv_kernels as mk
-from mugv.models._backend import resolve_backend
+from mugv.models._backend import set_module_backend
 
 __all__ = [
     "RELEASED_UNUSED_SPATIAL_KEYS",
@@ -282,10 +282,7 @@ class SpatialVAE(nn.Module):
         Raises:
             ValueError: an unknown backend name.
         """
-        self.kernels, self.backend = kernels, resolve_backend(kernels)
-        for m in self.modules():
-            if m is not self and hasattr(m, "backend"):
-                m.backend = self.backend
+        set_module_backend(self, kernels)
         return self
 
     def _frames(self, fn, x: Tensor, channels: int, name: str, scale: int) -> Tensor:
