@@ -220,6 +220,8 @@ class TrainConfig(RunConfig):
                                   "of its tokens (divides num_heads and the world size)")
     dp_replicate: int = _f(1, "HSDP replica groups (e.g. nodes): parameters are sharded within a group and "
                               "replicated across groups")
+    fp8: str = _f("none", "fp8 training of the block linears through torchao: none | tensorwise | rowwise (needs fp8 "
+                          "tensor cores, sm_89+; an error elsewhere)", choices=("none", "tensorwise", "rowwise"))
     compile: bool = _f(False, "torch.compile each DiT block")
     kernels: str = _f("auto", "use mugv_kernels fused ops: auto (on CUDA) | on | off", choices=("auto", "on", "off"))
     max_bad_steps: int = _f(5, "stop after this many NaN/inf losses in a row (each is skipped)")

@@ -46,6 +46,7 @@ from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shi
 from mugv.models import DiTConfig, MUGDiT
 from mugv.profiling import TorchProfile, nvtx_range, parse_profile_steps
 from mugv.train import checkpoint as ckpt
+from mugv.train import fp8
 from mugv.train import runs
 from mugv.train.ema import EMA
 from mugv.train.logging import MetricsLogger, dit_train_flops
@@ -193,11 +194,14 @@ class Trainer:
 
             check_cp_heads(dcfg.num_heads, self.dims.cp)
         mesh = build_mesh(self.dims, dev.type) if self.use_fsdp else None
+        if cfg.fp8 != "none":
+            fp8.check_fp8_device(dev)
 
         def factory():
             return MUGDiT(dcfg, kernels=kernels)
 
         def par(m):
+            fp8.apply_fp8(m, cfg.fp8, fsdp=self.use_fsdp)
             return parallelize_dit(
                 m, fsdp=self.use_fsdp, param_dtype=self.param_dtype, reduce_dtype=reduce_dtype,
                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
@@ -316,6 +320,7 @@ class Trainer:
         ckpt.fault_point("step", step + 1)  # test hook: a kill after the backward, before the update
         with nvtx_range("train.optimizer"):
             self.optimizer.step()
+            fp8.after_optimizer_step(self.model, cfg.fp8, self.use_fsdp)
             if self.ema is not None:
                 self.ema.update(self.model, step)
         self.step += 1

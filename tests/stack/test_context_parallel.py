@@ -241,3 +241,39 @@ def test_memory_count_per_ac_mode():
     assert model["full"] == 56 * two["full"] + two["none"]
     with pytest.raises(ValueError, match="not divisible"):
         count_block_activations("debug", 100, 3)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_converts_the_big_linears(recipe):
+    """The module tree after conversion (emulated on CPU: no fp8 hardware), the forward close to
+    the fp32 one, and the clear error on a device without fp8 tensor cores."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from mugv.config import ConfigError
+    from mugv.train.fp8 import apply_fp8, check_fp8_device
+
+    model, clips = _model(), _clips()
+    ref = model.forward_packed(clips[0][:2], clips[4][:2], clips[2][:2], fps=clips[5][:2])
+    names = apply_fp8(model, recipe, emulate=True)
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert converted == set(names) and len(names) == CFG["depth"] * 7  # qkv, 2 proj, q_linear, kv_linear, fc1, fc2
+    assert all(n.startswith("blocks.") for n in names)
+    assert type(model.final_layer.linear) is torch.nn.Linear and type(model.t_block[1]) is torch.nn.Linear
+    out = model.forward_packed(clips[0][:2], clips[4][:2], clips[2][:2], fps=clips[5][:2])
+    for a, b in zip(out, ref):
+        assert (a - b).norm() / b.norm() < 0.1  # fp8 e4m3 rounding of the matmul inputs
+        assert not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="fp8 tensor cores"):
+        check_fp8_device(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="fp8 must be"):
+        apply_fp8(model, "blockwise")
+
+
+def test_trainer_refuses_fp8_without_fp8_hardware(tmp_path):
+    from mugv.config import ConfigError
+    from mugv.train.trainer import Trainer
+    from tests.stack.test_train import make_shards
+
+    data = make_shards(tmp_path / "shards", n=2)
+    with pytest.raises(ConfigError, match="--fp8 needs a CUDA GPU"):
+        Trainer(_trainer_cfg(data, tmp_path / "run", fp8="rowwise"))
