@@ -13,6 +13,9 @@ bf16 autocast over fp32 master weights (the single-GPU analog of FSDP2's
 :func:`mugv.train.logging.dit_train_flops` (6N per token + attention; the recomputation of
 activation checkpointing is not counted, as MFU conventions require), MFU is against the
 device's bf16 dense peak from :func:`mugv_kernels.device.device_peaks`.
+:func:`test_train_step_ac_fp8` records the 10b-width slice at 36,002 tokens with each
+activation-checkpointing mode (``none``, ``selective``, ``full``) and with fp8 linears
+(``tensorwise``, ``rowwise``; sm_89+ only), kernels on; it skips without CUDA.
 Targets (H100): kernels on >= 1.3x kernels off; 10b-width blocks at 36,002 tokens
 >= 45% MFU. On CPU a tiny model runs so the suite stays exercised (no figures recorded).
 """
@@ -40,15 +43,18 @@ CASES = (
 )
 
 
-def _setup(flavor: str, overrides: dict, grid: tuple[int, int, int], kernels: bool):
+def _setup(flavor: str, overrides: dict, grid: tuple[int, int, int], kernels: bool, ac: str | bool = ON_GPU,
+           fp8: str = "none"):
     from mugv.models import DiTConfig, MUGDiT
+    from mugv.train.fp8 import apply_fp8
     from mugv.train.parallelize import parallelize_dit
 
     text_dim = overrides.pop("text_dim", 4096)
     cfg = DiTConfig.from_flavor(flavor, text_dim=text_dim, **overrides)
     with torch.device("meta"):
         model = MUGDiT(cfg, kernels=kernels)
-    parallelize_dit(model, fsdp=False, activation_checkpointing=ON_GPU)
+    apply_fp8(model, fp8)
+    parallelize_dit(model, fsdp=False, activation_checkpointing=ac)
     model.to_empty(device=DEVICE)
     with torch.no_grad():
         model.init_weights()
@@ -99,3 +105,25 @@ def test_train_step(benchmark, case, flavor, overrides, grid, kernels):
         benchmark.extra_info["mfu"] = figures["frac_bf16_peak"]
     if ON_GPU:
         torch.cuda.empty_cache()
+
+
+AC_FP8 = [(ac, "none") for ac in ("none", "selective", "full")] + [("selective", "tensorwise"), ("selective", "rowwise")]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the 10b-width slice at 36k tokens needs a GPU")
+@pytest.mark.parametrize("ac,fp8", AC_FP8, ids=[f"ac-{a}-fp8-{f}" for a, f in AC_FP8])
+def test_train_step_ac_fp8(benchmark, ac, fp8):
+    if fp8 != "none" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    case, flavor, overrides, grid = "10b-width-4blocks-720p", "10b", {"depth": 4}, (10, 90, 160)
+    step, tokens, flops, cfg = _setup(flavor, dict(overrides), grid, True, ac=ac, fp8=fp8)
+    figures = run(
+        benchmark, step, suite=SUITE, case=f"{case}-ac-{ac}-fp8-{fp8}", flops=flops, rounds=5, tokens=tokens,
+        depth=cfg.depth, hidden=cfg.hidden_size, kernels=True, activation_checkpointing=ac, fp8=fp8,
+        dtype="bf16-autocast",
+    )  # fmt: skip
+    if figures:
+        benchmark.extra_info["tokens_per_s"] = tokens / figures["median_s"]
+    if "frac_bf16_peak" in figures:
+        benchmark.extra_info["mfu"] = figures["frac_bf16_peak"]
+    torch.cuda.empty_cache()
