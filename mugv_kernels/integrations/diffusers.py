@@ -640,6 +640,21 @@ def _wan_model_forward(
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
+def _hv_modulation(
+    norm, temb: Tensor, token_replace_emb: Tensor | None, num_tokens: int | None, n: int, replace_cls: type
+) -> tuple[Tensor, Tensor | None]:
+    """A HunyuanVideo block's adaLN modulation ``[B, k*C]`` from ``norm.linear(silu(temb))``.
+    For the ``TokenReplace`` (I2V) norms with ``token_replace_emb`` given: both sets stacked
+    ``[B, 2, k*C]`` and the int32 ``index [B, n]`` that picks set 1 for the first
+    ``num_tokens`` tokens (the clean first frame) and set 0 elsewhere; otherwise no index."""
+    emb = norm.linear(norm.silu(temb))
+    if token_replace_emb is None or not isinstance(norm, replace_cls):
+        return emb, None
+    emb = torch.stack([emb, norm.linear(norm.silu(token_replace_emb))], 1)
+    index = (torch.arange(n, device=emb.device) < num_tokens).to(torch.int32).expand(emb.shape[0], n)
+    return emb, index
+
+
 def _hv_dual_block_forward(
     block,
     hidden_states: Tensor,
@@ -658,12 +673,9 @@ def _hv_dual_block_forward(
     The I2V first-frame tokens take the ``token_replace_emb`` modulation through the
     ``index`` form (G = 2), not by slicing and concatenating."""
     n1 = block.norm1
-    emb = n1.linear(n1.silu(temb))
-    index = None
-    if token_replace_emb is not None and isinstance(n1, _hv.HunyuanVideoTokenReplaceAdaLayerNormZero):
-        emb = torch.stack([emb, n1.linear(n1.silu(token_replace_emb))], 1)  # [B, 2, 6C]
-        N = hidden_states.shape[1]
-        index = (torch.arange(N, device=emb.device) < num_tokens).to(torch.int32).expand(emb.shape[0], N)
+    emb, index = _hv_modulation(
+        n1, temb, token_replace_emb, num_tokens, hidden_states.shape[1], _hv.HunyuanVideoTokenReplaceAdaLayerNormZero
+    )
     shift, scale, gate, shift2, scale2, gate2 = emb.chunk(6, dim=-1)
     cn = block.norm1_context
     c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = cn.linear(cn.silu(temb)).chunk(6, dim=-1)
@@ -700,12 +712,9 @@ def _hv_single_block_forward(
     L = encoder_hidden_states.shape[1]
     x = torch.cat([hidden_states, encoder_hidden_states], dim=1)
     nrm = block.norm
-    emb = nrm.linear(nrm.silu(temb))
-    index = None
-    if token_replace_emb is not None and isinstance(nrm, _hv.HunyuanVideoTokenReplaceAdaLayerNormZeroSingle):
-        emb = torch.stack([emb, nrm.linear(nrm.silu(token_replace_emb))], 1)
-        S = x.shape[1]
-        index = (torch.arange(S, device=emb.device) < num_tokens).to(torch.int32).expand(emb.shape[0], S)
+    emb, index = _hv_modulation(
+        nrm, temb, token_replace_emb, num_tokens, x.shape[1], _hv.HunyuanVideoTokenReplaceAdaLayerNormZeroSingle
+    )
     shift, scale, gate = emb.chunk(3, dim=-1)
     y = mk.ada_layer_norm(x, shift, scale, eps=nrm.norm.eps, index=index, validate=False)
     mlp = block.act_mlp(block.proj_mlp(y))
