@@ -230,6 +230,9 @@ class TrainConfig(RunConfig):
     checkpoint_every: int = _f(0, "steps between checkpoints (0 = only at the end)")
     keep_last: int = _f(3, "checkpoints kept (older ones are deleted)")
     resume: bool = _f(True, "resume from the newest checkpoint in <out>/checkpoints if any")
+    trust_unverified_checkpoint: bool = _f(False, "when no checkpoint is valid, resume from the newest one that has "
+                                           "no completion marker or checksums (e.g. written by an older mugv), "
+                                           "with a warning; its files cannot be checked")
     init_from: str = _f("", "start from the weights of this run or checkpoint (raw weights; the optimizer, EMA and "
                             "sampler start fresh; its DiT shape is used); a checkpoint in <out> still wins on resume")
     progress: bool = _f(True, "tqdm progress bar on rank 0")

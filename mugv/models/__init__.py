@@ -1,7 +1,13 @@
 """MUG-V models: the video DiT (:class:`MUGDiT`, public-checkpoint compatible) and the
 checkpoint helpers; the video VAE is exported here too."""
 
-from mugv.models.checkpoint import CheckpointMismatchError, load_checkpoint, read_state_dict, save_checkpoint
+from mugv.models.checkpoint import (
+    CheckpointMismatchError,
+    UnsafePickleError,
+    load_checkpoint,
+    read_state_dict,
+    save_checkpoint,
+)
 from mugv.models.dit import FLAVORS, DiTConfig, MUGDiT
 from mugv.models.released import dit_config_from_state_dict, load_released_dit
 from mugv.models.vae import DiagonalGaussian, VAEConfig, VideoVAE
@@ -16,6 +22,7 @@ __all__ = [
     "MUGDiT",
     "ReleasedVideoVAE",
     "SpatialVAE",
+    "UnsafePickleError",
     "VAEConfig",
     "VideoVAE",
     "dit_config_from_state_dict",

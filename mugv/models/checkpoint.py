@@ -4,22 +4,54 @@
 reports every missing key, every unexpected key and every shape mismatch in one
 :class:`CheckpointMismatchError` before touching the model. It loads into a model built
 on the meta device too (the tensors are assigned, not copied), so a 10B DiT never exists
-twice in memory.
+twice in memory. ``.pt`` files load with ``torch.load(weights_only=True)``: a pickle that
+would run code (or build any object other than tensors and plain containers) is refused
+with :class:`UnsafePickleError`, never executed.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "save_checkpoint"]
+__all__ = ["CheckpointMismatchError", "UnsafePickleError", "load_checkpoint", "read_state_dict", "save_checkpoint"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "ema")
 _SAFETENSORS = (".safetensors",)
 _TORCH = (".pt", ".pth", ".bin")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A ``.pt``/``.pth``/``.bin`` weights file holds more than tensors and plain data: unpickling
+    it could execute code, so it is refused (convert it to ``.safetensors`` from a trusted
+    environment instead).
+
+    Attributes:
+        path: the refused file.
+        reason: the first object ``torch.load(weights_only=True)`` refused (e.g. ``GLOBAL posix.system``).
+    """
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"refusing to load weights file {path}: it is a pickle that names objects other than tensors and "
+            f"plain data ({reason}), and loading it could execute code. Only safetensors files and pickles "
+            "that torch.load(weights_only=True) accepts are loaded; convert it to .safetensors "
+            "(safetensors.torch.save_file) where you trust its source"
+        )
+
+
+def _refusal_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only message that names what it refused."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln.rstrip(".")
+    return lines[-1] if lines else type(err).__name__
 
 
 class CheckpointMismatchError(ValueError):
@@ -71,6 +103,8 @@ def read_state_dict(path: str | os.PathLike, *, map_location: str | torch.device
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown extension, or a file that holds no state dict.
+        UnsafePickleError: a pickle naming anything but tensors and plain data (one that
+            could execute code); it names the file and says to convert it to safetensors.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -81,7 +115,11 @@ def read_state_dict(path: str | os.PathLike, *, map_location: str | torch.device
 
         return load_file(path, device=str(map_location))
     if lower.endswith(_TORCH):
-        return _unwrap(torch.load(path, map_location=map_location, weights_only=True), path)
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafePickleError(path, _refusal_reason(e)) from None
+        return _unwrap(obj, path)
     raise ValueError(f"unknown checkpoint format {path!r}: expected one of {list(_SAFETENSORS + _TORCH)}")
 
 

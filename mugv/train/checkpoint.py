@@ -140,7 +140,7 @@ def verify_checkpoint(path: str | Path) -> None:
     """
     path = Path(path)
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: no {MARKER} marker (the write was interrupted)")
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MARKER} marker (the write was interrupted, or it predates completion markers)")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -200,22 +200,30 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path, *, verify: bool = True) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, *, verify: bool = True, trust_unverified: bool = False) -> Path | None:
     """The newest valid checkpoint of a run, or None when the run has no checkpoint directory.
 
     Checkpoints are checked newest first (:func:`verify_checkpoint`; with ``verify=False`` only
     the marker); an invalid one is skipped with a warning naming it and why. Under a process
     group rank 0 checks and broadcasts its choice.
 
+    A checkpoint with neither ``COMPLETE`` marker nor ``MANIFEST.json`` (one written before
+    checkpoints carried them) cannot be verified and is refused like a torn one. With
+    ``trust_unverified=True``, and only when no checkpoint is valid, the newest such unmarked
+    checkpoint that has its DCP ``.metadata`` and ``extra_rank0.pt`` is returned instead, with a
+    warning that its files were not checked.
+
     Raises:
         CheckpointError: the run has checkpoint directories but none is valid (never a silent
-            fresh start over an existing run: move them away to start over).
+            fresh start over an existing run: move them away to start over); the message names
+            each checkpoint and what it lacks, and points to ``trust_unverified`` (the
+            ``--trust-unverified-checkpoint`` flag of ``mugv train``) where one is unmarked.
     """
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [None]
         if dist.get_rank() == 0:
             try:
-                box[0] = ("ok", _latest_valid(run_dir, verify))
+                box[0] = ("ok", _latest_valid(run_dir, verify, trust_unverified))
             except CheckpointError as e:
                 box[0] = ("error", str(e))
         dist.broadcast_object_list(box, src=0)
@@ -223,10 +231,17 @@ def latest_checkpoint(run_dir: str | Path, *, verify: bool = True) -> Path | Non
         if kind == "error":
             raise CheckpointError(val)
         return val
-    return _latest_valid(run_dir, verify)
+    return _latest_valid(run_dir, verify, trust_unverified)
 
 
-def _latest_valid(run_dir, verify: bool) -> Path | None:
+def _unverifiable(d: Path) -> bool:
+    """No marker and no manifest, but the files a load needs: a checkpoint written before
+    checkpoints carried a completion marker (or a torn one: nothing tells them apart)."""
+    return (not (d / MARKER).exists() and not (d / MANIFEST).exists()
+            and (d / ".metadata").is_file() and (d / "extra_rank0.pt").is_file())
+
+
+def _latest_valid(run_dir, verify: bool, trust_unverified: bool = False) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     bad = []
     for d in reversed(dirs):
@@ -237,15 +252,27 @@ def _latest_valid(run_dir, verify: bool) -> Path | None:
                 raise CheckpointError(f"checkpoint {d} is incomplete: no {MARKER} marker")
         except CheckpointError as e:
             warnings.warn(f"skipping {d}: {e}", RuntimeWarning, stacklevel=3)
-            bad.append(d.name)
+            bad.append(d)
             continue
         return d
-    if bad:
-        raise CheckpointError(
-            f"{Path(run_dir) / 'checkpoints'} holds checkpoints ({', '.join(reversed(bad))}) but none is valid; "
-            "refusing to start a fresh run over them: move them away (or choose a new output directory)"
-        )
-    return None
+    if not bad:
+        return None
+    unmarked = [d for d in bad if _unverifiable(d)]
+    if trust_unverified and unmarked:
+        warnings.warn(
+            f"resuming from the unverified checkpoint {unmarked[0]}: it has no {MARKER} marker and no {MANIFEST}, "
+            "so a torn or corrupt write cannot be detected (trust_unverified_checkpoint is set)",
+            RuntimeWarning, stacklevel=3)
+        return unmarked[0]
+    why = "; ".join(f"{d.name}: " + (f"no {MARKER} marker and no {MANIFEST} (written before checkpoints carried "
+                                     "them, or its write was interrupted)" if d in unmarked else "incomplete or corrupt")
+                    for d in reversed(bad))
+    hint = (f"; to resume from {unmarked[0]} anyway, unverified, pass --trust-unverified-checkpoint "
+            "(trust_unverified_checkpoint = true)" if unmarked else "")
+    raise CheckpointError(
+        f"{Path(run_dir) / 'checkpoints'} holds checkpoints but none is valid ({why}); refusing to start a fresh "
+        f"run over them: move them away (or choose a new output directory){hint}"
+    )
 
 
 def _rotate(run_dir: Path, keep_last: int, step: int) -> None:

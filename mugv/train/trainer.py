@@ -349,9 +349,10 @@ class Trainer:
         corrupt newer one is skipped with a warning).
 
         Raises:
-            CheckpointError: the run has checkpoints but none is valid.
+            CheckpointError: the run has checkpoints but none is valid (with
+                ``trust_unverified_checkpoint``, an unmarked one is resumed from with a warning).
         """
-        path = ckpt.latest_checkpoint(self.run_dir)
+        path = ckpt.latest_checkpoint(self.run_dir, trust_unverified=self.cfg.trust_unverified_checkpoint)
         if path is None:
             return None
         extra = ckpt.load_run_state(path, self.model, self.optimizer, self.ema)
@@ -423,7 +424,8 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     log.sync()  # the metrics of every step up to a checkpoint are on disk before it
                     last_ckpt = self.save()
-            latest = ckpt.latest_checkpoint(self.run_dir, verify=False)
+            latest = ckpt.latest_checkpoint(self.run_dir, verify=False,
+                                            trust_unverified=cfg.trust_unverified_checkpoint)
             if done or latest is None or latest.name != f"step_{self.step:08d}":
                 log.sync()
                 last_ckpt = self.save()

@@ -97,6 +97,51 @@ def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "empty") is None  # no run yet: a fresh start is right
 
 
+def _legacy(d):
+    """What a checkpoint written before checkpoints carried a marker looks like."""
+    (d / ckpt.MARKER).unlink()
+    (d / ckpt.MANIFEST).unlink()
+
+
+def test_unmarked_checkpoint_refused_unless_trusted(tmp_path):
+    model, opt = _tiny()
+    d = _save(tmp_path, 3, model, opt)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    _legacy(d)
+    with pytest.warns(RuntimeWarning), pytest.raises(
+        ckpt.CheckpointError, match=r"step_00000003: no COMPLETE marker and no MANIFEST\.json.*refusing.*"
+        r"trust-unverified-checkpoint") as err:
+        ckpt.latest_checkpoint(tmp_path)
+    assert str(d) in str(err.value)
+    with pytest.warns(RuntimeWarning, match=r"resuming from the unverified checkpoint .*step_00000003"):
+        got = ckpt.latest_checkpoint(tmp_path, trust_unverified=True)
+    assert got == d
+    fresh, fresh_opt = _tiny(seed=1)
+    assert ckpt.load_run_state(got, fresh, fresh_opt)["tag"] == 3
+    assert all(torch.equal(v, ref[k]) for k, v in fresh.state_dict().items())
+    # trusting never overrides a valid checkpoint, nor accepts a truncated one that is merely unmarked
+    _save(tmp_path, 2, model, opt)
+    with pytest.warns(RuntimeWarning, match="skipping .*step_00000003"):
+        assert ckpt.latest_checkpoint(tmp_path, trust_unverified=True).name == "step_00000002"
+
+
+def test_trainer_resumes_an_unmarked_checkpoint_only_when_told(shards, tmp_path):
+    from mugv.train.trainer import Trainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = Trainer(_cfg(shards, tmp_path / "full", steps=3)).fit()
+        Trainer(_cfg(shards, tmp_path / "run", steps=3, checkpoint_every=2)).fit(stop_after=2)
+    _legacy(tmp_path / "run" / "checkpoints" / "step_00000002")
+    with pytest.warns(RuntimeWarning), pytest.raises(ckpt.CheckpointError, match="trust-unverified-checkpoint"):
+        Trainer(_cfg(shards, tmp_path / "run", steps=3, checkpoint_every=2)).fit()
+    tr = Trainer(_cfg(shards, tmp_path / "run", steps=3, checkpoint_every=2, trust_unverified_checkpoint=True))
+    with pytest.warns(RuntimeWarning, match="resuming from the unverified checkpoint .*step_00000002"):
+        tr.fit()
+    assert tr.step == 3 and tr.losses == full.losses  # the same run as one without the old checkpoint
+    ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003")  # what it writes next is verified
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
     model, opt = _tiny()
@@ -156,7 +201,7 @@ class _Evil:
 
 
 def test_code_executing_pickles_are_refused(tmp_path):
-    from mugv.models import read_state_dict
+    from mugv.models import UnsafePickleError, read_state_dict
 
     marker = tmp_path / "pwned"
     model, opt = _tiny()
@@ -172,8 +217,11 @@ def test_code_executing_pickles_are_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="refusing its .metadata"):
         ckpt.load_ema_weights(d, _tiny()[0])
     torch.save({"w": _Evil(marker)}, tmp_path / "w.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(UnsafePickleError, match=r"(?s)refusing to load weights file .*w\.pt.*system.*execute "
+                       r"code.*convert it to \.safetensors") as err:
         read_state_dict(tmp_path / "w.pt")
+    assert isinstance(err.value, pickle.UnpicklingError) and err.value.path.endswith("w.pt")
+    assert "weights_only` set to `False`" not in str(err.value)  # never advise unsafe loading
     # config files are data: TOML only, never executed
     (tmp_path / "c.toml").write_text(f"import os\nos.system('touch {marker}')\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
