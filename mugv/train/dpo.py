@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from mugv.config import ConfigError, DPOConfig
 from mugv.diffusion import add_noise, shift_ratio, velocity_target
@@ -59,11 +60,13 @@ def dpo_loss(e_w, e_l, e_ref_w, e_ref_l, beta: float):
     return -F.logsigmoid(inside), inside
 
 
-def kto_loss(e, e_ref, liked, beta: float):
+def kto_loss(e, e_ref, liked, beta: float, *, z=None):
     """KTO loss per clip and the implicit rewards (see the module docstring): ``e``, ``e_ref``
-    ``[N]`` float, ``liked`` ``[N]`` bool. Returns ``(loss [N], reward [N])``."""
+    ``[N]`` float, ``liked`` ``[N]`` bool; ``z`` the reference point (default: ``max(0, mean r)``
+    over these clips; the trainer passes the mean over the whole step's clips, all ranks).
+    Returns ``(loss [N], reward [N])``."""
     r = -0.5 * beta * (e - e_ref)
-    z = r.detach().mean().clamp_min(0.0)
+    z = r.detach().mean().clamp_min(0.0) if z is None else torch.as_tensor(z, dtype=r.dtype, device=r.device)
     loss = torch.where(liked, 1 - torch.sigmoid(r - z), 1 - torch.sigmoid(z - r))
     return loss, r
 
@@ -139,10 +142,15 @@ class _RowSampler:
 class DPOTrainer(Trainer):
     """:class:`~mugv.train.trainer.Trainer` with the preference loss (module docstring).
 
-    The policy starts from ``cfg.init_from`` (required); the reference is a frozen copy of
-    it made before the first step (parameters without gradients, in ``eval`` mode; under
-    FSDP2 a copy of the sharded policy, so it is sharded the same way). Checkpointing,
-    resume, logging and the lr schedule are the trainer's.
+    The policy starts from ``cfg.init_from`` (required); the reference
+    (:meth:`build_reference`) is a second model with the same weights, built and sharded
+    the way the trainer builds the policy (under FSDP2 ``fully_shard`` on the same mesh),
+    without gradients, in ``eval`` mode; its forward runs under ``no_grad`` on the policy's
+    packed batch. Rows are split over the data-parallel ranks (the ranks of a context-parallel
+    group share theirs); the loss is each rank's mean, which FSDP's gradient average turns
+    into the global mean. Checkpointing, resume, logging and the lr schedule are the
+    trainer's (the reference is not checkpointed: a resumed run rebuilds it from
+    ``init_from``).
 
     Raises:
         ConfigError: no ``init_from``; a pair whose clips differ in shape; see
@@ -163,20 +171,35 @@ class DPOTrainer(Trainer):
                                   f"latents differ in shape ({self.data.latent_shape(w)} vs {self.data.latent_shape(l)}); "
                                   "a pair shares its noise, so both clips need one shape")
         row_tokens = [self.clip_tokens[w] + (self.clip_tokens[l] if l is not None else 0) for w, l, _ in self.rows]
-        self.sampler = _RowSampler(len(self.rows), cfg.pairs_per_step, cfg.seed, self.dist.rank,
-                                   self.dist.world_size, row_tokens)
-        import copy
-
-        self.reference = copy.deepcopy(self.model)
-        self.reference.requires_grad_(False)
-        self.reference.eval()
+        self.sampler = _RowSampler(len(self.rows), cfg.pairs_per_step, cfg.seed, self.dims.dp_rank(self.dist.rank),
+                                   self.dims.dp, row_tokens)  # the ranks of a cp group read the same rows
+        self.reference = self.build_reference()
         self.last_margin: float | None = None
+
+    def build_reference(self) -> torch.nn.Module:
+        """The frozen reference: a second model built and parallelized by the policy's own
+        factory and ``parallelize`` (under FSDP2 ``fully_shard`` per block and at the root on
+        the same mesh, so its parameters are DTensors sharded like the policy's; the same
+        activation checkpointing, compile, fp8 and context-parallel hooks), given the
+        policy's current weights (``set_model_state_dict``, shard to shard), then
+        ``requires_grad_(False)`` and ``eval()``. Collective under a process group."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        from mugv.train.parallelize import build_model
+
+        ref = build_model(self.model_factory, device=self.dist.device, on_meta=self.model_on_meta,
+                          seed=self.cfg.seed, parallelize=self.model_parallelize)
+        set_model_state_dict(ref, get_model_state_dict(self.model))
+        ref.requires_grad_(False)
+        return ref.eval()
 
     def _errors(self, model, lat, tgt, texts, ts, fps, grad: bool):
         """Per-sample flow MSE ``[n]`` (mean over every latent element) of one packed forward."""
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx, torch.autocast(self.dist.device.type, dtype=self.param_dtype, enabled=self.autocast):
             out = model.forward_packed(lat, ts, texts, fps=fps)
+        if not grad and isinstance(model, FSDPModule):
+            model.reshard()  # no backward follows: free the unsharded root parameters now
         C = self.dit_cfg.in_channels
         return torch.stack([(o[:C].float() - y).pow(2).mean() for o, y in zip(out, tgt)])
 
@@ -220,7 +243,11 @@ class DPOTrainer(Trainer):
         else:
             liked = torch.tensor([v for paired, like in layout for v in ((True, False) if paired else (like,))],
                                  device=e.device)
-            per, r = kto_loss(e, e_ref, liked, cfg.beta)
+            r0 = -0.5 * cfg.beta * (e.detach() - e_ref)
+            tot = torch.stack([r0.sum(), torch.tensor(float(r0.numel()), device=r0.device)])
+            if dist.is_initialized():
+                dist.all_reduce(tot)  # the batch estimate of KTO's KL term is over the global step
+            per, r = kto_loss(e, e_ref, liked, cfg.beta, z=(tot[0] / tot[1]).clamp_min(0.0))
             loss = per.mean() + cfg.sft_weight * (e[liked].mean() if liked.any() else e.sum() * 0)
             stats = {"margin": (r[liked].mean() - r[~liked].mean()).item() if liked.any() and (~liked).any()
                      else float("nan"), "flow_w": e[liked].mean().item() if liked.any() else float("nan"),

@@ -210,8 +210,11 @@ class Trainer:
 
         with torch.device("meta"):
             n_params = factory().num_params()
-        self.model = build_model(factory, device=dev, on_meta=n_params > cfg.meta_init_threshold, seed=cfg.seed,
-                                 parallelize=par)
+        # kept so that a subclass can build a second model sharded exactly like the policy
+        # (the frozen reference of preference optimization)
+        self.model_factory, self.model_parallelize = factory, par
+        self.model_on_meta = n_params > cfg.meta_init_threshold
+        self.model = build_model(factory, device=dev, on_meta=self.model_on_meta, seed=cfg.seed, parallelize=par)
         if self.init_step_dir is not None:
             runs.load_weights(self.init_step_dir, self.model, source="model")
         self.autocast = (not self.use_fsdp) and self.param_dtype != torch.float32

@@ -3,14 +3,18 @@ from one distribution, rejected from another) raises the implicit reward margin 
 policy's flow loss on preferred clips relative to rejected ones; KTO runs; bad pair files."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mugv.config import ConfigError, DPOConfig, load_config
 from mugv.data.shards import atomic_write_json, write_shard
 from mugv.train.dpo import DPOTrainer, dpo_loss, kto_loss
-from tests.stack.test_train import _cfg
+from tests.stack.test_train import _cfg, _free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C, D, P = 24, 384, 4
@@ -98,3 +102,61 @@ def test_kto_runs_and_bad_pairs(setup, tmp_path):
     bad.write_text("prompt,preferred,rejected\np,w0,nope\n")
     with pytest.raises(ConfigError, match="'nope' not in the data"):
         DPOTrainer(_dpo(tmp, data, "x", pairs=str(bad)))
+
+
+def _two_steps(tr):
+    """Step 0 through ``train_step``, then the loss and the full gradients of step 1 (policy !=
+    reference there): ``(loss_0, loss_1, {name: grad})``, global means under a process group."""
+    loss0 = tr.train_step(tr.sampler.next_step().indices).loss
+    loss, _ = tr.preference_loss(tr.sampler.next_step().indices, tr.step)
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss1 = loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(loss1)
+        loss1 /= dist.get_world_size()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in tr.model.named_parameters()}
+    return loss0, loss1.item(), grads
+
+
+def _fsdp_dpo_worker(rank, world, port, tmp, data, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from torch.distributed.tensor import DTensor
+
+    try:
+        tr = DPOTrainer(_dpo(Path(tmp), Path(data), "fsdp", fsdp="on", pairs_per_step=P // world))
+        assert tr.use_fsdp
+        out = _two_steps(tr)
+        pol = dict(tr.model.named_parameters())
+        ref = [(n, isinstance(p, DTensor), p.requires_grad, p.grad is None,
+                isinstance(p, DTensor) and p.placements == pol[n].placements and p.device_mesh == pol[n].device_mesh,
+                p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel())
+               for n, p in tr.reference.named_parameters()]
+        if rank == 0:
+            torch.save((out, ref), result)  # a file: tensors through a Queue need the sender alive
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp2_dpo_two_ranks_match_one_process(setup):
+    """2 gloo ranks, policy and reference both FSDP2-sharded: the losses of step 0 and 1 and
+    every gradient of step 1 equal one process's on the same global rows (fp32); the
+    reference's parameters are DTensors sharded like the policy's, frozen, without grads."""
+    tmp, data = setup
+    world = 2
+    result = tmp / "fsdp_result.pt"
+    mp.start_processes(_fsdp_dpo_worker, args=(world, _free_port(), str(tmp), str(data), str(result)), nprocs=world,
+                       join=True, start_method="spawn")
+    (f0, f1, fgrads), ref = torch.load(result)
+    s0, s1, sgrads = _two_steps(DPOTrainer(_dpo(tmp, data, "single")))
+    assert f0 == pytest.approx(math.log(2), rel=1e-6) and s0 == pytest.approx(math.log(2), rel=1e-6)
+    assert f1 == pytest.approx(s1, rel=1e-5, abs=1e-6) and s1 < math.log(2)  # the margin moved after one step
+    assert fgrads.keys() == sgrads.keys()
+    for n, g in sgrads.items():
+        torch.testing.assert_close(fgrads[n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-9, msg=n)
+    assert ref and all(is_dt and not rg and no_grad and same for _, is_dt, rg, no_grad, same, _, _ in ref)
+    assert sum(local for *_, local, _ in ref) < sum(full for *_, full in ref)  # rank 0 holds only its shards
