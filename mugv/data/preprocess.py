@@ -1,4 +1,4 @@
-"""``mugv preprocess``: real videos -> VAE latents + caption states in resumable shards.
+"""``mugv preprocess``: real videos and images -> VAE latents + caption states in resumable shards.
 
 For each video (sorted by path): decode with PyAV, resample to ``fps``, fit to the nearest
 resolution bucket (resize to cover + center-crop), cut clips of every length in
@@ -6,6 +6,14 @@ resolution bucket (resize to cover + center-crop), cut clips of every length in
 VAE (``encode_batch`` clips per call, ``encode_chunk_frames`` frames per streamed chunk),
 encode the caption with the text encoder, and write one shard per video (see
 :mod:`mugv.data.shards` for the layout).
+
+Images (a folder's files with a suffix of :data:`~mugv.data.video.IMAGE_EXTENSIONS`, or an
+image file) go through the same path as one-frame clips: PyAV decodes their single frame,
+the same bucketing fits it, the VAE encodes it to one latent frame (``1 = 8 * 0 + 1``
+frames, whatever ``num_frames`` says), and its index entry has ``num_frames`` 1, ``fps`` the
+target ``fps`` (the frame rate the DiT is conditioned on) and ``"image": true``. The trainer
+trains such clips text-to-image. Their captions come from the same CSV (the ``video`` column
+names the image file).
 
 With ``clips`` (a ``clips.csv`` of ``mugv curate``) the videos are the sources it names and
 clips are cut only inside its kept segments (shots without transitions that passed the
@@ -38,6 +46,7 @@ from mugv.data.video import (
     decode_video,
     default_captions_csv,
     frames_to_tensor,
+    is_image,
     list_videos,
     make_buckets,
 )
@@ -165,7 +174,7 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
     if cfg.clips:
         videos, segments, clips_sha1 = _segments(cfg.clips)
     else:
-        videos = list_videos(cfg.videos)
+        videos = list_videos(cfg.videos, images=True)
     captions = read_captions(cfg.captions)
     buckets = make_buckets(cfg.base_resolution, tuple(cfg.aspect_ratios))
     out = Path(cfg.out)
@@ -206,17 +215,23 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
             report["resumed"].append(key)
             continue
         reason = None
+        image = is_image(src) and segments is None
         caption = captions.get(src.name)
         if caption is None:
             reason = "no caption in the captions CSV"
         else:
             try:
-                vid = decode_video(src, buckets=buckets, target_fps=cfg.fps)
+                vid = decode_video(src, buckets=buckets, target_fps=None if image else cfg.fps,
+                                   max_frames=1 if image else None)
             except VideoDecodeError as e:
                 reason = f"unreadable: {e}"
             else:
                 n = len(vid.frames)
-                if n < min_len:
+                if image and n < 1:
+                    reason = "no frame decoded from the image"
+                elif image:
+                    pass
+                elif n < min_len:
                     reason = f"too short: {n} frames at {vid.fps:.2f} fps, the shortest clip needs {min_len}"
                 elif segments is not None and not any(
                     _segment_starts(vid.indices, segments[key], length, cfg, vae.config.temporal_compression)
@@ -231,9 +246,9 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
         text = encode_caption(text_encoder, caption)  # [L, D]
         tensors: dict[str, torch.Tensor] = {}
         clips_meta = []
-        for length in cfg.num_frames:
-            starts = _segment_starts(vid.indices, None if segments is None else segments[key], length, cfg,
-                                     vae.config.temporal_compression)
+        for length in [1] if image else cfg.num_frames:
+            starts = [0] if image else _segment_starts(vid.indices, None if segments is None else segments[key],
+                                                       length, cfg, vae.config.temporal_compression)
             for b in range(0, len(starts), max(1, cfg.encode_batch)):
                 group = starts[b : b + max(1, cfg.encode_batch)]
                 x = torch.stack([frames_to_tensor(vid.frames[s : s + length]) for s in group]).to(device)
@@ -245,8 +260,9 @@ def preprocess(cfg: PreprocessConfig, *, vae=None, text_encoder=None, progress: 
                     tensors[f"{k}.text"] = text.to(dtype).clone()
                     clips_meta.append({
                         "key": k, "latent_shape": list(zi.shape), "num_frames": length,
-                        "height": vid.bucket.height, "width": vid.bucket.width, "fps": vid.fps,
+                        "height": vid.bucket.height, "width": vid.bucket.width, "fps": cfg.fps if image else vid.fps,
                         "start_frame": int(s), "caption": caption, "text_len": int(text.shape[0]), "source": key,
+                        **({"image": True} if image else {}),
                     })  # fmt: skip
         file = _shard_name(src)
         write_shard(out / file, tensors)

