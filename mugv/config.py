@@ -260,7 +260,9 @@ class DPOConfig(TrainConfig):
     trained DiT (``init_from``, required) on the preference rows of ``pairs``."""
 
     out: str = _f("outputs/dpo", "run directory: checkpoints/, tb/, config.json, train.jsonl")
-    pairs: str = _f("pairs.csv", "CSV: prompt,preferred,rejected (shard keys of --data); for --loss kto also key,label")
+    pairs: str = _f("pairs.csv", "CSV: prompt,preferred,rejected (shard keys of --data) or "
+                                 "prompt,preferred_path,rejected_path (video files, encoded like preprocess); for "
+                                 "--loss kto also key,label or path,label")
     loss: str = _f("dpo", "dpo (paired) | kto (unpaired like/dislike)", choices=("dpo", "kto"))
     beta: float = _f(5000 / 3, "KL strength: Diffusion-DPO's 5000 for an epsilon MSE times E[(1 - t)^2] = 1/3 for "
                                "the velocity MSE")

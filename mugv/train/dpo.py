@@ -28,15 +28,22 @@ the implicit reward ``r = -beta / 2 * (e(theta, x) - e(ref, x))``; with the refe
 ``z = max(0, mean r)`` over the step's clips (detached; the batch estimate of KTO's KL term),
 the loss is ``1 - sigmoid(r - z)`` for liked and ``1 - sigmoid(z - r)`` for disliked clips.
 
-``pairs.csv``: columns ``prompt,preferred,rejected`` with shard keys of the ``--data``
-shards (the pair's latents need the same shape, since they share the noise; the preferred
-clip's caption states condition both), or for KTO also ``key,label`` (label 1 = liked,
-0 = disliked). ``prompt`` is recorded, not re-encoded.
+``pairs.csv`` (:func:`read_pairs`): columns ``prompt`` and, for each clip, a shard key of the
+``--data`` shards (``preferred``, ``rejected``; a key is ``<shard file>:<key>``, or the bare
+key where only one shard has it) or a video path (``preferred_path``, ``rejected_path``,
+relative to the CSV's folder); for KTO ``key`` or ``path`` and ``label`` (1 = liked,
+0 = disliked). Video files are decoded, fitted and encoded the way ``mugv preprocess`` made
+the shards, with the VAE and text encoder their ``index.json`` names, each once, and cached
+under ``<out>/pair_latents`` (:class:`PairVideoCache`); a row that names a video is
+conditioned on its encoded ``prompt``, a row of shard clips on the preferred clip's stored
+caption states. The two latents of a pair need one shape, since they share the noise.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +51,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 
 from mugv.config import ConfigError, DPOConfig
+from mugv.data.shards import atomic_write_json, file_sha256, write_shard
+from mugv.data.video import VIDEO_EXTENSIONS, decode_video, frames_to_tensor, make_buckets
 from mugv.diffusion import add_noise, shift_ratio, velocity_target
 from mugv.train.trainer import NonFiniteLossError, StepResult, Trainer, clip_randomness
 
-__all__ = ["DPOTrainer", "dpo_loss", "kto_loss", "read_pairs", "train_dpo"]
+__all__ = ["DPOTrainer", "PairRow", "PairVideoCache", "dpo_loss", "kto_loss", "read_pairs", "shard_keys", "train_dpo"]
 
 
 def dpo_loss(e_w, e_l, e_ref_w, e_ref_l, beta: float):
@@ -71,41 +81,239 @@ def kto_loss(e, e_ref, liked, beta: float, *, z=None):
     return loss, r
 
 
-def read_pairs(path: str | Path, keys: dict[str, int], loss: str) -> list[tuple[int, int | None, bool]]:
-    """Rows of ``pairs.csv`` as ``(preferred_index, rejected_index, liked)``: pairs have a
-    rejected index (``liked`` True); KTO ``key,label`` rows have None and their label.
+#: ``pairs.csv`` columns of a preferred / rejected / KTO clip: a shard key, or a video path.
+_SIDES = {"preferred": ("preferred", "preferred_path"), "rejected": ("rejected", "rejected_path"),
+          "key": ("key", "path")}
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One row of ``pairs.csv``.
+
+    Attributes:
+        preferred: the preferred (or, for KTO, the labelled) clip: an index into the ``--data``
+            shards, or a video file (a ``Path``).
+        rejected: the rejected clip of a pair, the same kinds; None for a KTO row.
+        liked: True for pairs; a KTO row's label.
+        prompt: the ``prompt`` column ('' when absent).
+        line: the CSV line (for error messages).
+    """
+
+    preferred: int | Path
+    rejected: int | Path | None
+    liked: bool
+    prompt: str
+    line: int
+
+    @property
+    def has_video(self) -> bool:
+        return isinstance(self.preferred, Path) or isinstance(self.rejected, Path)
+
+
+def shard_keys(entries: list[tuple[str, dict]]) -> dict[str, int | None]:
+    """Names of the clips of a :class:`~mugv.data.shards.LatentDataset` for ``pairs.csv``:
+    ``<shard file>:<key>`` for every clip, and the bare ``<key>`` where it is unique (a key
+    found in several shards maps to None: ambiguous; ``mugv preprocess`` numbers the clips of
+    each shard from ``0``)."""
+    out: dict[str, int | None] = {}
+    for i, (file, meta) in enumerate(entries):
+        out[f"{file}:{meta['key']}"] = i
+        out[meta["key"]] = None if meta["key"] in out else i
+    return out
+
+
+def read_pairs(path: str | Path, keys: dict[str, int | None], loss: str) -> list[PairRow]:
+    """The rows of ``pairs.csv``.
+
+    Columns: ``prompt`` and, per clip, a shard key (``preferred``, ``rejected``; for KTO
+    ``key``) or a video path (``preferred_path``, ``rejected_path``; ``path``), one of the two
+    per clip and row; KTO rows have a ``label`` (1 liked, 0 disliked). Shard keys are those of
+    :func:`shard_keys`; relative video paths are relative to the CSV's folder. A row that
+    names a video needs a ``prompt`` (it becomes the clip's caption).
 
     Raises:
-        FileNotFoundError: no file. ConfigError: missing columns, an unknown shard key, a bad
-            label, a pairs file with no rows, ``key,label`` rows for ``dpo``.
+        FileNotFoundError: no pairs file; a video path that names no file.
+        ConfigError: no rows; missing columns (``key``/``path`` rows need ``--loss kto``); a
+            row with neither a key nor a path for a clip, or both; an unknown or ambiguous
+            shard key; a bad label; a video row without a prompt.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--pairs {path}: not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ConfigError(f"--pairs {path}: no rows")
     cols = set(rows[0])
 
-    def idx(k: str, line: int) -> int:
+    def has(side: str) -> bool:
+        return bool(cols & set(_SIDES[side]))
+
+    def clip(r: dict, side: str, line: int) -> int | Path:
+        kcol, pcol = _SIDES[side]
+        k, v = (r.get(kcol) or "").strip(), (r.get(pcol) or "").strip()
+        if bool(k) == bool(v):
+            what = f"both a shard key ({kcol}) and" if k else f"neither a shard key ({kcol}) nor"
+            raise ConfigError(f"--pairs {path} line {line}: {what} a video path ({pcol}) for the {side} clip; "
+                              "give exactly one")
+        if v:
+            video = Path(v) if Path(v).is_absolute() else path.parent / v
+            if not video.is_file():
+                raise FileNotFoundError(f"--pairs {path} line {line}: {pcol} {v!r}: no such file ({video})")
+            if not (r.get("prompt") or "").strip():
+                raise ConfigError(f"--pairs {path} line {line}: a row with a video path needs a prompt (its caption)")
+            return video
         if k not in keys:
-            raise ConfigError(f"--pairs {path} line {line}: shard key {k!r} not in the data")
+            hint = f"; video files go in the {pcol} column" if Path(k).suffix.lower() in VIDEO_EXTENSIONS else ""
+            raise ConfigError(f"--pairs {path} line {line}: shard key {k!r} not in the data{hint}")
+        if keys[k] is None:
+            raise ConfigError(f"--pairs {path} line {line}: shard key {k!r} is in several shards; "
+                              f"write it as <shard file>:{k}")
         return keys[k]
 
     out = []
-    if {"preferred", "rejected"} <= cols:
+    if has("preferred") and has("rejected"):
         for n, r in enumerate(rows, 2):
-            out.append((idx(r["preferred"], n), idx(r["rejected"], n), True))
-    elif {"key", "label"} <= cols and loss == "kto":
+            prompt = (r.get("prompt") or "").strip()
+            out.append(PairRow(clip(r, "preferred", n), clip(r, "rejected", n), True, prompt, n))
+    elif has("key") and "label" in cols and loss == "kto":
         for n, r in enumerate(rows, 2):
             if r["label"] not in ("0", "1"):
-                raise ConfigError(f"--pairs {path} line {n}: label must be 1 (liked) or 0 (disliked), got {r['label']!r}")
-            out.append((idx(r["key"], n), None, r["label"] == "1"))
+                raise ConfigError(f"--pairs {path} line {n}: label must be 1 (liked) or 0 (disliked), "
+                                  f"got {r['label']!r}")
+            out.append(PairRow(clip(r, "key", n), None, r["label"] == "1", (r.get("prompt") or "").strip(), n))
     else:
-        raise ConfigError(f"--pairs {path}: expected columns prompt,preferred,rejected"
-                          + (" or key,label" if loss == "kto" else f", got {sorted(cols)}"))
+        raise ConfigError(f"--pairs {path}: expected columns prompt,preferred,rejected (or preferred_path,"
+                          "rejected_path)" + (" or key,label (or path,label)" if loss == "kto" else "")
+                          + f", got {sorted(cols)}")
     return out
+
+
+class PairVideoCache:
+    """Latents of the video files and caption states of the prompts that ``pairs.csv`` names,
+    made the way ``mugv preprocess`` made the ``--data`` shards, each once, kept on disk.
+
+    A video is decoded with PyAV (:func:`mugv.data.video.decode_video`) at the shards'
+    ``fps``, fitted to the nearest of their resolution buckets (resize to cover, center
+    crop), cut to its first ``n`` frames with ``n`` the longest of their ``num_frames`` that
+    fits, and encoded by their VAE (``encode(...).mode()``, the posterior mean), stored in
+    their ``latent_dtype``; a prompt is encoded by their text encoder
+    (:func:`mugv.text.encode_caption`). The settings are those ``index.json`` records.
+
+    Files: ``<root>/video_<sha>.safetensors`` (``latent [C, T, h, w]``) and
+    ``video_<sha>.json`` (``height``, ``width``, ``fps``, ``num_frames``, ``source``), keyed by the
+    SHA-256 of the video's bytes and of the settings, and ``<root>/text_<sha>.safetensors``
+    (``text [L, D]``) keyed by the prompt and the text encoder. The VAE and the text encoder
+    are loaded only when something is missing.
+
+    Args:
+        root: the cache directory (the trainer uses ``<out>/pair_latents``).
+        index: the ``--data`` shards' ``index.json`` (``settings``, ``vae``, ``text_encoder``).
+        device: where the VAE and the text encoder run.
+        vae, text_encoder: already loaded models (tests); default: ``index["vae"]`` and
+            :func:`mugv.text.load_text_encoder` of ``index["text_encoder"]``.
+
+    Raises:
+        ConfigError: the index records no preprocess settings or no VAE (shards not made by
+            ``mugv preprocess``); on :meth:`video`, a clip shorter than the shortest
+            ``num_frames``; a VAE or text encoder whose width differs from the shards'.
+        VideoDecodeError: on :meth:`video`, a file PyAV cannot decode.
+    """
+
+    def __init__(self, root: str | Path, index: dict, *, device: torch.device, vae=None, text_encoder=None) -> None:
+        settings = index.get("settings")
+        if not settings:
+            raise ConfigError("--pairs names video files, but the --data index records no preprocess settings "
+                              "(shards not written by `mugv preprocess`); preprocess the clips or give shard keys")
+        self.root, self.index, self.settings, self.device = Path(root), index, settings, device
+        self._vae, self._text = vae, text_encoder
+        self._mem: dict[str, tuple[torch.Tensor, dict] | torch.Tensor] = {}
+        self.encoded = 0  # videos encoded (not found in the cache) by this object
+
+    def _digest(self, *parts: str) -> str:
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:24]
+
+    def vae(self):
+        if self._vae is None:
+            from mugv.models.vae import VideoVAE
+
+            vae_dir = self.settings.get("vae") or self.index.get("vae")
+            if not vae_dir:
+                raise ConfigError("--pairs names video files, but the --data index records no VAE")
+            self._vae = VideoVAE.from_pretrained(vae_dir, device=self.device)
+        self._vae.eval()
+        if self._vae.config.latent_channels != int(self.index["latent_channels"]):
+            raise ConfigError(f"the VAE has {self._vae.config.latent_channels} latent channels, the --data shards "
+                              f"{self.index['latent_channels']}")
+        return self._vae
+
+    def text_encoder(self):
+        if self._text is None:
+            from mugv.text import load_text_encoder
+
+            self._text = load_text_encoder(self.index["text_encoder"], device=self.device)
+        if self._text.dim != int(self.index["text_dim"]):
+            raise ConfigError(f"the text encoder is {self._text.dim}-d, the --data shards {self.index['text_dim']}-d")
+        return self._text
+
+    def video(self, path: Path) -> tuple[torch.Tensor, dict]:
+        """``(latent float32 [C, T, h, w], meta)`` of a video file (``meta``: ``height``,
+        ``width`` of its bucket in pixels, ``fps``, ``num_frames``, ``source``)."""
+        key = self._digest(file_sha256(path), json.dumps(self.settings, sort_keys=True))
+        if key in self._mem:
+            return self._mem[key]  # type: ignore[return-value]
+        f, fm = self.root / f"video_{key}.safetensors", self.root / f"video_{key}.json"
+        if f.exists() and fm.exists():  # the JSON is written last: both present = complete
+            lat, meta = load_file(str(f))["latent"].float(), json.loads(fm.read_text())
+        else:
+            lat, meta = self._encode_video(path)
+            self.root.mkdir(parents=True, exist_ok=True)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.settings.get("latent_dtype", "float32")]
+            lat = lat.to(dtype)
+            write_shard(f, {"latent": lat})
+            atomic_write_json(fm, meta)
+            lat = lat.float()
+            self.encoded += 1
+        self._mem[key] = (lat, meta)
+        return lat, meta
+
+    def _encode_video(self, path: Path) -> tuple[torch.Tensor, dict]:
+        s = self.settings
+        vae = self.vae()
+        vid = decode_video(path, buckets=make_buckets(s["base_resolution"], tuple(s["aspect_ratios"])),
+                           target_fps=s["fps"])
+        fits = [n for n in s["num_frames"] if n <= len(vid.frames)]
+        if not fits:
+            raise ConfigError(f"{path}: {len(vid.frames)} frames at {vid.fps:.2f} fps, the shortest clip of the "
+                              f"--data settings needs {min(s['num_frames'])}")
+        n = max(fits)
+        x = frames_to_tensor(vid.frames[:n])[None].to(self.device)
+        with torch.no_grad():
+            z = vae.encode(x).mode()[0].float().cpu()  # [C, T, h, w]
+        return z, {"height": vid.bucket.height, "width": vid.bucket.width, "fps": float(vid.fps), "num_frames": n,
+                   "source": str(path.resolve())}
+
+    def text(self, prompt: str) -> torch.Tensor:
+        """``float32 [L, D]`` caption states of a prompt."""
+        name = self.index.get("text_encoder", "")
+        key = self._digest("text", name, prompt)
+        if key in self._mem:
+            return self._mem[key]  # type: ignore[return-value]
+        f = self.root / f"text_{key}.safetensors"
+        if f.exists():
+            t = load_file(str(f))["text"].float()
+        else:
+            from mugv.text import encode_caption
+
+            t = encode_caption(self.text_encoder(), prompt)
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_shard(f, {"text": t})
+        self._mem[key] = t
+        return t
 
 
 @dataclass
@@ -152,29 +360,78 @@ class DPOTrainer(Trainer):
     trainer's (the reference is not checkpointed: a resumed run rebuilds it from
     ``init_from``).
 
+    Args:
+        cfg: the :class:`DPOConfig`. dist_info: as for the trainer.
+        vae, text_encoder: already loaded models for the video files of ``pairs.csv``
+            (default: those the ``--data`` index names, loaded only when the cache lacks
+            something; see :class:`PairVideoCache`).
+
     Raises:
         ConfigError: no ``init_from``; a pair whose clips differ in shape; see
-            :func:`read_pairs`.
+            :func:`read_pairs` and :class:`PairVideoCache`.
+        FileNotFoundError: see :func:`read_pairs`.
     """
 
-    def __init__(self, cfg: DPOConfig, dist_info=None) -> None:
+    def __init__(self, cfg: DPOConfig, dist_info=None, *, vae=None, text_encoder=None) -> None:
         if not cfg.init_from:
             raise ConfigError("train-dpo needs --init-from RUN: the policy and the frozen reference start there")
         super().__init__(cfg, dist_info)
-        keys: dict[str, int] = {}
-        for i, (_, meta) in enumerate(self.data.entries):
-            keys.setdefault(meta["key"], i)
-        self.rows = read_pairs(cfg.pairs, keys, cfg.loss)
-        for w, l, _ in self.rows:
-            if l is not None and self.data.latent_shape(w) != self.data.latent_shape(l):
-                raise ConfigError(f"pair ({self.data.entries[w][1]['key']}, {self.data.entries[l][1]['key']}): the "
-                                  f"latents differ in shape ({self.data.latent_shape(w)} vs {self.data.latent_shape(l)}); "
-                                  "a pair shares its noise, so both clips need one shape")
-        row_tokens = [self.clip_tokens[w] + (self.clip_tokens[l] if l is not None else 0) for w, l, _ in self.rows]
+        self.rows = read_pairs(cfg.pairs, shard_keys(self.data.entries), cfg.loss)
+        self.videos: PairVideoCache | None = None
+        if any(r.has_video for r in self.rows):
+            self.videos = PairVideoCache(self.run_dir / "pair_latents", self.data.index, device=self.dist.device,
+                                         vae=vae, text_encoder=text_encoder)
+            if self.dist.is_main:  # rank 0 encodes what the cache lacks, the others then read it
+                self._load_videos()
+            if dist.is_initialized():
+                dist.barrier()
+            if not self.dist.is_main:
+                self._load_videos()
+        for row in self.rows:
+            if row.rejected is not None and self._shape(row.preferred) != self._shape(row.rejected):
+                raise ConfigError(f"--pairs line {row.line}: the latents of {self._name(row.preferred)} and "
+                                  f"{self._name(row.rejected)} differ in shape ({self._shape(row.preferred)} vs "
+                                  f"{self._shape(row.rejected)}); a pair shares its noise, so both clips need one "
+                                  "shape (the same frame count, fps and resolution bucket)")
+        row_tokens = [self._tokens(r.preferred) + (self._tokens(r.rejected) if r.rejected is not None else 0)
+                      for r in self.rows]
         self.sampler = _RowSampler(len(self.rows), cfg.pairs_per_step, cfg.seed, self.dims.dp_rank(self.dist.rank),
                                    self.dims.dp, row_tokens)  # the ranks of a cp group read the same rows
         self.reference = self.build_reference()
         self.last_margin: float | None = None
+
+    def _load_videos(self) -> None:
+        for row in self.rows:
+            for ref in (row.preferred, row.rejected):
+                if isinstance(ref, Path):
+                    self.videos.video(ref)
+            if row.has_video:
+                self.videos.text(row.prompt)
+
+    def _name(self, ref: int | Path) -> str:
+        if isinstance(ref, Path):
+            return str(ref)
+        file, meta = self.data.entries[ref]
+        return f"{file}:{meta['key']}"
+
+    def _shape(self, ref: int | Path) -> tuple[int, ...]:
+        return tuple(self.videos.video(ref)[0].shape) if isinstance(ref, Path) else tuple(self.data.latent_shape(ref))
+
+    def _tokens(self, ref: int | Path) -> int:
+        s, p = self._shape(ref), self.dit_cfg.patch_size
+        return math.ceil(s[1] / p[0]) * math.ceil(s[2] / p[1]) * math.ceil(s[3] / p[2]) + 2
+
+    def _clip(self, ref: int | Path) -> tuple[torch.Tensor, dict]:
+        """``(latent float32 [C, T, h, w], meta)`` of a shard clip or a video of the pairs file."""
+        if isinstance(ref, Path):
+            return self.videos.video(ref)
+        c = self.data[ref]
+        return c.latent, c.meta
+
+    def row_text(self, row: PairRow) -> torch.Tensor:
+        """``float32 [L, D]`` caption states of a row: its encoded ``prompt`` when it names a
+        video, else the stored caption states of its preferred shard clip."""
+        return self.videos.text(row.prompt) if row.has_video else self.data[row.preferred].text
 
     def build_reference(self) -> torch.nn.Module:
         """The frozen reference: a second model built and parallelized by the policy's own
@@ -209,20 +466,20 @@ class DPOTrainer(Trainer):
         dev, cfg = self.dist.device, self.cfg
         lat, tgt, texts, ts, fps, layout = [], [], [], [], [], []
         for r in rows:
-            w, l, liked = self.rows[r]
-            cw = self.data[w]
-            T = cw.latent.shape[1]
-            shift = shift_ratio(cw.meta["height"], cw.meta["width"], T) if cfg.timestep_shift else None
-            d = clip_randomness(cfg.seed, step, r, tuple(cw.latent.shape), shift=shift, i2v_ratio=0.0,
-                                caption_dropout=0.0)
-            members = [cw] if l is None else [cw, self.data[l]]
-            for c in members:
-                lat.append(add_noise(c.latent, d.noise, d.t).to(dev))
-                tgt.append(velocity_target(c.latent, d.noise).to(dev))
-                texts.append(cw.text.to(dev))
+            row = self.rows[r]
+            xw, mw = self._clip(row.preferred)
+            text = self.row_text(row).to(dev)
+            T = xw.shape[1]
+            shift = shift_ratio(mw["height"], mw["width"], T) if cfg.timestep_shift else None
+            d = clip_randomness(cfg.seed, step, r, tuple(xw.shape), shift=shift, i2v_ratio=0.0, caption_dropout=0.0)
+            members = [xw] if row.rejected is None else [xw, self._clip(row.rejected)[0]]
+            for x in members:  # one t, one noise, one caption for both clips of a pair
+                lat.append(add_noise(x, d.noise, d.t).to(dev))
+                tgt.append(velocity_target(x, d.noise).to(dev))
+                texts.append(text)
                 ts.append(d.t * 1000.0)
-                fps.append(float(cw.meta["fps"]))
-            layout.append((l is not None, liked))
+                fps.append(float(mw["fps"]))
+            layout.append((row.rejected is not None, row.liked))
         return lat, tgt, texts, torch.tensor(ts, device=dev), torch.tensor(fps, device=dev), layout
 
     def preference_loss(self, rows: tuple[int, ...], step: int, grad: bool = True):

@@ -102,6 +102,10 @@ def test_kto_runs_and_bad_pairs(setup, tmp_path):
     bad.write_text("prompt,preferred,rejected\np,w0,nope\n")
     with pytest.raises(ConfigError, match="'nope' not in the data"):
         DPOTrainer(_dpo(tmp, data, "x", pairs=str(bad)))
+    (tmp_path / "v.mp4").write_bytes(b"")
+    bad.write_text("prompt,preferred_path,rejected_path\np,v.mp4,v.mp4\n")  # synthetic shards: no VAE recorded
+    with pytest.raises(ConfigError, match="no preprocess settings"):
+        DPOTrainer(_dpo(tmp, data, "x", pairs=str(bad)))
 
 
 def _two_steps(tr):
@@ -160,3 +164,90 @@ def test_fsdp2_dpo_two_ranks_match_one_process(setup):
         torch.testing.assert_close(fgrads[n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-9, msg=n)
     assert ref and all(is_dt and not rg and no_grad and same for _, is_dt, rg, no_grad, same, _, _ in ref)
     assert sum(local for *_, local, _ in ref) < sum(full for *_, full in ref)  # rank 0 holds only its shards
+
+
+@pytest.fixture(scope="module")
+def video_setup(tmp_path_factory):
+    """Three PyAV-written clips (two 4:3, one wide) preprocessed by ``mugv preprocess`` with a
+    tiny VAE saved in its real format, and a one-step SFT run on the shards."""
+    from mugv.config import PreprocessConfig
+    from mugv.data.preprocess import preprocess
+    from mugv.data.video import write_mp4
+    from mugv.models.vae import VAEConfig, VideoVAE
+    from mugv.train.trainer import Trainer
+    from tests.stack.test_data import _frames, _StubText
+
+    tmp = tmp_path_factory.mktemp("dpo_video")
+    vids = tmp / "videos"
+    vids.mkdir()
+    for name, (h, w, seed) in {"a": (48, 64, 1), "b": (48, 64, 5), "wide": (32, 96, 2)}.items():
+        write_mp4(_frames(12, h, w, seed), vids / f"{name}.mp4", fps=8)
+    (vids / "captions.csv").write_text("video,caption\na.mp4,clip a\nb.mp4,clip b\nwide.mp4,clip wide\n")
+    torch.manual_seed(0)
+    VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False).save_pretrained(tmp / "vae")
+    preprocess(load_config(PreprocessConfig, overrides=dict(
+        videos=str(vids), captions=str(vids / "captions.csv"), out=str(tmp / "shards"), base_resolution=48,
+        num_frames=[9], fps=8.0, device="cpu", vae=str(tmp / "vae"))), text_encoder=_StubText(), progress=False)
+    Trainer(_cfg(tmp / "shards", tmp / "sft", steps=1)).fit()
+    return tmp, tmp / "shards"
+
+
+def test_pairs_of_video_paths(video_setup, tmp_path, monkeypatch):
+    """Video paths in pairs.csv are encoded like ``mugv preprocess`` (the same latent as its
+    shard), each video once, cached on disk across runs; the prompt is the caption; errors."""
+    from mugv.data.shards import LatentDataset
+    from mugv.text import encode_caption
+    from mugv.train.dpo import PairVideoCache
+    from tests.stack.test_data import _StubText
+
+    tmp, data = video_setup
+    ds = LatentDataset(data)
+    key = {Path(m["source"]).stem: f"{f}:{m['key']}" for f, m in ds.entries}
+    pairs = tmp / "pairs_video.csv"
+    pairs.write_text("prompt,preferred,preferred_path,rejected_path\n"
+                     "a cat,,videos/a.mp4,videos/b.mp4\n"
+                     "a dog,,videos/b.mp4,videos/a.mp4\n"
+                     f"a cow,{key['b']},,{tmp / 'videos' / 'a.mp4'}\n")  # a shard key, an absolute path
+    encodes = []
+    real = PairVideoCache._encode_video
+    monkeypatch.setattr(PairVideoCache, "_encode_video", lambda self, p: encodes.append(p.name) or real(self, p))
+    kw = dict(pairs=str(pairs), pairs_per_step=3, steps=1)
+    tr = DPOTrainer(_dpo(tmp, data, "vid", **kw), text_encoder=_StubText())
+    assert sorted(encodes) == ["a.mp4", "b.mp4"] and tr.videos.encoded == 2  # each video once
+    shard_a = ds[[i for i, (_, m) in enumerate(ds.entries) if Path(m["source"]).stem == "a"][0]]
+    lat_a, meta_a = tr._clip(tr.rows[0].preferred)
+    torch.testing.assert_close(lat_a, shard_a.latent, rtol=0, atol=0)  # what preprocess stored
+    assert (meta_a["height"], meta_a["width"], meta_a["fps"]) == (shard_a.meta["height"], shard_a.meta["width"],
+                                                                 shard_a.meta["fps"])
+    for row, prompt in zip(tr.rows, ("a cat", "a dog", "a cow")):
+        torch.testing.assert_close(tr.row_text(row), encode_caption(_StubText(), prompt))
+    assert tr.train_step(tr.sampler.next_step().indices).loss == pytest.approx(math.log(2), rel=1e-6)
+    # a second run on the same --out reads the cache: no VAE or text-encoder load, no encode
+    import mugv.models.vae as vae_mod
+
+    monkeypatch.setattr(vae_mod.VideoVAE, "from_pretrained", lambda *a, **k: pytest.fail("VAE loaded"))
+    again = DPOTrainer(_dpo(tmp, data, "vid", **kw))
+    assert again.videos.encoded == 0 and len(encodes) == 2
+    torch.testing.assert_close(again._clip(again.rows[0].preferred)[0], lat_a, rtol=0, atol=0)
+    monkeypatch.undo()
+    labels = tmp / "labels_video.csv"
+    labels.write_text(f"prompt,key,path,label\na cat,,videos/a.mp4,1\na cow,{key['b']},,0\n")
+    kto = DPOTrainer(_dpo(tmp, data, "vid", loss="kto", pairs=str(labels), pairs_per_step=2))
+    assert [(r.has_video, r.liked, r.rejected) for r in kto.rows] == [(True, True, None), (False, False, None)]
+    assert kto.train_step(kto.sampler.next_step().indices).loss == pytest.approx(0.5, abs=1e-6)
+
+    def bad(text, err, match, shards=data):
+        f = tmp_path / "bad.csv"
+        f.write_text(text)
+        with pytest.raises(err, match=match):
+            DPOTrainer(_dpo(tmp, shards, "bad", pairs=str(f)), text_encoder=_StubText())
+
+    v = tmp / "videos"
+    bad(f"prompt,preferred_path,rejected_path\np,{v}/none.mp4,{v}/a.mp4\n", FileNotFoundError,
+        "none.mp4': no such file")
+    bad(f"prompt,preferred,preferred_path,rejected_path\np,,,{v}/a.mp4\n", ConfigError, "neither a shard key")
+    bad(f"prompt,preferred,preferred_path,rejected_path\np,{key['a']},{v}/a.mp4,{v}/b.mp4\n", ConfigError, "both")
+    bad(f"prompt,preferred_path,rejected_path\np,{v}/a.mp4,{v}/wide.mp4\n", ConfigError, "differ in shape")
+    bad(f"prompt,preferred_path,rejected_path\n,{v}/a.mp4,{v}/b.mp4\n", ConfigError, "needs a prompt")
+    bad("prompt,preferred,rejected\np,0,0\n", ConfigError, "several shards")
+    bad(f"prompt,preferred,rejected\np,{v}/a.mp4,{v}/b.mp4\n", ConfigError, "preferred_path column")
