@@ -393,7 +393,7 @@ class DPOTrainer(Trainer):
                                   f"{self._name(row.rejected)} differ in shape ({self._shape(row.preferred)} vs "
                                   f"{self._shape(row.rejected)}); a pair shares its noise, so both clips need one "
                                   "shape (the same frame count, fps and resolution bucket)")
-        row_tokens = [self._tokens(r.preferred) + (self._tokens(r.rejected) if r.rejected is not None else 0)
+        row_tokens = [self._ref_tokens(r.preferred) + (self._ref_tokens(r.rejected) if r.rejected is not None else 0)
                       for r in self.rows]
         self.sampler = _RowSampler(len(self.rows), cfg.pairs_per_step, cfg.seed, self.dims.dp_rank(self.dist.rank),
                                    self.dims.dp, row_tokens)  # the ranks of a cp group read the same rows
@@ -417,9 +417,8 @@ class DPOTrainer(Trainer):
     def _shape(self, ref: int | Path) -> tuple[int, ...]:
         return tuple(self.videos.video(ref)[0].shape) if isinstance(ref, Path) else tuple(self.data.latent_shape(ref))
 
-    def _tokens(self, ref: int | Path) -> int:
-        s, p = self._shape(ref), self.dit_cfg.patch_size
-        return math.ceil(s[1] / p[0]) * math.ceil(s[2] / p[1]) * math.ceil(s[3] / p[2]) + 2
+    def _ref_tokens(self, ref: int | Path) -> int:
+        return self._tokens(self._shape(ref))
 
     def _clip(self, ref: int | Path) -> tuple[torch.Tensor, dict]:
         """``(latent float32 [C, T, h, w], meta)`` of a shard clip or a video of the pairs file."""
