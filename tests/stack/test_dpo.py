@@ -251,3 +251,24 @@ def test_pairs_of_video_paths(video_setup, tmp_path, monkeypatch):
     bad(f"prompt,preferred_path,rejected_path\n,{v}/a.mp4,{v}/b.mp4\n", ConfigError, "needs a prompt")
     bad("prompt,preferred,rejected\np,0,0\n", ConfigError, "several shards")
     bad(f"prompt,preferred,rejected\np,{v}/a.mp4,{v}/b.mp4\n", ConfigError, "preferred_path column")
+
+
+def test_sft_weight_and_the_cli(setup, capsys):
+    """``--sft-weight w`` adds ``w`` times the policy's mean flow MSE on the preferred clips
+    (at step 0: ``log 2 + w * flow_w``); ``mugv train-dpo`` runs from the command line with
+    ``--beta``, ``--sft-weight``, ``--loss`` and ``--init-from``."""
+    from mugv.cli import main
+
+    tmp, data = setup
+    tr = DPOTrainer(_dpo(tmp, data, "sft_w", sft_weight=0.5))
+    rows = tuple(range(P))
+    loss, stats = tr.preference_loss(rows, step=3, grad=False)
+    assert stats["flow_w"] > 0
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * stats["flow_w"], rel=1e-6)
+    out = tmp / "cli"
+    code = main(["train-dpo", "--init-from", str(tmp / "sft"), "--data", str(data), "--pairs", str(data / "pairs.csv"),
+                 "--out", str(out), "--steps", "2", "--beta", "100", "--sft-weight", "0.1", "--loss", "dpo",
+                 "--pairs-per-step", "2", "--depth", "1", "--hidden-size", "48", "--num-heads", "1",
+                 "--token-budget", "160", "--device", "cpu", "--no-progress", "--no-tensorboard"])
+    assert code == 0 and "preference-trained to step 2" in capsys.readouterr().out
+    assert (out / "checkpoints" / "step_00000002").is_dir()
