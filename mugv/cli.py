@@ -164,7 +164,9 @@ def _generate(sample, args):
             aspect_ratio=args.aspect_ratio, duration=args.duration, frames=args.frames, height=args.height,
             width=args.width, steps=args.steps, cfg=args.cfg, seed=42 if args.seed is None else args.seed,
             fps=30.0 if args.fps is None else args.fps, video_fps=20.0 if args.video_fps is None else args.video_fps,
-            offload=args.offload, device=args.device, profile=args.profile)
+            offload=args.offload, device=args.device, profile=args.profile, vae_tile=args.vae_tile)
+    if args.vae_tile:
+        raise ConfigError("--vae-tile tiles the released VAE's spatial stage: use it with --released")
     return sample.generate(
         args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames or 17,
         height=args.height or 64, width=args.width or 128, steps=args.steps, cfg=args.cfg,
@@ -317,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "public save_video)")
     s.add_argument("--offload", default="none", choices=("none", "model", "blocks"), help="--released: keep models "
                    "on the GPU only while they run (model), and stream DiT blocks from host memory (blocks)")
+    s.add_argument("--vae-tile", type=int, default=0, help="--released: encode/decode frames in overlapping tiles "
+                   "of this many pixels (multiple of 8, e.g. 512) blended linearly, for lower VAE memory; departs "
+                   "slightly from the public output (GroupNorm and attention see one tile); 0 = whole frames")
     s.add_argument("--profile", action="store_true", help="a torch.profiler trace of the run to "
                    "<out>.profile/trace.json (Chrome/Perfetto) + top_kernels.txt; with --released also per-stage "
                    "seconds and peak memory to <out>.profile.json")

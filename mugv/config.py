@@ -178,7 +178,8 @@ class VAETrainConfig(RunConfig, VideoSourceConfig):
     """``mugv train-vae``: the video VAE from scratch on decoded clips (MSE + L1 + KL)."""
 
     out: str = _f("outputs/vae", "checkpoint directory (vae.safetensors + config.json)")
-    preset: str = _f("compact", "VAEConfig preset")
+    preset: str = _f("compact", "VAEConfig preset: compact | mugv-compat (mugv-released is loaded from vae.pt, "
+                                "not trained)")
     num_frames: int = _f(9, "frames per training clip (8k+1: k * the VAE's temporal compression + 1)")
     crop: int = _f(64, "random square crop side for training (multiple of 8; 0 = whole bucket)")
     batch_size: int = _f(4, "clips per step")

@@ -42,6 +42,14 @@ the device only while it runs: the text encoder is moved to the CPU after encodi
 the DiT samples, the DiT while the VAE decodes. ``"blocks"`` does the same and keeps the DiT
 blocks in pinned host memory, copying block ``i + 1`` to the device on a side CUDA stream while
 block ``i`` runs (:class:`BlockStreamer`). On a CPU device offloading moves nothing.
+
+VAE tiling (``vae_tiling``, off by default): the released VAE's spatial stage encodes and
+decodes frames larger than a tile in overlapping tiles blended linearly
+(:meth:`mugv.models.vae_spatial.SpatialVAE.set_tiling`), which lowers its working set.
+GroupNorm statistics and the mid-block attention then cover one tile instead of the whole
+frame, so the frames depart from the public pipeline's (slightly on smooth content); with it
+off the output is the public one. ``True`` means :data:`VAE_TILE_SIZE` pixels, an int the tile
+side in pixels.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from mugv.config import ConfigError
 from mugv.diffusion import MUGV_NEGATIVE_PROMPT, RectifiedFlow
 
 __all__ = [
+    "VAE_TILE_SIZE",
     "ASPECT_RATIO_720P",
     "BlockStreamer",
     "DURATIONS",
@@ -76,6 +85,28 @@ __all__ = [
     "save_video",
     "to_uint8",
 ]
+
+VAE_TILE_SIZE = 512
+"""Tile side in pixels for ``vae_tiling=True`` (the SD/SDXL VAE's training crop; neighbours
+share a quarter of it)."""
+
+
+def _tile_size(vae_tiling: bool | int | None) -> int | None:
+    """``vae_tiling`` -> a tile side in pixels or None (off).
+
+    Raises:
+        TypeError / ValueError: not a bool, an int >= 0 or None.
+    """
+    if vae_tiling is None or vae_tiling is False:
+        return None
+    if vae_tiling is True:
+        return VAE_TILE_SIZE
+    if not isinstance(vae_tiling, int):
+        raise TypeError(f"vae_tiling must be a bool or a tile size in pixels, got {type(vae_tiling).__name__}")
+    if vae_tiling < 0:
+        raise ValueError(f"vae_tiling must be >= 0 pixels (0 = off), got {vae_tiling}")
+    return vae_tiling or None
+
 
 ASPECT_RATIO_720P: dict[str, tuple[int, int]] = {
     "9:16": (720, 1280),
@@ -322,15 +353,22 @@ class MUGVPipeline:
             CFG 4.0).
         device: where the models run (default: the DiT's device).
         offload: ``"none"``, ``"model"`` or ``"blocks"``.
+        vae_tiling: spatial tiling of the VAE (see the module docstring): False (default, the
+            public output), True (:data:`VAE_TILE_SIZE`-pixel tiles) or a tile side in pixels;
+            ``pipe(..., vae_tiling=)`` overrides it per call. Needs a VAE with ``set_tiling``
+            (the released one).
 
     Raises:
-        ValueError: an unknown ``offload``.
+        ValueError: an unknown ``offload``; ``vae_tiling`` for a VAE that cannot tile, or a bad size.
     """
 
     def __init__(self, dit: Any, vae: Any, text_encoder: Any, flow: RectifiedFlow | None = None, *,
-                 device: torch.device | str | None = None, offload: str = "none") -> None:
+                 device: torch.device | str | None = None, offload: str = "none",
+                 vae_tiling: bool | int = False) -> None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        self.vae_tiling = vae_tiling
+        self._check_tiling(vae, vae_tiling)
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.flow = flow if flow is not None else RectifiedFlow.from_preset("mugv")
         params = list(dit.parameters()) if isinstance(dit, nn.Module) else []
@@ -357,7 +395,7 @@ class MUGVPipeline:
     def from_released(cls, directory: str | os.PathLike, text_encoder: str | os.PathLike | Any = None, *,
                       device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                       offload: str = "none", kernels: bool | None = None,
-                      progress: bool = False) -> MUGVPipeline:
+                      progress: bool = False, vae_tiling: bool | int = False) -> MUGVPipeline:
         """The released MUG-V 10B from its directory (``dit.pt`` and ``vae.pt``) and a T5-v1.1-XXL
         (a local directory path, or an already built encoder).
 
@@ -365,7 +403,7 @@ class MUGVPipeline:
             directory: holds ``dit.pt`` and ``vae.pt`` (the ``MUG-V-inference`` download).
             text_encoder: a T5 directory (``None``: ``$MUGV_T5_PATH``) or an encoder object.
             device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-            offload: see the class. kernels: the fused ops (default on CUDA).
+            offload, vae_tiling: see the class. kernels: the fused ops (default on CUDA).
 
         Raises:
             FileNotFoundError: a missing ``dit.pt``/``vae.pt``/T5 (names the file and the layout).
@@ -402,7 +440,8 @@ class MUGVPipeline:
         except ValueError as e:  # a file that is not the released state dict: an input error
             raise ConfigError(str(e)) from e
         bar.close()
-        return cls(dit, vae, text_encoder, RectifiedFlow.from_preset("mugv"), device=dev, offload=offload)
+        return cls(dit, vae, text_encoder, RectifiedFlow.from_preset("mugv"), device=dev, offload=offload,
+                   vae_tiling=vae_tiling)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, vae: str | os.PathLike | None = None, use_ema: bool = True,
@@ -470,6 +509,29 @@ class MUGVPipeline:
         y, mask = emb.to_padded()
         return y.to(self.device)[:, None], mask.to(self.device)
 
+    @staticmethod
+    def _check_tiling(vae: Any, vae_tiling: bool | int | None) -> int | None:
+        tile = _tile_size(vae_tiling)
+        if tile is not None and not hasattr(vae, "set_tiling"):
+            raise ValueError(f"vae_tiling needs a VAE that tiles frames (the released one), got "
+                             f"{type(vae).__name__}")
+        return tile
+
+    @contextmanager
+    def _tiling(self, vae_tiling: bool | int | None):
+        """The VAE with this call's tiling (``None``: the pipeline's), restored afterwards."""
+        tile = self._check_tiling(self.vae, self.vae_tiling if vae_tiling is None else vae_tiling)
+        if not hasattr(self.vae, "set_tiling"):
+            yield
+            return
+        sp = getattr(self.vae, "spatial_vae", self.vae)
+        before = (sp.tile_size, sp.tile_overlap)
+        self.vae.set_tiling(tile)
+        try:
+            yield
+        finally:
+            self.vae.set_tiling(*before)
+
     def _vae_chunk(self) -> int | None:
         mf = getattr(self.vae, "micro_frame_size", None)
         if mf is None:
@@ -495,7 +557,7 @@ class MUGVPipeline:
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int = 25, cfg: float = 4.0, seed: int = 42, fps: float = 30, aes_score: float | None = 6.0,
                  generator: torch.Generator | None = None, output: str = "frames",
-                 progress: bool = True) -> Tensor:
+                 progress: bool = True, vae_tiling: bool | int | None = None) -> Tensor:
         """Generate one clip.
 
         Args:
@@ -515,12 +577,19 @@ class MUGVPipeline:
                 (``float32 [1, 24, L, H/8, W/8]``, before decoding; also kept in
                 ``self.last_latents`` after either).
             progress: tqdm bars for the sampling steps and the decoding.
+            vae_tiling: this call's VAE tiling (``None``: the pipeline's; see the class).
 
         Raises:
             ValueError: an unknown aspect ratio / duration / output, sizes that are not multiples
                 of 16, an empty prompt, ``steps < 1``, ``num_frames < 2`` for image-to-video.
             FileNotFoundError / ValueError: an image that does not exist or does not open.
         """
+        with self._tiling(vae_tiling):
+            return self._generate(prompt, image, negative_prompt, aspect_ratio, duration, num_frames, height, width,
+                                  steps, cfg, seed, fps, aes_score, generator, output, progress)
+
+    def _generate(self, prompt, image, negative_prompt, aspect_ratio, duration, num_frames, height, width, steps,
+                  cfg, seed, fps, aes_score, generator, output, progress) -> Tensor:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("prompt must be a non-empty string")
         if output not in ("frames", "latents"):

@@ -13,6 +13,9 @@
   Chrome / Perfetto trace (``trace.json``, open in ``chrome://tracing`` or
   ui.perfetto.dev) and a table of the top kernels by self device time (self CPU time
   without a GPU), ``top_kernels.txt``.
+* :class:`LiveTensorBytes`: counts the bytes of the tensors that ops allocate and that are
+  still alive, and their peak, on any device including CPU and ``meta`` (shapes only): a
+  counted working set where no device allocator reports one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from mugv_kernels._nvtx import annotate
 from mugv_kernels._nvtx import range as nvtx_range
 
-__all__ = ["TorchProfile", "annotate", "nvtx_range", "parse_profile_steps"]
+__all__ = ["LiveTensorBytes", "TorchProfile", "annotate", "nvtx_range", "parse_profile_steps"]
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
@@ -95,4 +98,69 @@ class TorchProfile:
     def __exit__(self, *exc):
         if self._prof is not None:
             self.stop()
+        return False
+
+
+class LiveTensorBytes:
+    """Count the storage bytes allocated by the ATen ops run inside the context, live and peak.
+
+    A ``TorchDispatchMode`` sees every op's outputs; each new storage is added to the live count
+    (a view or an in-place result shares its input's storage and adds nothing) and subtracted
+    when the storage is freed (a ``weakref.finalize`` on it). :attr:`peak` is the most bytes
+    alive at once. Tensors that existed before entering (inputs, weights) are not counted. On
+    the ``meta`` device nothing is computed, so the working set of a 720p decode at the real
+    widths counts in a fraction of a second. What it counts is what the ops allocate as PyTorch
+    runs them on that device: a fused kernel elsewhere (e.g. flash attention, which never
+    materializes the attention matrix) allocates less, and an allocator's caching and
+    fragmentation come on top, so the result is a counted working set, not a measured peak.
+
+    Attributes:
+        live: bytes alive now. peak: the most bytes alive at once since entering.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._mode = None
+
+    def _add(self, t: torch.Tensor) -> None:
+        import weakref
+
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._sizes:
+            return
+        n = st.nbytes()
+        self._sizes[key] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __enter__(self) -> LiveTensorBytes:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                seen = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                        if isinstance(t, torch.Tensor)}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in seen:
+                        counter._add(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        mode, self._mode = self._mode, None
+        mode.__exit__(*exc)
         return False

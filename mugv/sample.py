@@ -134,6 +134,7 @@ def generate_released(
     profile: bool = False,
     progress: bool = True,
     text_encoder: Any = None,
+    vae_tile: int = 0,
 ) -> GenerateResult:
     """Sample one clip with the released MUG-V 10B (``mugv generate --released DIR --t5 PATH``)
     and write ``out`` (mp4 at ``video_fps``), its contact sheet (``.png``) and, with ``profile``,
@@ -152,6 +153,8 @@ def generate_released(
             rate (public 20).
         offload: ``none`` | ``model`` | ``blocks`` (see :class:`mugv.pipeline.MUGVPipeline`).
         device: auto | cpu | cuda.
+        vae_tile: VAE spatial tiles of this many pixels (a multiple of 8, e.g. 512; 0: whole
+            frames, the public output; tiles lower the VAE's memory and depart slightly from it).
 
     Raises:
         FileNotFoundError: a missing directory, ``dit.pt``, ``vae.pt``, T5 or image (names it).
@@ -167,6 +170,8 @@ def generate_released(
         raise ConfigError(f"--steps must be >= 1, got {steps}")
     if not video_fps > 0:
         raise ConfigError(f"--video-fps must be > 0, got {video_fps}")
+    if vae_tile < 0 or vae_tile % 8:
+        raise ConfigError(f"--vae-tile must be 0 (off) or a positive multiple of 8 pixels, got {vae_tile}")
     if image is not None and not Path(image).exists():
         raise FileNotFoundError(f"--image {image}: no such file")
     frame_size(aspect_ratio)  # both checked before any loading
@@ -174,7 +179,7 @@ def generate_released(
     dev = pick_device(device)
     load_start = time.perf_counter()
     pipe = MUGVPipeline.from_released(released, text_encoder if text_encoder is not None else t5, device=dev,
-                                      offload=offload, progress=progress)
+                                      offload=offload, progress=progress, vae_tiling=vae_tile)
     load_s = time.perf_counter() - load_start
     arr = pipe(prompt, image=image, negative_prompt=MUGV_NEGATIVE_PROMPT if negative_prompt is None else
                negative_prompt, aspect_ratio=aspect_ratio, duration=duration, num_frames=frames, height=height,
@@ -187,6 +192,7 @@ def generate_released(
         pipe.profile["load"] = {"seconds": load_s}
         pipe.profile["write"] = {"seconds": time.perf_counter() - write_start}
         pipe.profile_json(out.with_suffix(".profile.json"), frames=int(arr.shape[0]), height=int(arr.shape[1]),
-                          width=int(arr.shape[2]), steps=steps, total_seconds=time.perf_counter() - t0)
+                          width=int(arr.shape[2]), steps=steps, vae_tile=vae_tile,
+                          total_seconds=time.perf_counter() - t0)
     return GenerateResult(str(out), str(sheet), int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]),
                           time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Video VAE: 3D causal-conv autoencoder with a diagonal-Gaussian (KL) posterior.
 
-``VideoVAE(VAEConfig.from_preset(name, **overrides))`` with two presets:
+``VideoVAE.from_preset(name, **overrides)`` (``VideoVAE(VAEConfig.from_preset(name, ...))``
+for the first two) with three presets:
 
 ``"mugv-compat"``
     The temporal stage of the public MUG-V video VAE (``MUGVAETemporal`` in
@@ -34,6 +35,15 @@
     conv fed the last frames of the previous chunk as ``context`` (a few frames per layer,
     so memory is bounded by the chunk), gives the same latents as one pass.
 
+``"mugv-released"``
+    The whole released MUG-V VAE (the public ``MUGAutoencoderPipeline``): the truncated SDXL
+    image VAE per frame, then the ``"mugv-compat"`` temporal stage on its 512-channel
+    features, then the file's latent ``scale``/``shift``. The config names both stages (the
+    ``spatial_*`` and ``frame_batch`` fields, and the temporal fields as for compat);
+    :meth:`VideoVAE.from_preset` / :meth:`VideoVAE.from_config` build it as a
+    :class:`mugv.models.vae_released.ReleasedVideoVAE`, and :meth:`VideoVAE.from_released`
+    loads the released ``vae.pt`` into it.
+
 Latent normalization ``z_norm = (z - latent_mean) / latent_std`` (per channel) is part of
 the config; :meth:`VideoVAE.encode` returns the posterior of the *normalized* latent (the
 space the DiT works in) unless ``normalize=False``, and :meth:`VideoVAE.decode` takes
@@ -45,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -72,7 +82,8 @@ MUGV_LATENT_STD = (
     2.5163, 0.6652, 1.2573, 0.7279, 1.0777, 1.5159, 0.8680, 1.1859, 1.0484, 2.4750, 1.5881,
 )
 
-_ARCHS = ("mugv-compat", "compact")
+_ARCHS = ("mugv-compat", "compact", "mugv-released")
+_SDXL_WIDTHS = (128, 256, 512, 512)
 # The public MUGVAETemporal builds its decoder with this time pattern whatever the encoder's.
 _COMPAT_DECODER_TEMPORAL = (False, True, True)
 
@@ -87,9 +98,9 @@ class VAEConfig:
     """Hyper-parameters of :class:`VideoVAE`. Build it with :meth:`from_preset`.
 
     Fields (names of the public ``MUGVAETemporal`` constructor where they exist):
-        arch: ``"mugv-compat"`` or ``"compact"``.
+        arch: ``"mugv-compat"``, ``"compact"`` or ``"mugv-released"``.
         in_out_channels: channels of the video (3 for pixels; 512 for the public
-            temporal VAE, which consumes SDXL-VAE features).
+            temporal VAE, which consumes SDXL-VAE features; released: the pixels, 3).
         latent_embed_dim: encoder output channels / 2 (compact: the latent channels).
         embed_dim: latent channels after ``quant_conv`` (compat); ``None`` means
             ``latent_embed_dim``; must equal it for compact.
@@ -111,6 +122,10 @@ class VAEConfig:
             padded in front: ``"replicate"`` (copies of the first frame; compat only does
             this for ``8k+1`` frames, as the public pipeline) or ``"zeros"``.
         logvar_clamp: ``(min, max)`` clamp of the posterior log-variance (public: -30, 20).
+        spatial_block_out_channels, spatial_layers_per_block, spatial_num_groups: released
+            only, the truncated SDXL spatial stage (``(128, 256, 512, 512)``, 2, 32); the
+            temporal stage then takes ``spatial_block_out_channels[-1]`` channels.
+        frame_batch: released only, frames per spatial micro-batch (public 4; ``None``: all).
 
     Raises:
         ValueError: any inconsistent field (message names it).
@@ -133,10 +148,15 @@ class VAEConfig:
     micro_frame_size: int | None = None
     first_frame: str = "replicate"
     logvar_clamp: tuple[float, float] = (-30.0, 20.0)
+    spatial_block_out_channels: tuple[int, ...] = _SDXL_WIDTHS
+    spatial_layers_per_block: int = 2
+    spatial_num_groups: int = 32
+    frame_batch: int | None = 4
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        for name in ("channel_multipliers", "temporal_downsample", "spatial_downsample", "logvar_clamp"):
+        for name in ("channel_multipliers", "temporal_downsample", "spatial_downsample", "logvar_clamp",
+                     "spatial_block_out_channels"):
             set_(name, tuple(getattr(self, name)))
         for name in ("latent_mean", "latent_std"):
             v = getattr(self, name)
@@ -172,8 +192,10 @@ class VAEConfig:
             if self.micro_frame_size is not None:
                 raise ValueError("micro_frame_size is a mugv-compat option (compact streams exactly instead)")
         elif self.patch_size != 1:
-            raise ValueError("patch_size is a compact option; mugv-compat needs patch_size=1")
+            raise ValueError(f"patch_size is a compact option; {self.arch} needs patch_size=1")
         else:
+            if self.arch == "mugv-released":
+                self._check_released()
             if len(self.temporal_downsample) < n_trans or n_trans > len(_COMPAT_DECODER_TEMPORAL):
                 raise ValueError(f"mugv-compat: need len(temporal_downsample) >= len(channel_multipliers)-1 and at "
                                  f"most 4 levels, got {self.temporal_downsample} / {self.channel_multipliers}")
@@ -192,6 +214,27 @@ class VAEConfig:
         if self.latent_std is not None and any(s <= 0 for s in self.latent_std):
             raise ValueError("latent_std entries must be > 0")
 
+    def _check_released(self) -> None:
+        ch, g = self.spatial_block_out_channels, self.spatial_num_groups
+        if not ch or not isinstance(g, int) or g < 1 or any(not isinstance(c, int) or c < 1 or c % g for c in ch):
+            raise ValueError(f"spatial_block_out_channels {ch} must be non-empty positive multiples of "
+                             f"spatial_num_groups={g}")
+        if not isinstance(self.spatial_layers_per_block, int) or self.spatial_layers_per_block < 1:
+            raise ValueError(f"spatial_layers_per_block must be a positive int, got {self.spatial_layers_per_block!r}")
+        if self.frame_batch is not None and (not isinstance(self.frame_batch, int) or self.frame_batch < 1):
+            raise ValueError(f"frame_batch must be a positive int or None, got {self.frame_batch!r}")
+
+    def temporal_stage(self) -> VAEConfig:
+        """The ``"mugv-compat"`` config of a ``"mugv-released"`` config's temporal stage:
+        ``in_out_channels = spatial_block_out_channels[-1]``, the other temporal fields as set.
+
+        Raises:
+            ValueError: not a ``"mugv-released"`` config.
+        """
+        if self.arch != "mugv-released":
+            raise ValueError(f"temporal_stage() needs a 'mugv-released' config, got arch={self.arch!r}")
+        return replace(self, arch="mugv-compat", in_out_channels=self.spatial_block_out_channels[-1])
+
     # derived sizes ---------------------------------------------------------------------
     @property
     def latent_channels(self) -> int:
@@ -201,7 +244,7 @@ class VAEConfig:
     @property
     def temporal_compression(self) -> int:
         """Frames per latent frame (8)."""
-        if self.arch == "mugv-compat":
+        if self.arch in ("mugv-compat", "mugv-released"):
             return 8
         return 2 ** sum(bool(t) for t in self.temporal_downsample)
 
@@ -214,15 +257,18 @@ class VAEConfig:
 
     @property
     def spatial_compression(self) -> int:
-        """Pixels per latent pixel along H and W (compat: 1, the SDXL stage is outside)."""
+        """Pixels per latent pixel along H and W (compat: 1, the SDXL stage is outside;
+        released: ``2 ** (len(spatial_block_out_channels) - 1)``, 8)."""
         if self.arch == "mugv-compat":
             return 1
+        if self.arch == "mugv-released":
+            return 2 ** (len(self.spatial_block_out_channels) - 1)
         return self.patch_size * 2 ** sum(bool(s) for s in self.spatial_downsample)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VAEConfig:
-        """The config of preset ``name`` (``"mugv-compat"`` or ``"compact"``) with fields
-        replaced by ``overrides``.
+        """The config of preset ``name`` (``"mugv-compat"``, ``"compact"`` or
+        ``"mugv-released"``) with fields replaced by ``overrides``.
 
         ``"mugv-compat"``: the released MUG-V temporal VAE: ``in_out_channels=512,
         latent_embed_dim=24, embed_dim=24, filters=128, num_res_blocks=4,
@@ -232,13 +278,19 @@ class VAEConfig:
         channel_multipliers=(1, 2, 4, 8)`` (widths 8/16/32/64), time halved at every
         transition and space at the last two (8x8x8 in all), one ResBlock per level, 4
         GroupNorm groups, 1.8 M parameters.
+        ``"mugv-released"``: the whole released VAE: pixels (``in_out_channels=3``) through the
+        SDXL spatial stage (``spatial_block_out_channels=(128, 256, 512, 512)``, 2 layers per
+        block, 32 groups, ``frame_batch=4``), then the ``"mugv-compat"`` temporal fields above,
+        the released latent mean/std (the file's ``shift``/``scale``); build it with
+        :meth:`VideoVAE.from_preset`.
 
         Raises:
             ValueError: unknown preset, unknown override field, or an inconsistent result.
         """
-        if name == "mugv-compat":
+        if name in ("mugv-compat", "mugv-released"):
             base: dict[str, Any] = dict(
-                arch="mugv-compat", in_out_channels=512, latent_embed_dim=24, embed_dim=24, filters=128,
+                arch=name, in_out_channels=512 if name == "mugv-compat" else 3, latent_embed_dim=24, embed_dim=24,
+                filters=128,
                 num_res_blocks=4, channel_multipliers=(1, 2, 2, 4), temporal_downsample=(True, True, True),
                 spatial_downsample=(False, False, False), patch_size=1, num_groups=32, micro_frame_size=48,
                 latent_mean=MUGV_LATENT_MEAN, latent_std=MUGV_LATENT_STD, first_frame="replicate")
@@ -252,7 +304,7 @@ class VAEConfig:
             raise ValueError(f"unknown VAEConfig field(s) {unknown}; fields are {sorted(known)}")
         if "latent_embed_dim" in overrides and "embed_dim" not in overrides:
             base["embed_dim"] = None
-        if ("latent_embed_dim" in overrides or "embed_dim" in overrides) and name == "mugv-compat":
+        if ("latent_embed_dim" in overrides or "embed_dim" in overrides) and name != "compact":
             # the released statistics only fit 24 channels
             if "latent_mean" not in overrides:
                 base["latent_mean"] = None
@@ -597,6 +649,10 @@ class VideoVAE(nn.Module):
         super().__init__()
         if not isinstance(config, VAEConfig):
             raise TypeError(f"config must be a VAEConfig, got {type(config).__name__}")
+        if config.arch == "mugv-released":
+            raise ValueError("a 'mugv-released' config is the two-stage released VAE: build it with "
+                             "VideoVAE.from_config(config) / VideoVAE.from_preset('mugv-released') (a "
+                             "ReleasedVideoVAE), or load vae.pt with VideoVAE.from_released(path)")
         self.config = config
         c = config
         if c.arch == "mugv-compat":
@@ -617,6 +673,39 @@ class VideoVAE(nn.Module):
         self.register_buffer("latent_mean", mean.view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latent_std", std.view(1, -1, 1, 1, 1), persistent=False)
         self.set_kernels(kernels)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: VAEConfig, kernels: bool | str = True, **kwargs: Any):
+        """The VAE a config describes: ``VideoVAE(config, kernels)`` for ``"compact"`` and
+        ``"mugv-compat"``, a :class:`mugv.models.vae_released.ReleasedVideoVAE` (random weights;
+        ``kwargs`` such as ``tile_size``) for ``"mugv-released"``.
+
+        Raises:
+            TypeError: ``config`` is not a :class:`VAEConfig`. ValueError: ``kwargs`` for a
+                preset that takes none, or the errors of the constructor.
+        """
+        if not isinstance(config, VAEConfig):
+            raise TypeError(f"config must be a VAEConfig, got {type(config).__name__}")
+        if config.arch == "mugv-released":
+            from mugv.models.vae_released import ReleasedVideoVAE
+
+            return ReleasedVideoVAE(config, kernels=kernels, **kwargs)
+        if kwargs:
+            raise ValueError(f"{sorted(kwargs)}: options of the 'mugv-released' VAE, not of {config.arch!r}")
+        return cls(config, kernels=kernels)
+
+    @classmethod
+    def from_preset(cls, name: str, *, kernels: bool | str = True, **overrides: Any):
+        """``VideoVAE.from_config(VAEConfig.from_preset(name, **overrides), kernels)``: random
+        weights in the preset's structure (``"mugv-released"``: a
+        :class:`mugv.models.vae_released.ReleasedVideoVAE`, the layout of the released
+        ``vae.pt``).
+
+        Raises:
+            ValueError: unknown preset or override field, or an inconsistent config.
+        """
+        return cls.from_config(VAEConfig.from_preset(name, **overrides), kernels=kernels)
 
     # ------------------------------------------------------------------ helpers
     def set_kernels(self, kernels: bool | str) -> VideoVAE:

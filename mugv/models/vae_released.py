@@ -43,52 +43,82 @@ def _stats(t: Tensor) -> tuple[float, ...] | None:
 
 
 class ReleasedVideoVAE(nn.Module):
-    """The released MUG-V VAE (see the module docstring).
+    """The released MUG-V VAE (see the module docstring); ``VideoVAE.from_preset("mugv-released")``
+    builds one with random weights, :meth:`from_released` loads ``vae.pt``.
 
     Args:
-        temporal: the temporal stage config (``"mugv-compat"``; its ``in_out_channels`` must
-            equal the spatial stage's last width; default the released one).
-        block_out_channels, layers_per_block, norm_num_groups: the spatial stage
-            (SDXL: ``(128, 256, 512, 512)``, 2, 32).
-        frame_batch: frames per spatial micro-batch (public 4).
+        config: a ``"mugv-released"`` :class:`mugv.models.VAEConfig` (default
+            ``VAEConfig.from_preset("mugv-released")``: the released structure), or a
+            ``"mugv-compat"`` config of the temporal stage alone (its ``in_out_channels`` must
+            equal the spatial stage's last width), the spatial stage then from the keywords.
+        block_out_channels, layers_per_block, norm_num_groups, frame_batch: override the config's
+            ``spatial_block_out_channels``, ``spatial_layers_per_block``, ``spatial_num_groups``
+            (SDXL: ``(128, 256, 512, 512)``, 2, 32) and ``frame_batch`` (frames per spatial
+            micro-batch, public 4); ``None`` keeps the config's.
         kernels: GroupNorm(+SiLU) and the temporal convolutions through ``mugv_kernels``.
+        tile_size, tile_overlap: spatial tiling of large frames, in pixels (off by default; see
+            :meth:`mugv.models.vae_spatial.SpatialVAE.set_tiling`: it departs from the public
+            output).
+
+    Attributes:
+        config: the ``"mugv-released"`` config (latent mean/std = the file's ``shift``/``scale``).
 
     Raises:
-        ValueError: a temporal config that is not ``"mugv-compat"`` or whose channels do not match.
+        ValueError: a config of another arch, a temporal config whose channels do not match,
+            or bad tiling sizes.
     """
 
     preset = RELEASED_PRESET
 
-    def __init__(self, temporal: VAEConfig | None = None, *, block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
-                 layers_per_block: int = 2, norm_num_groups: int = 32, frame_batch: int | None = 4,
-                 kernels: bool = True) -> None:
+    def __init__(self, config: VAEConfig | None = None, *, block_out_channels: tuple[int, ...] | None = None,
+                 layers_per_block: int | None = None, norm_num_groups: int | None = None,
+                 frame_batch: int | None = None, kernels: bool | str = True, tile_size: int | None = None,
+                 tile_overlap: int | None = None) -> None:
         super().__init__()
-        temporal = temporal if temporal is not None else VAEConfig.from_preset("mugv-compat")
-        if temporal.arch != "mugv-compat":
-            raise ValueError(f"the temporal stage must be a 'mugv-compat' config, got arch={temporal.arch!r}")
-        if temporal.in_out_channels != block_out_channels[-1]:
-            raise ValueError(f"temporal in_out_channels={temporal.in_out_channels} must equal the spatial stage's "
-                             f"last width {block_out_channels[-1]}")
-        mean = temporal.latent_mean if temporal.latent_mean is not None else MUGV_LATENT_MEAN
-        std = temporal.latent_std if temporal.latent_std is not None else MUGV_LATENT_STD
+        config = config if config is not None else VAEConfig.from_preset(RELEASED_PRESET)
+        if not isinstance(config, VAEConfig):
+            raise TypeError(f"config must be a VAEConfig, got {type(config).__name__}")
+        over = {k: v for k, v in dict(spatial_block_out_channels=block_out_channels,
+                                      spatial_layers_per_block=layers_per_block,
+                                      spatial_num_groups=norm_num_groups, frame_batch=frame_batch).items()
+                if v is not None}
+        if config.arch == "mugv-compat":  # the temporal stage alone
+            last = tuple(over.get("spatial_block_out_channels", config.spatial_block_out_channels))[-1]
+            if config.in_out_channels != last:
+                raise ValueError(f"temporal in_out_channels={config.in_out_channels} must equal the spatial stage's "
+                                 f"last width {last}")
+            over.update(arch=RELEASED_PRESET, in_out_channels=3)
+        elif config.arch != RELEASED_PRESET:
+            raise ValueError(f"config must be a 'mugv-released' (or a 'mugv-compat' temporal stage) config, got "
+                             f"arch={config.arch!r}")
+        config = replace(config, **over) if over else config
+        c = config.latent_channels
+        mean = config.latent_mean or (MUGV_LATENT_MEAN if c == len(MUGV_LATENT_MEAN) else (0.0,) * c)
+        std = config.latent_std or (MUGV_LATENT_STD if c == len(MUGV_LATENT_STD) else (1.0,) * c)
+        self.config = replace(config, latent_mean=tuple(mean), latent_std=tuple(std))
         # the temporal stage works on raw latents here; the pipeline's scale/shift normalize
-        self.config = replace(temporal, latent_mean=None, latent_std=None)
-        self.spatial_vae = SpatialVAE(3, tuple(block_out_channels), layers_per_block, norm_num_groups,
-                                      frame_batch=frame_batch)
-        self.temporal_vae = VideoVAE(self.config)
+        temporal = replace(config.temporal_stage(), latent_mean=None, latent_std=None)
+        self.spatial_vae = SpatialVAE(config.in_out_channels, config.spatial_block_out_channels,
+                                      config.spatial_layers_per_block, config.spatial_num_groups,
+                                      frame_batch=config.frame_batch)
+        self.temporal_vae = VideoVAE(temporal)
         self.register_buffer("scale", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1))
         self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1))
         self.logvar = nn.Parameter(torch.ones(()) * 4.0)
         self.set_kernels(kernels)
+        self.set_tiling(tile_size, tile_overlap)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_released(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.bfloat16, frame_batch: int | None = 4,
-                      kernels: bool = True, micro_frame_size: int | None = 48) -> ReleasedVideoVAE:
+                      kernels: bool = True, micro_frame_size: int | None = 48, tile_size: int | None = None,
+                      tile_overlap: int | None = None) -> ReleasedVideoVAE:
         """Build the released VAE from its ``vae.pt`` (or a directory holding it), infer its
         widths from the shapes, load strictly, cast to ``dtype`` on ``device``.
         ``micro_frame_size``: the temporal chunk (public 48; a multiple of 8, or None).
+        ``frame_batch``: frames per spatial micro-batch (public 4; None: all).
+        ``tile_size``/``tile_overlap``: spatial tiling (off by default; see :meth:`set_tiling`).
 
         Raises:
             FileNotFoundError: no such file (the message names the expected layout).
@@ -106,7 +136,8 @@ class ReleasedVideoVAE(nn.Module):
                                     "scale, shift, logvar)")
         sd = read_state_dict(p)
         model = cls._from_state_dict_shapes(sd, p, frame_batch=frame_batch, kernels=kernels,
-                                            micro_frame_size=micro_frame_size)
+                                            micro_frame_size=micro_frame_size, tile_size=tile_size,
+                                            tile_overlap=tile_overlap)
         own = model.state_dict()
         from mugv.models.vae_spatial import RELEASED_UNUSED_SPATIAL_KEYS
 
@@ -121,7 +152,7 @@ class ReleasedVideoVAE(nn.Module):
 
     @classmethod
     def _from_state_dict_shapes(cls, sd: dict[str, Tensor], path: str, *, micro_frame_size: int | None = 48,
-                                **kw: Any) -> ReleasedVideoVAE:
+                                frame_batch: int | None = 4, **kw: Any) -> ReleasedVideoVAE:
         """Infer the spatial widths/depth and the temporal widths from the released key shapes.
         GroupNorm group counts are not stored in a state dict: 32 (the released value), or the
         narrowest width when that is below 32 (small test models)."""
@@ -144,18 +175,34 @@ class ReleasedVideoVAE(nn.Module):
         nres = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith(tv + "block_res_blocks.0."))
         mults = tuple(sd[f"{tv}block_res_blocks.{i}.0.conv1.conv.weight"].shape[0] // filters for i in range(levels))
         tgroups = min(32, filters)
-        temporal = VAEConfig.from_preset("mugv-compat", in_out_channels=ch[-1], filters=filters,
-                                         num_res_blocks=nres, channel_multipliers=mults, num_groups=tgroups,
-                                         micro_frame_size=micro_frame_size,
-                                         latent_mean=_stats(sd["shift"]), latent_std=_stats(sd["scale"]))
-        return cls(temporal, block_out_channels=ch, layers_per_block=layers, norm_num_groups=groups, **kw)
+        config = VAEConfig.from_preset(RELEASED_PRESET, filters=filters, num_res_blocks=nres,
+                                       channel_multipliers=mults, num_groups=tgroups, micro_frame_size=micro_frame_size,
+                                       latent_mean=_stats(sd["shift"]), latent_std=_stats(sd["scale"]),
+                                       spatial_block_out_channels=ch, spatial_layers_per_block=layers,
+                                       spatial_num_groups=groups, frame_batch=frame_batch)
+        return cls(config, **kw)
 
-    def set_kernels(self, kernels: bool) -> ReleasedVideoVAE:
+    def set_kernels(self, kernels: bool | str) -> ReleasedVideoVAE:
         """Both stages through ``mugv_kernels`` (True) or plain PyTorch (False)."""
-        self.kernels = bool(kernels)
+        self.kernels = kernels
         self.spatial_vae.set_kernels(kernels)
         self.temporal_vae.set_kernels(kernels)
         return self
+
+    def set_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> ReleasedVideoVAE:
+        """Tile the spatial stage's frames (``tile_size`` pixels, ``None``: off, the default and
+        the public output); see :meth:`mugv.models.vae_spatial.SpatialVAE.set_tiling`.
+
+        Raises:
+            ValueError: sizes that are not multiples of the compression, or an overlap above half a tile.
+        """
+        self.spatial_vae.set_tiling(tile_size, overlap)
+        return self
+
+    @property
+    def tile_size(self) -> int | None:
+        """The spatial tile in pixels (``None``: whole frames)."""
+        return self.spatial_vae.tile_size
 
     # ------------------------------------------------------------------ properties
     @property

@@ -28,6 +28,21 @@ convolutions through ``F.conv2d`` (cuDNN), the mid-block attention through
 
 Frames run in micro-batches (``frame_batch``, default 4 as the public ``micro_batch_size``), so
 memory is bounded by one micro-batch of frames plus the stacked outputs.
+
+**Tiling** (opt-in, :meth:`SpatialVAE.set_tiling`; off by default): each frame larger than a
+tile is cut into overlapping square tiles (``tile_size`` pixels, ``overlap`` pixels shared
+between neighbours, the tiles spread evenly so the last one ends at the frame's edge), each
+tile encoded or decoded on its own, and the results blended: every output pixel is the
+weighted mean of the tiles covering it, each tile's weight rising linearly across its
+overlap with a neighbour (the linear seam blending of diffusers'
+``AutoencoderKL.tiled_encode`` / ``tiled_decode``, our own formulation as a normalized
+weighted sum). The working set then follows the tile, not the frame: the largest
+intermediates (the decoder's full-resolution 128-channel maps, the mid-block's ``HW x HW``
+attention) shrink by ``(frame / tile)`` and its square. **Tiled results depart from the
+public pipeline**: each GroupNorm normalizes with one tile's statistics and the mid-block
+attention sees one tile's pixels, where the public model uses the whole frame; the departure
+is small on smooth content and grows with what differs between tiles. Frames that fit in one
+tile take the untiled path, bitwise.
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ __all__ = [
     "SpatialResnetBlock",
     "SpatialVAE",
     "TruncatedAutoencoderKL",
+    "tiled_map",
 ]
 
 SDXL_SCALING_FACTOR = 0.18215
@@ -64,6 +80,73 @@ RELEASED_UNUSED_SPATIAL_KEYS = (
 )
 """Keys of the released ``AutoencoderKL`` that the truncated forward never uses (relative to
 ``spatial_vae.module.``); dropped on load."""
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Starts of the tiles of length ``tile`` covering ``[0, n)`` with at least ``overlap``
+    shared between neighbours, spread evenly (the first at 0, the last at ``n - tile``)."""
+    if n <= tile:
+        return [0]
+    count = -(-(n - overlap) // (tile - overlap))  # ceil
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(length: int, overlap: int, left: bool, right: bool) -> Tensor:
+    """fp32 ``[length]`` blending weights: 1 inside, rising linearly over the first ``overlap``
+    samples when there is a neighbour on the left, falling over the last ``overlap`` when on the
+    right (``(i + 0.5) / overlap``: never 0, so every pixel keeps a positive total weight)."""
+    w = torch.ones(length)
+    if overlap > 0:
+        up = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        if left:
+            w[:overlap] = torch.minimum(w[:overlap], up)
+        if right:
+            w[-overlap:] = torch.minimum(w[-overlap:], up.flip(0))
+    return w
+
+
+def tiled_map(fn, x: Tensor, *, tile: int, overlap: int, f_in: int, f_out: int) -> Tensor:
+    """Apply ``fn`` to overlapping spatial tiles of ``x [N, C, H, W]`` and blend the outputs.
+
+    Positions are counted on a grid of cells: a cell is ``f_in x f_in`` input pixels and
+    ``f_out x f_out`` output pixels (encode: ``f_in = 8, f_out = 1``; decode: ``1, 8``), so
+    ``fn`` must map ``[N, C, h f_in, w f_in] -> [N, C', h f_out, w f_out]``. Tiles are
+    ``tile`` cells square (clipped to the frame), neighbours share at least ``overlap`` cells
+    (see :func:`_tile_starts`); every output pixel is the weighted mean of the tiles covering
+    it with the linear ramps of :func:`_ramp` (over ``overlap * f_out`` output pixels), computed
+    in fp32 (fp64 for fp64 outputs) and returned in ``fn``'s output dtype. ``fn`` that acts on each cell alone gives
+    exactly ``fn(x)``.
+
+    Raises:
+        ValueError: ``H`` or ``W`` not a multiple of ``f_in``, ``tile < 1`` or ``overlap`` not
+            in ``[0, tile / 2]``.
+    """
+    N, _, H, W = x.shape
+    if H % f_in or W % f_in:
+        raise ValueError(f"x height and width must be multiples of {f_in}, got {(H, W)}")
+    if tile < 1 or not 0 <= 2 * overlap <= tile:
+        raise ValueError(f"need tile >= 1 and 0 <= overlap <= tile / 2, got tile={tile}, overlap={overlap}")
+    gh, gw = H // f_in, W // f_in
+    ys, xs = _tile_starts(gh, tile, overlap), _tile_starts(gw, tile, overlap)
+    out = wsum = None
+    dtype = None
+    for iy, y0 in enumerate(ys):
+        th = min(tile, gh)
+        wy = _ramp(th * f_out, overlap * f_out, iy > 0, iy < len(ys) - 1)
+        for ix, x0 in enumerate(xs):
+            tw = min(tile, gw)
+            y = fn(x[:, :, y0 * f_in:(y0 + th) * f_in, x0 * f_in:(x0 + tw) * f_in])
+            if out is None:
+                dtype = y.dtype
+                acc = torch.promote_types(dtype, torch.float32)
+                out = y.new_zeros(N, y.shape[1], gh * f_out, gw * f_out, dtype=acc)
+                wsum = torch.zeros(gh * f_out, gw * f_out, device=y.device, dtype=acc)
+            w = (wy[:, None] * _ramp(tw * f_out, overlap * f_out, ix > 0, ix < len(xs) - 1)[None]).to(y.device, acc)
+            sl = (slice(y0 * f_out, (y0 + th) * f_out), slice(x0 * f_out, (x0 + tw) * f_out))
+            out[:, :, sl[0], sl[1]] += y.to(acc) * w
+            wsum[sl] += w
+            del y
+    return (out / wsum).to(dtype)
 
 
 def _gn(norm: nn.GroupNorm, x: Tensor, silu: bool, backend: str) -> Tensor:
@@ -250,6 +333,8 @@ class SpatialVAE(nn.Module):
             (``(128, 256, 512, 512)``, 2, 32); smaller values give test-sized models.
         scaling_factor: features are ``encoder(x) * scaling_factor`` (0.18215, the public default).
         frame_batch: frames per micro-batch (public ``micro_batch_size=4``; ``None``: all at once).
+        tile_size, tile_overlap: spatial tiling in pixels (``None``: off, the default; see
+            :meth:`set_tiling`).
 
     Shapes: :meth:`encode` ``[B, 3, T, H, W] -> [B, C_last, T, H/f, W/f]``, :meth:`decode` the
     inverse map, ``f = 2 ** (len(block_out_channels) - 1)`` (8 for SDXL), H and W multiples of
@@ -262,7 +347,7 @@ class SpatialVAE(nn.Module):
 
     def __init__(self, in_channels: int = 3, block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
                  layers_per_block: int = 2, norm_num_groups: int = 32, scaling_factor: float = SDXL_SCALING_FACTOR,
-                 frame_batch: int | None = 4) -> None:
+                 frame_batch: int | None = 4, tile_size: int | None = None, tile_overlap: int | None = None) -> None:
         super().__init__()
         if frame_batch is not None and (not isinstance(frame_batch, int) or frame_batch < 1):
             raise ValueError(f"frame_batch must be a positive int or None, got {frame_batch!r}")
@@ -273,6 +358,36 @@ class SpatialVAE(nn.Module):
         self.scaling_factor = float(scaling_factor)
         self.frame_batch = frame_batch
         self.set_kernels(True)
+        self.set_tiling(tile_size, tile_overlap)
+
+    def set_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> SpatialVAE:
+        """Encode and decode frames larger than ``tile_size x tile_size`` pixels in overlapping
+        tiles (see the module docstring: lower peak memory, a result that departs from the
+        public untiled one). ``tile_size=None`` turns tiling off (the default).
+
+        Args:
+            tile_size: tile side in pixels, a positive multiple of the compression ``f`` (8),
+                e.g. 512; ``None``: off.
+            overlap: pixels shared by neighbouring tiles, a multiple of ``f`` and at most half a
+                tile (default: a quarter of the tile rounded down to a multiple of ``f``, as
+                diffusers' ``tile_overlap_factor = 0.25``).
+
+        Raises:
+            ValueError: sizes that are not multiples of ``f``, or an overlap above half a tile.
+        """
+        f = self.compression
+        if tile_size is None:
+            if overlap is not None:
+                raise ValueError("tile_overlap needs a tile_size")
+            self.tile_size = self.tile_overlap = None
+            return self
+        if not isinstance(tile_size, int) or tile_size < f or tile_size % f:
+            raise ValueError(f"tile_size must be a positive multiple of {f} pixels (or None), got {tile_size!r}")
+        overlap = (tile_size // 4) // f * f if overlap is None else overlap
+        if not isinstance(overlap, int) or overlap < 0 or overlap % f or 2 * overlap > tile_size:
+            raise ValueError(f"tile_overlap must be a multiple of {f} pixels in [0, tile_size / 2], got {overlap!r}")
+        self.tile_size, self.tile_overlap = tile_size, overlap
+        return self
 
     def set_kernels(self, kernels: bool | str) -> SpatialVAE:
         """The ``backend`` of every :func:`mugv_kernels.group_norm_silu` call: True -> ``"auto"``
@@ -292,7 +407,14 @@ class SpatialVAE(nn.Module):
         B, C, T, H, W = x.shape
         flat = x.transpose(1, 2).reshape(B * T, C, H, W).to(self.module.decoder.conv_out.weight.dtype)
         bs = flat.shape[0] if self.frame_batch is None else self.frame_batch
-        outs = [fn(flat[i:i + bs]) for i in range(0, flat.shape[0], max(bs, 1))]
+        f = self.compression
+        if self.tile_size is not None and max(H, W) * (f if scale < 0 else 1) > self.tile_size:
+            fi, fo = (f, 1) if scale > 0 else (1, f)
+            run = lambda v: tiled_map(fn, v, tile=self.tile_size // f, overlap=self.tile_overlap // f,  # noqa: E731
+                                      f_in=fi, f_out=fo)
+        else:
+            run = fn
+        outs = [run(flat[i:i + bs]) for i in range(0, flat.shape[0], max(bs, 1))]
         y = torch.cat(outs, dim=0) if outs else flat.new_zeros(0, 1, 1, 1)
         h, w = (H // scale, W // scale) if scale > 0 else (H * -scale, W * -scale)
         return y.reshape(B, T, y.shape[1] if outs else 0, h, w).transpose(1, 2)

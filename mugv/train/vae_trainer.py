@@ -101,12 +101,16 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     """Train the VAE of ``cfg.preset`` from scratch (see the module docstring).
 
     Raises:
-        ConfigError: ``num_frames`` not ``8k+1`` for the preset's temporal compression, no
+        ConfigError: the ``"mugv-released"`` preset (loaded, not trained here), ``num_frames``
+            not ``8k+1`` for the preset's temporal compression, no
             usable video, bad options, or launched under ``torchrun`` with several ranks (the
             VAE trains in one process).
         FloatingPointError: a non-finite loss or gradient.
     """
     vae_cfg = VAEConfig.from_preset(cfg.preset)
+    if vae_cfg.arch == "mugv-released":
+        raise ConfigError("train-vae trains the 'compact' or 'mugv-compat' VAE; 'mugv-released' is the released "
+                          "two-stage VAE: load its vae.pt with VideoVAE.from_released (mugv generate --released)")
     check_num_frames(cfg.num_frames, vae_cfg.temporal_compression, name="num_frames")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ConfigError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")

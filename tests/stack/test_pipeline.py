@@ -185,6 +185,54 @@ def test_released_vae_real_widths_on_meta():
     assert ours.spatial_vae.feature_channels == 512 and ours.config.filters == 128
 
 
+def test_released_preset_builds_the_released_structure(released):
+    """The preset name resolves to the two-stage released VAE: the config names both stages, and
+    VideoVAE.from_preset gives a ReleasedVideoVAE whose keys and shapes are the released file's
+    (the real widths on meta against the reference, reduced widths against the fixture's vae.pt)."""
+    from dataclasses import replace
+
+    from mugv.models import VAEConfig
+    from mugv.models.vae import MUGV_LATENT_MEAN, MUGV_LATENT_STD
+
+    cfg = VAEConfig.from_preset("mugv-released")
+    assert (cfg.arch, cfg.in_out_channels, cfg.spatial_block_out_channels, cfg.frame_batch) == \
+        ("mugv-released", 3, (128, 256, 512, 512), 4)
+    assert (cfg.spatial_compression, cfg.temporal_compression, cfg.latent_channels) == (8, 8, 24)
+    assert cfg.latent_mean == MUGV_LATENT_MEAN and cfg.latent_std == MUGV_LATENT_STD
+    assert cfg.temporal_stage() == VAEConfig.from_preset("mugv-compat")
+    with torch.device("meta"):
+        vae, ref = VideoVAE.from_preset("mugv-released"), pub.PubVAEPipeline()
+    assert isinstance(vae, ReleasedVideoVAE) and vae.config == cfg and vae.preset == "mugv-released"
+    unused = {"spatial_vae.module." + k for k in ("encoder.conv_norm_out.weight", "encoder.conv_norm_out.bias",
+                                                   "encoder.conv_out.weight", "encoder.conv_out.bias",
+                                                   "decoder.conv_in.weight", "decoder.conv_in.bias")}
+    want = {k: v.shape for k, v in ref.state_dict().items() if k not in unused}
+    assert {k: v.shape for k, v in vae.state_dict().items()} == want
+    # reduced widths: the fixture's file loads strictly into the preset's module and encodes the same
+    d, _, _ = released
+    small = dict(spatial_block_out_channels=SPATIAL["block_out_channels"],
+                 spatial_layers_per_block=SPATIAL["layers_per_block"], spatial_num_groups=SPATIAL["groups"],
+                 filters=TEMPORAL["filters"], num_res_blocks=TEMPORAL["num_res_blocks"],
+                 channel_multipliers=TEMPORAL["channel_multipliers"], num_groups=TEMPORAL["temporal_groups"])
+    ours = VideoVAE.from_preset("mugv-released", kernels=False, **small).eval()
+    loaded = VideoVAE.from_released(d, dtype=torch.float32, kernels=False)
+    strip = lambda c: replace(c, latent_mean=None, latent_std=None)  # noqa: E731 (the file's, float32-rounded)
+    assert strip(ours.config) == strip(loaded.config)
+    sd = {k: v for k, v in torch.load(d / "vae.pt", weights_only=True).items() if k not in unused}
+    ours.load_state_dict(sd, strict=True)
+    x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(ours.encode(x).mean, loaded.encode(x).mean)
+    with pytest.raises(ValueError, match="from_preset"):
+        VideoVAE(cfg)
+    with pytest.raises(ValueError, match="spatial_num_groups"):
+        VAEConfig.from_preset("mugv-released", spatial_block_out_channels=(48, 48))
+    with pytest.raises(ValueError, match="mugv-released"):
+        VAEConfig.from_preset("compact").temporal_stage()
+    with pytest.raises(ValueError, match="tile_size"):
+        VideoVAE.from_config(VAEConfig.from_preset("compact"), tile_size=64)
+
+
 def test_released_vae_errors(tmp_path, released):
     with pytest.raises(FileNotFoundError, match="vae.pt"):
         ReleasedVideoVAE.from_released(tmp_path)
@@ -288,6 +336,113 @@ def test_public_timesteps_at_720p_5s(dtype):
         assert got[0].item() == 1000.0 and all(a.item() > b.item() for a, b in zip(got, got[1:]))
 
 
+# ----------------------------------------------------------------------------------------- tiling
+
+
+def _spatial_tiny(frame_batch=4):
+    """A 2-level truncated SDXL stage (compression 2) with perturbed random weights, plain torch."""
+    from mugv.models.vae_spatial import SpatialVAE
+
+    torch.manual_seed(0)
+    sp = SpatialVAE(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, frame_batch=frame_batch)
+    _perturb(sp, torch.Generator().manual_seed(1))
+    return sp.set_kernels(False).eval()
+
+
+def _periodic(channels, T, H, W, period, seed):
+    """A smooth field with per-channel phases, periodic with ``period`` along H and W."""
+    import math
+
+    yy, xx = torch.meshgrid(torch.arange(float(H)), torch.arange(float(W)), indexing="ij")
+    ph = torch.rand(channels, 1, 1, generator=torch.Generator().manual_seed(seed)) * 2 * math.pi
+    f = torch.sin(2 * math.pi * xx / period + ph) + torch.cos(2 * math.pi * yy / period + 2 * ph)
+    return f[None, :, None].expand(1, channels, T, H, W).contiguous()
+
+
+def test_tiled_map_is_exact_for_cellwise_maps():
+    """The tile layout and blending alone: a map that acts on each cell by itself comes out
+    exactly (fp64), for encode-like (8 px -> 1) and decode-like (1 -> 8 px) cells, uneven tiles."""
+    import torch.nn.functional as F
+
+    from mugv.models.vae_spatial import _tile_starts, tiled_map
+
+    assert _tile_starts(160, 64, 16) == [0, 48, 96] and _tile_starts(90, 64, 16) == [0, 26]
+    assert _tile_starts(64, 64, 16) == [0] and _tile_starts(5, 64, 16) == [0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8 * 13, 8 * 21, generator=g, dtype=torch.float64)
+    enc = lambda v: F.avg_pool2d(v, 8) * 3  # noqa: E731
+    assert (tiled_map(enc, x, tile=5, overlap=2, f_in=8, f_out=1) - enc(x)).abs().max() < 1e-12
+    z = torch.randn(1, 4, 13, 21, generator=g, dtype=torch.float64)[:, :, :, ::2]  # non-contiguous, 11 wide
+    dec = lambda v: F.interpolate(v, scale_factor=8.0, mode="nearest").sin()  # noqa: E731
+    assert (tiled_map(dec, z, tile=6, overlap=3, f_in=1, f_out=8) - dec(z)).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="overlap"):
+        tiled_map(enc, x, tile=4, overlap=3, f_in=8, f_out=1)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        tiled_map(enc, x[:, :, :, :-1], tile=4, overlap=1, f_in=8, f_out=1)
+
+
+def test_spatial_tiling_off_is_exact_and_on_departs_boundedly():
+    """Off (the default) is the untiled result bitwise, and so is a frame that fits one tile. On, a
+    smooth periodic input (the tiles hold whole periods, so their GroupNorm statistics and attention
+    keys match the frame's up to edge effects) decodes close to the untiled result, a random one
+    departs more (the documented departure), and encode stays within a bounded error."""
+    sp = _spatial_tiny()
+    smooth = _periodic(16, 2, 24, 40, 8, 2)
+    rough = torch.randn(1, 16, 2, 24, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = {k: sp.decode(z) for k, z in (("smooth", smooth), ("rough", rough))}
+        sp.set_tiling(80)  # 80 px >= the 48 x 80 frame: one tile
+        assert torch.equal(sp.decode(smooth), base["smooth"])
+        sp.set_tiling(32, 16)  # 16 x 16-cell tiles, 8 cells shared
+        rel = {}
+        for k, z in (("smooth", smooth), ("rough", rough)):
+            out = sp.decode(z)
+            assert out.shape == base[k].shape == (1, 3, 2, 48, 80)
+            err = (out - base[k]).abs()
+            rel[k] = (err.mean() / base[k].std()).item(), (err.max() / base[k].std()).item()
+        sp.set_tiling(None)
+        assert torch.equal(sp.decode(smooth), base["smooth"])
+        x = _periodic(3, 2, 48, 80, 16, 4)
+        enc = sp.encode(x)
+        sp.set_tiling(32, 16)
+        enc_err = (sp.encode(x) - enc).abs() / enc.std()
+    assert 0 < rel["smooth"][0] < 0.04 and rel["smooth"][1] < 0.25, rel  # measured 0.019 / 0.10
+    assert rel["rough"][0] > 1.5 * rel["smooth"][0] and rel["rough"][1] > 2 * rel["smooth"][1], rel  # 0.036 / 0.34
+    assert 0 < enc_err.mean() < 0.15 and enc_err.max() < 1.0, enc_err  # measured 0.072 / 0.46
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sp.set_tiling(31)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        sp.set_tiling(32, 18)
+
+
+def test_spatial_tiling_lowers_the_counted_peak_per_micro_batch():
+    """The working set of one micro-batch (two frames, counted as the live bytes its ops allocate)
+    drops with tiles, for decode and encode; the counter itself counts a known sequence right."""
+    from mugv.profiling import LiveTensorBytes
+
+    x = torch.randn(1000)
+    with LiveTensorBytes() as c:
+        a = x * 2
+        b = a.view(10, 100)  # a view: no new bytes
+        c2 = b * 2  # a, c2 alive
+        del a, b
+        d = c2 + 1  # c2, d alive
+        del c2
+    assert (c.peak, c.live) == (8000, 4000) and d.numel() == 1000
+    sp = _spatial_tiny(frame_batch=None)
+    z, x = _periodic(16, 2, 24, 40, 8, 2), _periodic(3, 2, 48, 80, 16, 4)
+    peaks = {}
+    with torch.no_grad():
+        for tile in (None, 32):
+            sp.set_tiling(tile)
+            with LiveTensorBytes() as dec:
+                sp.decode(z)
+            with LiveTensorBytes() as enc:
+                sp.encode(x)
+            peaks[tile] = dec.peak, enc.peak
+    assert peaks[32][0] < 0.5 * peaks[None][0] and peaks[32][1] < 0.6 * peaks[None][1], peaks  # measured 0.34 / 0.40
+
+
 # ----------------------------------------------------------------------------------------- pipeline
 
 
@@ -338,6 +493,28 @@ def test_offload_blocks_is_a_no_op_on_cpu(released):
         if mode == "blocks":
             assert p.streamer.prefetches == 2 * DEPTH  # every block fetched once per step
             assert set(p.profile) == {"encode_text", "sample"}
+
+
+def test_pipeline_vae_tiling_option(pipe):
+    """vae_tiling: off by default (the public output); a frame within one tile is the untiled
+    result; smaller tiles change the decoded frames only (T2V latents are unchanged) and the VAE's
+    setting is restored after the call; a VAE that cannot tile is refused."""
+    from mugv.models import VAEConfig
+
+    kw = dict(height=16, width=32, num_frames=9, steps=1, seed=3, progress=False)
+    base = pipe(PROMPT, **kw)
+    z = pipe.last_latents.clone()
+    assert torch.equal(pipe(PROMPT, vae_tiling=True, **kw), base)  # 512-px tiles: one tile
+    tiled = pipe(PROMPT, vae_tiling=16, **kw)
+    assert torch.equal(pipe.last_latents, z) and tiled.shape == base.shape and not torch.equal(tiled, base)
+    assert pipe.vae.tile_size is None
+    assert torch.equal(pipe(PROMPT, vae_tiling=False, **kw), base)
+    with pytest.raises(ValueError, match="vae_tiling"):
+        pipe(PROMPT, vae_tiling=-8, **kw)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pipe(PROMPT, vae_tiling=12, **kw)
+    with pytest.raises(ValueError, match="tiles frames"):
+        MUGVPipeline(pipe.dit, VideoVAE(VAEConfig.from_preset("compact")), pipe.text_encoder, vae_tiling=True)
 
 
 def test_pipeline_errors(pipe, tmp_path):
@@ -407,7 +584,7 @@ def test_cli_generate_released(released, tiny_t5, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     base = ["generate", "--released", str(d), "--t5", str(tiny_t5), "--prompt", PROMPT, "--height", "16",
             "--width", "32", "--frames", "9", "--steps", "2", "--device", "cpu"]
-    assert main([*base, "--image", str(img), "--profile", "--out", str(out)]) == 0
+    assert main([*base, "--image", str(img), "--profile", "--vae-tile", "16", "--out", str(out)]) == 0
     with av.open(str(out)) as c:
         s = c.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
@@ -415,7 +592,7 @@ def test_cli_generate_released(released, tiny_t5, tmp_path, capsys):
     assert len(frames) == 9 and frames[0].shape == (16, 32, 3) and out.with_suffix(".png").exists()
     prof = json.loads(out.with_suffix(".profile.json").read_text())
     assert {"load", "encode_image", "encode_text", "sample", "decode", "write"} <= set(prof["stages"])
-    assert all(v["seconds"] >= 0 for v in prof["stages"].values())
+    assert all(v["seconds"] >= 0 for v in prof["stages"].values()) and prof["vae_tile"] == 16
     capsys.readouterr()
     for argv, msg in (
         (["generate", "--released", str(tmp_path), "--t5", str(tiny_t5), "--prompt", "x", "--out", str(out)],
@@ -424,6 +601,9 @@ def test_cli_generate_released(released, tiny_t5, tmp_path, capsys):
         ([*base[:-2], "--duration", "9s", "--out", str(out)], "duration"),
         ([*base, "--t5", str(tmp_path / "no_t5"), "--out", str(out)], "no_t5"),
         ([*base, "--image", str(tmp_path / "none.png"), "--out", str(out)], "none.png"),
+        ([*base, "--vae-tile", "12", "--out", str(out)], "--vae-tile"),
+        (["generate", "--checkpoint", str(tmp_path), "--prompt", "x", "--vae-tile", "512", "--out", str(out)],
+         "--released"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
