@@ -12,13 +12,16 @@ Eager PyTorch makes three passes plus a copy (aten GroupNorm is slow on channels
 and ``F.silu`` re-reads its output). Here ``x`` is viewed as ``[B, C, S]`` with its own
 strides (NCDHW: positions contiguous; channels-last: channels contiguous), and:
 
-* forward: a statistics kernel over ``(b, g, chunk of positions)`` giving per-chunk
-  ``(mean, M2)`` merged on the host (Chan et al.'s parallel variance: no cancellation),
-  then one elementwise pass writing ``y`` in ``x``'s layout;
+* forward: a statistics kernel over ``(b, tile of groups, chunk of positions)`` giving
+  per-group, per-chunk ``(mean, M2)`` (Welford per channel over the chunk's tiles, then
+  merged over the group's channels) merged on the host (Chan et al.'s parallel variance:
+  no cancellation), then one elementwise pass writing ``y`` in ``x``'s layout;
 * backward, with ``dz = dy * s * (1 + z * (1 - s))`` (``s = sigmoid(z)``) and
   ``dxhat = dz * weight``: a partial-sum kernel (``dweight += dz * xhat``,
-  ``dbias += dz`` per channel; ``sum dxhat``, ``sum dxhat * xhat`` per group, fp32
-  partials per chunk), then ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``.
+  ``dbias += dz`` per channel; per group ``sum dxhat`` and ``sum dxhat * xhat`` from
+  them, as ``sum_c weight[c] * dbias_c`` and ``sum_c weight[c] * dweight_c``; fp32
+  partials per chunk), then
+  ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``.
 
 ``backend="cuda"`` runs the forward of ``csrc/group_norm.cu`` (same outputs); its backward
 is the Triton one.
@@ -53,8 +56,15 @@ BACKENDS = CSRC_BACKENDS  # the backend= values of group_norm_silu
 
 
 # ----------------------------------------------------------------------------------------
-# Kernels: program (b*G + g, chunk) covers positions [chunk*s_per_chunk, ...) of the
-# group's Cg channels, in [BLOCK_S, BLOCK_C] tiles (int64 offsets).
+# Kernels: program (b * G / GPT + t, chunk) covers positions [chunk*s_per_chunk, ...) of
+# the GPT consecutive groups g0 = t * GPT ... g0 + GPT - 1 (GPT * Cg channels), in
+# [BLOCK_S, BLOCK_C] tiles, BLOCK_C = GPT * BLOCK_CG (int64 offsets). Column k of a tile
+# belongs to group g0 + k // BLOCK_CG; every per-group quantity is reduced over the
+# columns of its group at the end (reshape to [GPT, BLOCK_CG] and sum), never per tile.
+# GPT = 1: one group per tile, Cg <= BLOCK_CG (masked). GPT > 1 (the launcher's choice
+# when channels are innermost and one group's run is under 16 bytes, e.g. 4 bf16
+# channels): Cg == BLOCK_CG, a power of two, and the tile's GPT * Cg channels are one
+# contiguous run, moved in 128-bit accesses.
 # DIV (the power of two <= 16 dividing Cg, from the launcher) tells the compiler that a
 # group's channels start at a multiple of DIV (mugv_kernels._align): channels-last tiles
 # then move each group's run of Cg >= 8 bf16 channels in 128-bit accesses.
@@ -62,73 +72,100 @@ BACKENDS = CSRC_BACKENDS  # the backend= values of group_norm_silu
 
 
 @triton.jit
+def _gn_channels(Cg, G, GPT: tl.constexpr, BLOCK_CG: tl.constexpr, DIV: tl.constexpr):
+    """What every program starts with: ``(b, bg0, chunk, k, ch, c_ok, col_bg)``: its
+    sample, first ``b * G + g`` row of the statistics, chunk, tile columns, their
+    channels (int64) and mask, and each column's ``b * G + g`` (int64)."""
+    if GPT > 1:
+        Cg = BLOCK_CG  # the launcher guarantees it: the tile's channels are contiguous
+    else:
+        Cg = multiple(Cg, DIV)
+    GT = G // GPT
+    bt = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = (bt // GT).to(tl.int64)
+    g0 = (bt % GT) * GPT
+    bg0 = b * G + g0
+    k = tl.arange(0, GPT * BLOCK_CG)
+    c_ok = k < GPT * Cg
+    ch = (g0 * Cg + k).to(tl.int64)
+    col_bg = bg0 + k // BLOCK_CG
+    return b, bg0, chunk, k, ch, c_ok, col_bg
+
+
+@triton.jit
+def _gn_group_sum(v, GPT: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Per-group sums ``[GPT]`` of a per-column vector ``[GPT * BLOCK_CG]``."""
+    return tl.sum(tl.reshape(v, [GPT, BLOCK_CG]), axis=1)
+
+
+@triton.jit
 def _gn_stats_kernel(
     X, PMEAN, PM2, S, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    Cg = multiple(Cg, DIV)
-    bg = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = (bg // G).to(tl.int64)
-    g = bg % G
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
-    base = X + b * sxb + (g * Cg + c).to(tl.int64) * sxc
+    # per column: Welford over the tiles (each tile's (mean, M2) merged by Chan's rule);
+    # per group at the end: Chan's merge of its Cg columns of equal count n
+    b, bg0, chunk, k, ch, c_ok, col_bg = _gn_channels(Cg, G, GPT, BLOCK_CG, DIV)
+    base = X + b * sxb + ch * sxc
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     n = 0.0
-    mean = 0.0
-    m2 = 0.0
+    mean = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
+    m2 = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None] & c_ok[None, :]
         x = tl.load(base[None, :] + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
-        cnt = (tl.minimum(s_end - s0, BLOCK_S) * Cg).to(tl.float32)
-        t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / cnt
-        d = tl.where(mask, x - t_mean, 0.0)
-        t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        cnt = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        t_mean = tl.sum(x, axis=0) / cnt
+        d = tl.where(mask, x - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
         delta = t_mean - mean
         tot = n + cnt
         mean = mean + delta * (cnt / tot)
         m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
         n = tot
-    tl.store(PMEAN + bg * n_chunks + chunk, mean)
-    tl.store(PM2 + bg * n_chunks + chunk, m2)
+    if GPT > 1:
+        cg = BLOCK_CG
+    else:
+        cg = multiple(Cg, DIV)
+    g_mean = _gn_group_sum(mean, GPT, BLOCK_CG) / cg
+    dev = tl.reshape(mean, [GPT, BLOCK_CG]) - g_mean[:, None]
+    dev = tl.where(tl.reshape(c_ok, [GPT, BLOCK_CG]), dev, 0.0)
+    g_m2 = _gn_group_sum(m2, GPT, BLOCK_CG) + n * tl.sum(dev * dev, axis=1)
+    rows = (bg0 + tl.arange(0, GPT)) * n_chunks + chunk
+    tl.store(PMEAN + rows, g_mean)
+    tl.store(PM2 + rows, g_m2)
 
 
 @triton.jit
 def _gn_group_params(
-    MEAN, RSTD, W, BIAS, Cg, G, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr
+    MEAN, RSTD, W, BIAS, Cg, G,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    """What every per-(sample, group) program starts with: its ids, the group's channel
-    offsets (int64) and mask, its statistics and the affine ``scale``/``shift`` (1 and 0
-    where absent)."""
-    Cg = multiple(Cg, DIV)
-    bg = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = (bg // G).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
-    ch = ((bg % G) * Cg + c).to(tl.int64)
-    mean = tl.load(MEAN + bg)
-    rstd = tl.load(RSTD + bg)
-    scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    """:func:`_gn_channels`, then each column's group statistics ``mean``/``rstd`` and the
+    affine ``scale``/``shift`` (1 and 0 where absent), ``[GPT * BLOCK_CG]`` fp32."""
+    b, bg0, chunk, k, ch, c_ok, col_bg = _gn_channels(Cg, G, GPT, BLOCK_CG, DIV)
+    mean = tl.load(MEAN + col_bg)
+    rstd = tl.load(RSTD + col_bg)
+    scale = tl.full([GPT * BLOCK_CG], 1.0, tl.float32)
     if HAS_W:
         scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    shift = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
     if HAS_B:
         shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
-    return bg, chunk, b, ch, c_ok, mean, rstd, scale, shift
+    return b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift
 
 
 @triton.jit
 def _gn_apply_kernel(
     X, Y, MEAN, RSTD, W, BIAS, S, Cg, G, s_per_chunk, sxb, sxc, sxs, syb, syc, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
-        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C, DIV
+    b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift = _gn_group_params(
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_CG, GPT, DIV
     )
     # z = x * a + d with a = rstd * w, d = bias - mean * rstd * w
     a = scale * rstd
@@ -147,8 +184,9 @@ def _gn_apply_kernel(
 
 @triton.jit
 def _gn_dz(x, dy, mean, rstd, scale, shift, SILU: tl.constexpr):
-    """``(xhat, dz)`` of one tile: ``dz = dL/dz`` through the SiLU."""
-    xhat = (x - mean) * rstd
+    """``(xhat, dz)`` of one tile (per-column ``mean``/``rstd``/``scale``/``shift``):
+    ``dz = dL/dz`` through the SiLU."""
+    xhat = (x - mean[None, :]) * rstd[None, :]
     if SILU:
         z = xhat * scale[None, :] + shift[None, :]
         sg = tl.sigmoid(z)
@@ -163,15 +201,13 @@ def _gn_bwd_partial_kernel(
     X, DY, MEAN, RSTD, W, BIAS, DW_P, DB_P, PS1, PS2,
     S, C, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs, sdb, sdc, sds,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
-        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C, DIV
+    b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift = _gn_group_params(
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_CG, GPT, DIV
     )
-    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    s1 = 0.0
-    s2 = 0.0
+    acc_w = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
+    acc_b = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
@@ -184,14 +220,14 @@ def _gn_bwd_partial_kernel(
         dz = tl.where(mask, dz, 0.0)
         acc_b += tl.sum(dz, axis=0)
         acc_w += tl.sum(dz * xhat, axis=0)
-        dxhat = dz * scale[None, :]
-        s1 += tl.sum(tl.sum(dxhat, axis=1), axis=0)
-        s2 += tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0)
     p = (b * n_chunks + chunk) * C + ch
     tl.store(DW_P + p, acc_w, mask=c_ok)
     tl.store(DB_P + p, acc_b, mask=c_ok)
-    tl.store(PS1 + bg * n_chunks + chunk, s1)
-    tl.store(PS2 + bg * n_chunks + chunk, s2)
+    # sum(dxhat) = sum_c w_c * sum(dz) and sum(dxhat * xhat) = sum_c w_c * sum(dz * xhat)
+    # over each group's channels c (dxhat = dz * w; masked columns hold 0)
+    rows = (bg0 + tl.arange(0, GPT)) * n_chunks + chunk
+    tl.store(PS1 + rows, _gn_group_sum(acc_b * scale, GPT, BLOCK_CG))
+    tl.store(PS2 + rows, _gn_group_sum(acc_w * scale, GPT, BLOCK_CG))
 
 
 @triton.jit
@@ -199,13 +235,13 @@ def _gn_bwd_dx_kernel(
     X, DY, DX, MEAN, RSTD, C1, C2, W, BIAS,
     S, Cg, G, s_per_chunk, sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, DIV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    bg, chunk, b, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
-        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_C, DIV
+    b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift = _gn_group_params(
+        MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_CG, GPT, DIV
     )
-    c1 = tl.load(C1 + bg)
-    c2 = tl.load(C2 + bg)
+    c1 = tl.load(C1 + col_bg)[None, :]
+    c2 = tl.load(C2 + col_bg)[None, :]
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
@@ -214,7 +250,7 @@ def _gn_bwd_dx_kernel(
         x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + b * sdb + ch[None, :] * sdc + s[:, None] * sds, mask=mask, other=0.0).to(tl.float32)
         xhat, dz = _gn_dz(x, dy, mean, rstd, scale, shift, SILU)
-        dx = rstd * (dz * scale[None, :] - c1 - xhat * c2)
+        dx = rstd[None, :] * (dz * scale[None, :] - c1 - xhat * c2)
         tl.store(DX + b * sob + ch[None, :] * soc + s[:, None] * sos, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -247,11 +283,29 @@ CPU_PROGRAMS = 2
 """Programs to aim for on CPU (the interpreter); tests raise it to split groups into chunks."""
 
 
-def gn_config(S: int, Cg: int, BG: int, device: torch.device, *, backward: bool = False) -> tuple[int, int, int, int]:
-    """``(BLOCK_S, BLOCK_C, s_per_chunk, num_warps)``: tiles of ~4K elements (2K in the
-    backward, which holds two inputs) over 8 warps, ~4 programs per SM over
-    ``(b, g, chunk)``; the interpreter takes bigger tiles and few chunks."""
-    block_c = triton.next_power_of_2(max(Cg, 1))
+def groups_per_tile(Cg: int, G: int, channel_stride: int, element_size: int) -> int:
+    """Groups a tile spans (``GPT``): 1, unless channels are innermost (``channel_stride``
+    1), ``Cg`` is a power of two and one group's channels are a run under 16 bytes (e.g.
+    4 bf16 channels, the VAE's 128 channels in 32 groups); then the fewest consecutive
+    groups, a power of two dividing ``G``, whose channels make a 16-byte run (128-bit
+    accesses), as far as ``G`` allows."""
+    if channel_stride != 1 or Cg < 1 or Cg & (Cg - 1):
+        return 1
+    gpt = 1
+    while gpt * Cg * element_size < 16 and G % (2 * gpt) == 0:
+        gpt *= 2
+    return gpt
+
+
+def gn_config(
+    S: int, Cg: int, BG: int, device: torch.device, *, backward: bool = False, groups_per_tile: int = 1
+) -> tuple[int, int, int, int]:
+    """``(BLOCK_S, BLOCK_C, s_per_chunk, num_warps)`` for ``BG`` (sample, group) pairs
+    covered ``groups_per_tile`` at a time (``BLOCK_C = groups_per_tile *
+    next_power_of_2(Cg)`` channels): tiles of ~4K elements (2K in the backward, which
+    holds two inputs) over 8 warps, ~4 programs per SM over ``(b, group tile, chunk)``;
+    the interpreter takes bigger tiles and few chunks."""
+    block_c = groups_per_tile * triton.next_power_of_2(max(Cg, 1))
     elems = INTERPRET_TILE_ELEMS if INTERPRET else (2048 if backward else 4096)
     block_s = max(1, elems // block_c)
     block_s = min(block_s, triton.next_power_of_2(max(S, 1)))
@@ -259,7 +313,8 @@ def gn_config(S: int, Cg: int, BG: int, device: torch.device, *, backward: bool 
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = CPU_PROGRAMS
-    chunks = max(1, min(triton.cdiv(target, max(BG, 1)), triton.cdiv(S, block_s)))
+    programs = max(BG // groups_per_tile, 1)
+    chunks = max(1, min(triton.cdiv(target, programs), triton.cdiv(S, block_s)))
     s_per_chunk = triton.cdiv(triton.cdiv(max(S, 1), chunks), block_s) * block_s
     # 8 warps: ~16 (forward) / 8 (backward) elements per thread keeps the int64 pointer
     # tiles in registers at a useful occupancy (4 warps need ~250 registers on sm_90a)
@@ -276,13 +331,14 @@ def _gn_fwd_launch(x, weight, bias, num_groups, eps, silu):
     if x.numel() == 0:
         return y, mean, rstd
     sx, sy = bcs_strides(x), bcs_strides(y)
-    block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, x.device)
+    gpt = groups_per_tile(Cg, G, sx[1], x.element_size())
+    block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, x.device, groups_per_tile=gpt)
     n_chunks = triton.cdiv(S, s_per_chunk)
     pmean = torch.empty((B * G, n_chunks), dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pmean)
-    launch(_gn_stats_kernel, (B * G, n_chunks))(
+    launch(_gn_stats_kernel, (B * G // gpt, n_chunks))(
         x, pmean, pm2, S, Cg, G, s_per_chunk, n_chunks, *sx,
-        BLOCK_S=block_s, BLOCK_C=block_c, DIV=common_divisor(Cg), num_warps=warps,
+        BLOCK_S=block_s, BLOCK_CG=block_c // gpt, GPT=gpt, DIV=common_divisor(Cg), num_warps=warps,
     )  # fmt: skip
     # merge the per-chunk (mean, M2) (Chan et al.): exact in fp32 without cancellation
     starts = torch.arange(n_chunks, device=x.device, dtype=torch.float32) * s_per_chunk
@@ -291,11 +347,11 @@ def _gn_fwd_launch(x, weight, bias, num_groups, eps, silu):
     mean = (pmean * cnt).sum(1) / total
     m2 = pm2.sum(1) + ((pmean - mean[:, None]) ** 2 * cnt).sum(1)
     rstd = torch.rsqrt(m2 / total + eps)
-    launch(_gn_apply_kernel, (B * G, n_chunks))(
+    launch(_gn_apply_kernel, (B * G // gpt, n_chunks))(
         x, y, mean, rstd, weight if weight is not None else x, bias if bias is not None else x,
         S, Cg, G, s_per_chunk, *sx, *sy,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-        BLOCK_S=block_s, BLOCK_C=block_c, DIV=common_divisor(Cg), num_warps=warps,
+        BLOCK_S=block_s, BLOCK_CG=block_c // gpt, GPT=gpt, DIV=common_divisor(Cg), num_warps=warps,
     )  # fmt: skip
     return y, mean.view(B, G), rstd.view(B, G)
 
@@ -310,26 +366,27 @@ def _gn_bwd_launch(dy, x, weight, bias, mean, rstd, num_groups, silu):
         zeros = torch.zeros(C, dtype=torch.float32, device=dev)
         return dx, zeros, zeros.clone()
     sx, sd, so = bcs_strides(x), bcs_strides(dy), bcs_strides(dx)
-    block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, dev, backward=True)
+    gpt = groups_per_tile(Cg, G, sx[1], x.element_size())
+    block_s, block_c, s_per_chunk, warps = gn_config(S, Cg, B * G, dev, backward=True, groups_per_tile=gpt)
     n_chunks = triton.cdiv(S, s_per_chunk)
     dw_p = torch.empty((B * n_chunks, C), dtype=torch.float32, device=dev)
     db_p = torch.empty_like(dw_p)
     ps1 = torch.empty((B * G, n_chunks), dtype=torch.float32, device=dev)
     ps2 = torch.empty_like(ps1)
     common = dict(
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c,
-        DIV=common_divisor(Cg),
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_S=block_s, BLOCK_CG=block_c // gpt,
+        GPT=gpt, DIV=common_divisor(Cg),
     )
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
-    launch(_gn_bwd_partial_kernel, (B * G, n_chunks))(
+    launch(_gn_bwd_partial_kernel, (B * G // gpt, n_chunks))(
         x, dy, mean, rstd, w_arg, b_arg, dw_p, db_p, ps1, ps2,
         S, C, Cg, G, s_per_chunk, n_chunks, *sx, *sd, **common, num_warps=warps,
     )  # fmt: skip
     n = float(S * Cg)
     c1 = ps1.sum(1) / n
     c2 = ps2.sum(1) / n
-    launch(_gn_bwd_dx_kernel, (B * G, n_chunks))(
+    launch(_gn_bwd_dx_kernel, (B * G // gpt, n_chunks))(
         x, dy, dx, mean, rstd, c1, c2, w_arg, b_arg,
         S, Cg, G, s_per_chunk, *sx, *sd, *so, **common, num_warps=warps,
     )  # fmt: skip

@@ -27,9 +27,11 @@ by ``-a``)::
 
 ``across_heads`` (Wan's ``rms_norm_across_heads``): the mean runs over all ``H * D`` values
 of a token and ``w`` is ``[H * D]``. The forward first sweeps the token's head blocks for
-the statistic, then runs the tile loop; the backward sweeps tokens x heads for each
+the statistic, then runs the tile loop (the second read of the token's rows, 10 KB at
+40 x 128 bf16, is meant to hit L1/L2); the backward sweeps tokens x heads for each
 token's ``rstd`` and ``mean(dxn * w * xhat)`` (a ``[tokens, 2]`` fp32 scratch), then
-heads x tokens for ``dx`` with the head block's weight gradient in registers.
+heads x tokens for ``dx`` with the head block's weight gradient in registers. Both use
+the same 2-warp, 8-lanes-per-thread tiles as the per-head norm.
 
 Non-power-of-two head dims (MUG-V: D = 72). A program holds ``[BLOCK_T, BLOCK_H,
 BLOCK_D]`` tiles of tokens x heads x dims with ``BLOCK_D = next_power_of_2(D)`` (128 for
@@ -44,12 +46,13 @@ current one (two blocks of loads in flight per thread), the backward issues all 
 a step (dy and x of q and k) before its math, to keep enough HBM requests in flight.
 The launcher passes ``DIV``, the power of two dividing D and the strides (8 at D = 72;
 :mod:`mugv_kernels._align`), so each thread's 8 lanes of a head row are a 16-byte run
-the compiler moves in one 128-bit access. The partner element ``x[p(e)]``: in the
-interleaved layout the pairs ``(2i, 2i + 1)`` of a loaded tile are swapped in registers
-(``tl.reshape`` to ``[..., BLOCK_D / 2, 2]``, ``tl.split``, ``tl.join``), no second load;
-in the half-split layout (partner half a section away), and for the across-heads
-weights and backward, a second load of the same row (an L1/L2 hit, no extra HBM
-traffic) serves any section split. Angles are ``fp32(pos) * fp32(inv_freq)`` as in the
+the compiler moves in one 128-bit access. The partner element ``x[p(e)]`` comes from
+the loaded tile, never from a second load: in the interleaved layout the pairs
+``(2i, 2i + 1)`` are swapped in registers (``tl.reshape`` to ``[..., BLOCK_D / 2, 2]``,
+``tl.split``, ``tl.join``); in the half-split layout (partner half a section away, 21 or
+22 elements for Wan's (44, 42, 42), not in the thread's 16-byte run) ``tl.gather`` along
+the head dim exchanges the 16-bit values between the threads of the row (any section
+split). The same holds for the norm weights, and in the backward for ``dy``. Angles are ``fp32(pos) * fp32(inv_freq)`` as in the
 public table; cos/sin use :func:`_cos_sin` (no libdevice slow path).
 
 Layout (top to bottom): Triton kernels, launch helpers, the registered ops
@@ -179,34 +182,32 @@ def _swap_pairs(x):
 
 
 @triton.jit
-def _partners(x, P, p3, mask, INTERLEAVED: tl.constexpr):
-    """The pair partners ``x[p(e)]`` of a loaded tile ``x``: swapped in registers for the
-    interleaved layout, else loaded again from ``P + p3`` (the same row)."""
+def _partners(x, p3, INTERLEAVED: tl.constexpr):
+    """The pair partners ``x[p(e)]`` of a loaded tile ``x [*, *, BLOCK_D]`` (any dtype),
+    from registers (no second load): the pairs swapped for the interleaved layout, else
+    gathered along the head dim at the partner indices ``p3 [1, 1, BLOCK_D]`` (any
+    section split: half a section away for the half-split layout; warp shuffles and a
+    shared-memory exchange, moved in the tile's 16-bit storage dtype)."""
     if INTERLEAVED:
         xp = _swap_pairs(x)
     else:
-        xp = tl.load(P + p3, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.gather(x, tl.broadcast_to(p3, x.shape), 2)
     return xp
 
 
 @triton.jit
-def _load_pair(X, x_rows, stride_xh, heads, e3, p3, mask, INTERLEAVED: tl.constexpr):
-    """A ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile and its pair partners, fp32 (partners from a
-    second load when ``INTERLEAVED`` is false: valid for either layout)."""
-    offs = _tile_offsets(x_rows, heads, stride_xh, 0)
-    x = tl.load(X + offs + e3, mask=mask, other=0.0).to(tl.float32)
-    return x, _partners(x, X + offs, p3, mask, INTERLEAVED)
+def _load_tile(X, x_rows, stride_xh, heads, e3, mask):
+    """A ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile in ``X``'s dtype: callers take its
+    partners (:func:`_partners`) before converting both to fp32 for any arithmetic."""
+    return tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=mask, other=0.0)
 
 
 @triton.jit
-def _head_weights(W, heads, H, D, e3, p3):
-    """An across-heads weight ``[H * D]`` as ``[1, BLOCK_H, BLOCK_D]`` tiles of the head
-    block (and of the pair partners), fp32."""
-    offs = heads.to(tl.int64)[None, :, None] * D
+def _head_weights(W, heads, H, D, e3):
+    """An across-heads weight ``[H * D]`` as a ``[1, BLOCK_H, BLOCK_D]`` tile of the head
+    block, in ``W``'s dtype."""
     wmask = (heads < H)[None, :, None] & (e3 < D)
-    w = tl.load(W + offs + e3, mask=wmask, other=0.0).to(tl.float32)
-    wp = tl.load(W + offs + p3, mask=wmask, other=0.0).to(tl.float32)
-    return w, wp
+    return tl.load(W + heads.to(tl.int64)[None, :, None] * D + e3, mask=wmask, other=0.0)
 
 
 @triton.jit
@@ -226,11 +227,15 @@ def _rows_rstd(X, x_rows, stride_xh, tmask3, e3, H, D, eps, BLOCK_T: tl.constexp
 
 @triton.jit
 def _rope_fwd_finish(
-    x, xp, OUT, out_rows, heads, e3, mask, cos, ssin, w, wp, D, eps, rstd,
-    HAS_W: tl.constexpr, ACROSS_HEADS: tl.constexpr,
+    x, OUT, out_rows, heads, e3, p3, mask, cos, ssin, w, wp, D, eps, rstd,
+    HAS_W: tl.constexpr, ACROSS_HEADS: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):  # fmt: skip
-    """Norm + rotate a loaded tile and store it (``rstd``: the across-heads statistic,
-    used when ``ACROSS_HEADS``)."""
+    """Norm + rotate a loaded tile (storage dtype) and store it; ``w``/``wp``: the norm
+    weight and its partners (fp32), ``rstd``: the across-heads statistic, used when
+    ``ACROSS_HEADS``. ``rstd`` is per row, so the partner of the normalized element is
+    ``x[p(e)] * rstd * w[p(e)]``."""
+    xp = _partners(x, p3, INTERLEAVED).to(tl.float32)
+    x = x.to(tl.float32)
     if HAS_W:
         if not ACROSS_HEADS:
             rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
@@ -278,52 +283,72 @@ def _rope3d_fwd_kernel(
     # issue the first head block's loads before the position math and weights
     heads = hs
     mask = tmask3 & (heads < H)[None, :, None]
-    xq, xqp = _load_pair(Q, q_rows, stride_qh, heads, e3, p3, mask, INTERLEAVED)
-    xk, xkp = xq, xqp
+    xq = _load_tile(Q, q_rows, stride_qh, heads, e3, mask)
+    xk = xq
     if HAS_K:
-        xk, xkp = _load_pair(K, k_rows, stride_kh, heads, e3, p3, mask, INTERLEAVED)
+        xk = _load_tile(K, k_rows, stride_kh, heads, e3, mask)
     cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
     qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
     qwp = qw
     kw = qw
     kwp = qw
     if HAS_QW and not ACROSS_HEADS:
-        qw = tl.load(QW + e3, mask=e3 < D, other=0.0).to(tl.float32)
-        qwp = _partners(qw, QW, p3, e3 < D, INTERLEAVED)
+        qw = tl.load(QW + e3, mask=e3 < D, other=0.0)
+        qwp = _partners(qw, p3, INTERLEAVED).to(tl.float32)
+        qw = qw.to(tl.float32)
     if HAS_KW and not ACROSS_HEADS:
-        kw = tl.load(KW + e3, mask=e3 < D, other=0.0).to(tl.float32)
-        kwp = _partners(kw, KW, p3, e3 < D, INTERLEAVED)
+        kw = tl.load(KW + e3, mask=e3 < D, other=0.0)
+        kwp = _partners(kw, p3, INTERLEAVED).to(tl.float32)
+        kw = kw.to(tl.float32)
     # software pipeline over head blocks: load block i + 1 (q and k) before finishing
     # block i, so two blocks of loads are in flight; the last prefetch is fully masked
     for h0 in range(BLOCK_H, H + BLOCK_H, BLOCK_H):
         next_heads = h0 + hs
         next_mask = tmask3 & (next_heads < H)[None, :, None]
-        nq, nqp = _load_pair(Q, q_rows, stride_qh, next_heads, e3, p3, next_mask, INTERLEAVED)
-        nk, nkp = nq, nqp
+        nq = _load_tile(Q, q_rows, stride_qh, next_heads, e3, next_mask)
+        nk = nq
         if HAS_K:
-            nk, nkp = _load_pair(K, k_rows, stride_kh, next_heads, e3, p3, next_mask, INTERLEAVED)
+            nk = _load_tile(K, k_rows, stride_kh, next_heads, e3, next_mask)
         qw_h, qwp_h, kw_h, kwp_h = qw, qwp, kw, kwp
         if ACROSS_HEADS:  # the weight is [H * D]: this head block's slice (not loop-carried)
             if HAS_QW:
-                qw_h, qwp_h = _head_weights(QW, heads, H, D, e3, p3)
+                qw_h = _head_weights(QW, heads, H, D, e3)
+                qwp_h = _partners(qw_h, p3, INTERLEAVED).to(tl.float32)
+                qw_h = qw_h.to(tl.float32)
             if HAS_KW:
-                kw_h, kwp_h = _head_weights(KW, heads, H, D, e3, p3)
+                kw_h = _head_weights(KW, heads, H, D, e3)
+                kwp_h = _partners(kw_h, p3, INTERLEAVED).to(tl.float32)
+                kw_h = kw_h.to(tl.float32)
         _rope_fwd_finish(
-            xq, xqp, QO, out_rows, heads, e3, mask, cos, ssin, qw_h, qwp_h, D, eps, rstd_q, HAS_QW, ACROSS_HEADS
-        )
+            xq, QO, out_rows, heads, e3, p3, mask, cos, ssin, qw_h, qwp_h, D, eps, rstd_q, HAS_QW, ACROSS_HEADS,
+            INTERLEAVED,
+        )  # fmt: skip
         if HAS_K:
             _rope_fwd_finish(
-                xk, xkp, KO, out_rows, heads, e3, mask, cos, ssin, kw_h, kwp_h, D, eps, rstd_k, HAS_KW, ACROSS_HEADS
-            )
-        xq, xqp, xk, xkp = nq, nqp, nk, nkp
+                xk, KO, out_rows, heads, e3, p3, mask, cos, ssin, kw_h, kwp_h, D, eps, rstd_k, HAS_KW, ACROSS_HEADS,
+                INTERLEAVED,
+            )  # fmt: skip
+        xq, xk = nq, nk
         heads, mask = next_heads, next_mask
 
 
 @triton.jit
-def _rope_bwd_finish(dy, dyp, x, DX, out_rows, heads, e3, mask, cos, ssin, w, D, eps, acc_w, HAS_W: tl.constexpr):
+def _rope_bwd_rotate(dy, p3, cos, ssin, INTERLEAVED: tl.constexpr):
+    """``dxn = dy * cos - dy[p(e)] * sign * sin``, the rotation by ``-a``. A pair shares
+    its angle and has opposite signs, so ``-dy[p(e)] * ssin[e] = (dy * ssin)[p(e)]``:
+    one partner exchange of ``dy * ssin`` in registers."""
+    return dy.to(tl.float32) * cos - _partners(dy, p3, INTERLEAVED).to(tl.float32) * ssin
+
+
+@triton.jit
+def _rope_bwd_finish(
+    dy, x, DX, out_rows, heads, e3, p3, mask, cos, ssin, w, D, eps, acc_w, HAS_W: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):  # fmt: skip
     """Gradient of one loaded ``[BLOCK_T, BLOCK_H, BLOCK_D]`` tile, stored; returns the
     updated weight accumulator."""
-    dxn = dy * cos - dyp * ssin
+    dxn = _rope_bwd_rotate(dy, p3, cos, ssin, INTERLEAVED)
+    x = x.to(tl.float32)
     if HAS_W:
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)).to(tl.float32)[:, :, None]
         xhat = x * rstd
@@ -342,7 +367,7 @@ def _rope_bwd_across_heads(
     DY, X, W, DX, DW_P, STATS, pid, t_start, t_end, N, H, D,
     stride_dyb, stride_dyn, stride_dyh, stride_xb, stride_xn, stride_xh,
     POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Backward of one tensor whose RMSNorm runs over all heads (``C = H * D``), for the
     program's tokens ``[t_start, t_end)``. Sweep 1 (tokens, then heads) reduces each
@@ -367,10 +392,10 @@ def _rope_bwd_across_heads(
         for h0 in range(0, H, BLOCK_H):
             heads = h0 + hs
             mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-            dy, dyp = _load_pair(DY, dy_rows, stride_dyh, heads, e3, p3, mask, False)
+            dy = _load_tile(DY, dy_rows, stride_dyh, heads, e3, mask)
             x = tl.load(X + _tile_offsets(x_rows, heads, stride_xh, e3), mask=mask, other=0.0).to(tl.float32)
-            w, _ = _head_weights(W, heads, H, D, e3, e3)
-            dxn = dy * cos - dyp * ssin
+            w = _head_weights(W, heads, H, D, e3).to(tl.float32)
+            dxn = _rope_bwd_rotate(dy, p3, cos, ssin, INTERLEAVED)
             ss += tl.sum(tl.sum(x * x, axis=2), axis=1)
             sd += tl.sum(tl.sum(dxn * w * x, axis=2), axis=1)
         rstd = 1.0 / tl.sqrt(ss / C + eps)
@@ -379,7 +404,7 @@ def _rope_bwd_across_heads(
     tl.debug_barrier()  # sweep 2 reads what other threads of this program stored
     for h0 in range(0, H, BLOCK_H):
         heads = h0 + hs
-        w, _ = _head_weights(W, heads, H, D, e3, e3)
+        w = _head_weights(W, heads, H, D, e3).to(tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         for t0 in range(t_start, t_end, BLOCK_T):
             toks = t0 + tl.arange(0, BLOCK_T)
@@ -388,12 +413,12 @@ def _rope_bwd_across_heads(
             n = toks - b * N
             cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
             mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
-            dy, dyp = _load_pair(DY, b * stride_dyb + n * stride_dyn, stride_dyh, heads, e3, p3, mask, False)
+            dy = _load_tile(DY, b * stride_dyb + n * stride_dyn, stride_dyh, heads, e3, mask)
             x_offs = _tile_offsets(b * stride_xb + n * stride_xn, heads, stride_xh, e3)
             x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(STATS + toks * 2, mask=tmask, other=0.0)[:, None, None]
             m = tl.load(STATS + toks * 2 + 1, mask=tmask, other=0.0)[:, None, None]
-            dxn = dy * cos - dyp * ssin
+            dxn = _rope_bwd_rotate(dy, p3, cos, ssin, INTERLEAVED)
             xhat = x * rstd
             acc += dxn * xhat
             dx = (dxn * w - xhat * m) * rstd
@@ -433,13 +458,15 @@ def _rope3d_bwd_kernel(
         _rope_bwd_across_heads(
             DQO, Q, QW, DQ, DQW_P, QS, pid, t_start, t_end, N, H, D,
             stride_dqb, stride_dqn, stride_dqh, stride_qb, stride_qn, stride_qh,
-            POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps, BLOCK_T, BLOCK_H, BLOCK_D,
+            POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps, INTERLEAVED, BLOCK_T, BLOCK_H,
+            BLOCK_D,
         )  # fmt: skip
         if HAS_K:
             _rope_bwd_across_heads(
                 DKO, K, KW, DK, DKW_P, KS, pid, t_start, t_end, N, H, D,
                 stride_dkb, stride_dkn, stride_dkh, stride_kb, stride_kn, stride_kh,
-                POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps, BLOCK_T, BLOCK_H, BLOCK_D,
+                POS, stride_pb, stride_pn, stride_pc, column, inv_freq, sign, e, e3, p3, eps, INTERLEAVED,
+                BLOCK_T, BLOCK_H, BLOCK_D,
             )  # fmt: skip
     else:
         qw = tl.zeros([1, 1, BLOCK_D], dtype=tl.float32)
@@ -466,20 +493,21 @@ def _rope3d_bwd_kernel(
                 heads = h0 + hs
                 mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
                 # every load of the step (q and k) is issued before the math
-                dyq, dyqp = _load_pair(DQO, dq_rows, stride_dqh, heads, e3, p3, mask, INTERLEAVED)
+                dyq = _load_tile(DQO, dq_rows, stride_dqh, heads, e3, mask)
                 xq = dyq
                 if HAS_QW:
-                    xq = tl.load(Q + _tile_offsets(q_rows, heads, stride_qh, e3), mask=mask, other=0.0).to(tl.float32)
-                dyk, dykp, xk = dyq, dyqp, xq
+                    xq = _load_tile(Q, q_rows, stride_qh, heads, e3, mask)
+                dyk, xk = dyq, xq
                 if HAS_K:
-                    dyk, dykp = _load_pair(DKO, dk_rows, stride_dkh, heads, e3, p3, mask, INTERLEAVED)
+                    dyk = _load_tile(DKO, dk_rows, stride_dkh, heads, e3, mask)
                     if HAS_KW:
-                        xk = tl.load(K + _tile_offsets(k_rows, heads, stride_kh, e3), mask=mask, other=0.0)
-                        xk = xk.to(tl.float32)
-                acc_q = _rope_bwd_finish(dyq, dyqp, xq, DQ, out_rows, heads, e3, mask, cos, ssin, qw, D, eps, acc_q, HAS_QW)
+                        xk = _load_tile(K, k_rows, stride_kh, heads, e3, mask)
+                acc_q = _rope_bwd_finish(
+                    dyq, xq, DQ, out_rows, heads, e3, p3, mask, cos, ssin, qw, D, eps, acc_q, HAS_QW, INTERLEAVED
+                )
                 if HAS_K:
                     acc_k = _rope_bwd_finish(
-                        dyk, dykp, xk, DK, out_rows, heads, e3, mask, cos, ssin, kw, D, eps, acc_k, HAS_KW
+                        dyk, xk, DK, out_rows, heads, e3, p3, mask, cos, ssin, kw, D, eps, acc_k, HAS_KW, INTERLEAVED
                     )
         if HAS_QW:
             tl.store(DQW_P + pid * D + e, tl.sum(tl.sum(acc_q, axis=0), axis=0), mask=emask)
@@ -504,13 +532,11 @@ class LaunchConfig:
     num_stages: int = 1
 
 
-def launch_config(H: int, D: int, device: torch.device, *, interleaved: bool = False) -> LaunchConfig:
+def launch_config(H: int, D: int, device: torch.device) -> LaunchConfig:
     """``BLOCK_D = next_power_of_2(D)``; on a GPU one token and ``512 // BLOCK_D`` heads
-    per tile: 8 lanes per thread (2 warps) when ``interleaved`` (pair partners swapped in
-    registers), whose threads then hold 16-byte runs of a head row (128-bit accesses);
-    else 4 lanes per thread (4 warps): the half-split layout and the across-heads norm
-    read partners with a second, gathered load, and wider tiles raise their registers
-    past the occupancy target or spill.
+    per tile over ``BLOCK_H * BLOCK_D / 256`` warps (2 warps at D = 72 and 128): 8 lanes
+    per thread, so each thread holds a 16-byte run of a head row (128-bit accesses), in
+    either pair layout and with either norm (pair partners come from registers).
 
     Small tiles keep registers low (``python -m mugv_kernels.aot --family rope --report``
     at the MUG-V shape); without the forward's one-block prefetch, 1024-lane tiles
@@ -523,8 +549,8 @@ def launch_config(H: int, D: int, device: torch.device, *, interleaved: bool = F
     if device.type == "cpu":
         return LaunchConfig(16, min(triton.next_power_of_2(max(H, 1)), 4), block_d, 4)
     block_h = max(1, min(triton.next_power_of_2(max(H, 1)), 512 // block_d))
-    num_warps = max(1, block_h * block_d // (256 if interleaved else 128))
-    return LaunchConfig(1, block_h, block_d, num_warps)
+    num_warps = max(1, block_h * block_d // 256)
+    return LaunchConfig(block_t=1, block_h=block_h, block_d=block_d, num_warps=num_warps)
 
 
 def bwd_programs(n_tokens: int, block_t: int, device: torch.device) -> tuple[int, int]:
@@ -558,6 +584,17 @@ def _strides3(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _bwd_register_cap(cfg: LaunchConfig, interleaved: bool, normed: bool) -> dict:
+    """ptxas register cap of the backward (``maxnreg``), read from ``python -m
+    mugv_kernels.aot --family rope --report``: 128 (16 warps per SM) for 2-warp tiles,
+    which left alone keep the fused D = 128 interleaved backward at 96 registers and spill
+    8 bytes, and the plain half-split one at 80 with an 8-byte spill; none for the fused
+    half-split backward, which fits 119 registers alone and spills under any cap."""
+    if cfg.num_warps != 2 or (normed and not interleaved):
+        return {}
+    return {"maxnreg": 128}
+
+
 def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta, interleaved, across_heads=False):
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else q.new_empty(0)
@@ -567,7 +604,7 @@ def _rope3d_fwd_launch(q, k, positions, q_weight, k_weight, sections, eps, theta
         return q_out, k_out
     k4 = _as_bnhd(k) if k is not None else q4
     across = bool(across_heads) and q_weight is not None
-    cfg = launch_config(H, D, q.device, interleaved=bool(interleaved) and not across)
+    cfg = launch_config(H, D, q.device)
     S0, S1, S2 = (int(s) for s in sections)
     launch(_rope3d_fwd_kernel, (triton.cdiv(B * N, cfg.block_t),))(
         q4, k4, positions, q_weight if q_weight is not None else q4, k_weight if k_weight is not None else q4,
@@ -608,7 +645,7 @@ def _rope3d_bwd_launch(
     dq4 = _as_bnhd(dq_out)
     dk4 = _as_bnhd(dk_out) if has_k else dq4
     across = bool(across_heads) and q_weight is not None
-    cfg = launch_config(H, D, dev, interleaved=bool(interleaved) and not across)
+    cfg = launch_config(H, D, dev)
     n_prog, per_prog = bwd_programs(n_tokens, cfg.block_t, dev)
     C = H * D if across else D  # weight length
     dqw_p = torch.empty((n_prog, C), dtype=torch.float32, device=dev) if q_weight is not None else q.new_empty(0)
@@ -631,9 +668,7 @@ def _rope3d_bwd_launch(
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h, BLOCK_D=cfg.block_d,
         DIV=common_divisor(D, *_strides3(dq4), *_strides3(dk4), *_strides3(q4), *_strides3(k4)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        # left to itself, ptxas keeps the fused D = 128 interleaved backward (2 warps) at 96
-        # registers and spills 8 bytes; 128 fits it (16 warps per SM still)
-        **(dict(maxnreg=128) if cfg.num_warps == 2 else {}),
+        **_bwd_register_cap(cfg, bool(interleaved), q_weight is not None or has_kw),
     )  # fmt: skip
     dqw = dqw_p.sum(0).to(q_weight.dtype) if q_weight is not None else q.new_empty(0)
     dkw = dkw_p.sum(0).to(k_weight.dtype) if has_kw else q.new_empty(0)

@@ -300,14 +300,6 @@ MATMUL_OPERANDS = {
 }
 """The tensors each matmul kernel feeds to its tensor-core dots."""
 
-_XF_ROPE_HALF = ("half-split pairs: an element's partner is half a section away (21 or 22 elements in the "
-                 "(44, 42, 42) sections), not in its 16-byte run, so the partner tile is a second, gathered "
-                 "16-bit load")
-_XF_ROPE_ACROSS = ("the across-heads RMSNorm (Wan) path sweeps each token twice and reads pair partners and the "
-                   "[H * D] weights with second, gathered loads at 4 lanes per thread")
-_XF_GN_CL = ("at 128 channels in 32 groups (Cg = 4) a tile holds one group: its channel run is 8 bytes, "
-             "64-bit accesses at most; 128-bit needs a tile spanning two groups (Cg = 8 and 16 pass)")
-
 _ROPE = ("_rope3d_fwd_kernel", "_rope3d_bwd_kernel")
 _GN = ("_gn_stats_kernel", "_gn_apply_kernel", "_gn_bwd_partial_kernel", "_gn_bwd_dx_kernel")
 _ATTN = ("_varlen_attn_fwd_kernel", "_varlen_attn_bwd_dkdv_kernel", "_varlen_attn_bwd_dq_kernel")
@@ -321,11 +313,9 @@ def _gate(kernel: str, variant: str, reason: str | None = None):
 MEMORY_GATES = [
     _gate("_adaln_fwd_kernel", "all"),
     _gate("_adaln_bwd_kernel", "all"),
-    *[_gate(k, v) for k in _ROPE for v in ("D=72 interleaved", "D=128 interleaved")],
-    *[_gate(k, "D=128 half-split", _XF_ROPE_HALF) for k in _ROPE],
-    *[_gate(k, "D=128 interleaved across-heads", _XF_ROPE_ACROSS) for k in _ROPE],
-    *[_gate(k, "ncdhw") for k in _GN],
-    *[_gate(k, "channels_last", _XF_GN_CL) for k in _GN],
+    *[_gate(k, v) for k in _ROPE
+      for v in ("D=72 interleaved", "D=128 interleaved", "D=128 half-split", "D=128 interleaved across-heads")],
+    *[_gate(k, v) for k in _GN for v in ("ncdhw", "channels_last")],
     _gate("_varlen_attn_bwd_delta_kernel", "D=72"),
     _gate("_varlen_attn_bwd_delta_kernel", "D=64"),
     _gate("_varlen_attn_bwd_delta_kernel", "D=128"),

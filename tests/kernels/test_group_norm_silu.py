@@ -30,6 +30,7 @@ CASES = [
     ((3, 4, 113), 1, False, True, True, torch.float32),
     ((3, 4), 2, False, True, True, torch.float32),
     ((2, 16, 3, 4, 5), 4, True, True, True, torch.bfloat16),
+    ((2, 16, 3, 2, 5), 8, True, True, True, torch.bfloat16),  # 2 channels per group: tiles of 4 groups
     ((2, 12, 2, 3, 3), 3, False, True, True, torch.float16),
 ]
 
@@ -74,6 +75,19 @@ def test_non_dense_layout_and_noncontiguous_grad():
     xr = x.detach().requires_grad_()
     (rx,) = torch.autograd.grad(reference(xr, 4, None, None), xr, dy)
     assert_close(gx, rx, scale=4)
+
+
+def test_groups_per_tile_rule():
+    """Channels innermost and a group's run under 16 bytes: the fewest groups (a power of
+    two dividing G) that make a 16-byte run; else one group per tile."""
+    from mugv_kernels.ops.group_norm import groups_per_tile
+
+    assert groups_per_tile(4, 32, 1, 2) == 2  # the VAE's 128 channels in 32 groups, bf16
+    assert groups_per_tile(1, 32, 1, 2) == 8 and groups_per_tile(2, 8, 1, 2) == 4
+    assert groups_per_tile(8, 32, 1, 2) == 1 and groups_per_tile(4, 32, 1, 4) == 1  # already 16 bytes
+    assert groups_per_tile(4, 32, 640, 2) == 1  # NCDHW: positions are the contiguous run
+    assert groups_per_tile(1, 6, 1, 4) == 2  # limited by G
+    assert groups_per_tile(3, 32, 1, 2) == 1 and groups_per_tile(2, 3, 1, 2) == 1
 
 
 def test_empty():
@@ -181,7 +195,9 @@ def test_many_tiles_and_chunks(monkeypatch, cl):
     if cl:
         x = x.contiguous(memory_format=CL)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
-    block_s, _, s_per_chunk, _ = group_norm.gn_config(70, 2, 4, x.device)
+    gpt = group_norm.groups_per_tile(2, 4, 1 if cl else 70, x.element_size())
+    assert gpt == (2 if cl else 1)  # channels-last fp32: tiles of two 8-byte groups
+    block_s, _, s_per_chunk, _ = group_norm.gn_config(70, 2, 4, x.device, groups_per_tile=gpt)
     assert s_per_chunk > block_s and 70 > s_per_chunk  # >1 tile per chunk, >1 chunk
     leaves = [t.requires_grad_() for t in (x, w, b)]
     y = mk.group_norm_silu(x, 4, w, b)
