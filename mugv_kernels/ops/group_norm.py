@@ -73,9 +73,9 @@ BACKENDS = CSRC_BACKENDS  # the backend= values of group_norm_silu
 
 @triton.jit
 def _gn_channels(Cg, G, GPT: tl.constexpr, BLOCK_CG: tl.constexpr, DIV: tl.constexpr):
-    """What every program starts with: ``(b, bg0, chunk, k, ch, c_ok, col_bg)``: its
-    sample, first ``b * G + g`` row of the statistics, chunk, tile columns, their
-    channels (int64) and mask, and each column's ``b * G + g`` (int64)."""
+    """What every program starts with: ``(b, bg0, chunk, ch, c_ok)``: its sample, first
+    ``b * G + g`` row of the statistics, chunk, its tile columns' channels (int64) and
+    their mask."""
     if GPT > 1:
         Cg = BLOCK_CG  # the launcher guarantees it: the tile's channels are contiguous
     else:
@@ -89,8 +89,7 @@ def _gn_channels(Cg, G, GPT: tl.constexpr, BLOCK_CG: tl.constexpr, DIV: tl.const
     k = tl.arange(0, GPT * BLOCK_CG)
     c_ok = k < GPT * Cg
     ch = (g0 * Cg + k).to(tl.int64)
-    col_bg = bg0 + k // BLOCK_CG
-    return b, bg0, chunk, k, ch, c_ok, col_bg
+    return b, bg0, chunk, ch, c_ok
 
 
 @triton.jit
@@ -100,13 +99,21 @@ def _gn_group_sum(v, GPT: tl.constexpr, BLOCK_CG: tl.constexpr):
 
 
 @triton.jit
+def _gn_per_column(P, bg0, GPT: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Per-group values ``P[bg0 : bg0 + GPT]`` (fp32) repeated over each group's columns,
+    ``[GPT * BLOCK_CG]``: one contiguous load of ``GPT`` values."""
+    v = tl.load(P + bg0 + tl.arange(0, GPT))
+    return tl.reshape(tl.broadcast_to(v[:, None], [GPT, BLOCK_CG]), [GPT * BLOCK_CG])
+
+
+@triton.jit
 def _gn_stats_kernel(
     X, PMEAN, PM2, S, Cg, G, s_per_chunk, n_chunks, sxb, sxc, sxs,
     BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
     # per column: Welford over the tiles (each tile's (mean, M2) merged by Chan's rule);
     # per group at the end: Chan's merge of its Cg columns of equal count n
-    b, bg0, chunk, k, ch, c_ok, col_bg = _gn_channels(Cg, G, GPT, BLOCK_CG, DIV)
+    b, bg0, chunk, ch, c_ok = _gn_channels(Cg, G, GPT, BLOCK_CG, DIV)
     base = X + b * sxb + ch * sxc
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
@@ -146,16 +153,16 @@ def _gn_group_params(
 ):  # fmt: skip
     """:func:`_gn_channels`, then each column's group statistics ``mean``/``rstd`` and the
     affine ``scale``/``shift`` (1 and 0 where absent), ``[GPT * BLOCK_CG]`` fp32."""
-    b, bg0, chunk, k, ch, c_ok, col_bg = _gn_channels(Cg, G, GPT, BLOCK_CG, DIV)
-    mean = tl.load(MEAN + col_bg)
-    rstd = tl.load(RSTD + col_bg)
+    b, bg0, chunk, ch, c_ok = _gn_channels(Cg, G, GPT, BLOCK_CG, DIV)
+    mean = _gn_per_column(MEAN, bg0, GPT, BLOCK_CG)
+    rstd = _gn_per_column(RSTD, bg0, GPT, BLOCK_CG)
     scale = tl.full([GPT * BLOCK_CG], 1.0, tl.float32)
     if HAS_W:
         scale = tl.load(W + ch, mask=c_ok, other=0.0).to(tl.float32)
     shift = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
     if HAS_B:
         shift = tl.load(BIAS + ch, mask=c_ok, other=0.0).to(tl.float32)
-    return b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift
+    return b, bg0, chunk, ch, c_ok, mean, rstd, scale, shift
 
 
 @triton.jit
@@ -164,7 +171,7 @@ def _gn_apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift = _gn_group_params(
+    b, bg0, chunk, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
         MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_CG, GPT, DIV
     )
     # z = x * a + d with a = rstd * w, d = bias - mean * rstd * w
@@ -203,7 +210,7 @@ def _gn_bwd_partial_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift = _gn_group_params(
+    b, bg0, chunk, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
         MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_CG, GPT, DIV
     )
     acc_w = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
@@ -237,11 +244,11 @@ def _gn_bwd_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, GPT: tl.constexpr, DIV: tl.constexpr,
 ):  # fmt: skip
-    b, bg0, chunk, ch, c_ok, col_bg, mean, rstd, scale, shift = _gn_group_params(
+    b, bg0, chunk, ch, c_ok, mean, rstd, scale, shift = _gn_group_params(
         MEAN, RSTD, W, BIAS, Cg, G, HAS_W, HAS_B, BLOCK_CG, GPT, DIV
     )
-    c1 = tl.load(C1 + col_bg)[None, :]
-    c2 = tl.load(C2 + col_bg)[None, :]
+    c1 = _gn_per_column(C1, bg0, GPT, BLOCK_CG)[None, :]
+    c2 = _gn_per_column(C2, bg0, GPT, BLOCK_CG)[None, :]
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
