@@ -132,18 +132,28 @@ def _cmd_train_dpo(args) -> int:
 
 def _cmd_generate(args) -> int:
     import contextlib
+    import os
     from pathlib import Path
+
+    import torch.distributed as dist
 
     import mugv.sample as sample
     from mugv.profiling import TorchProfile
 
     prof_dir = Path(args.out).with_suffix(".profile")
-    with TorchProfile(prof_dir) if args.profile else contextlib.nullcontext():
-        res = _generate(sample, args)
+    profile = args.profile and os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0's trace
+    try:
+        with TorchProfile(prof_dir) if profile else contextlib.nullcontext():
+            res = _generate(sample, args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if res.video is None:  # a rank other than 0 of a parallel run: rank 0 writes
+        return 0
     print(f"wrote {res.video} and {res.sheet} ({res.frames} frames {res.height}x{res.width}, {res.seconds:.1f} s)")
     if args.enhance:
         _enhance_generated(args, res.video)
-    if args.profile:
+    if profile:
         print(f"profile: {prof_dir / 'trace.json'} and {prof_dir / 'top_kernels.txt'}")
     return 0
 
@@ -164,14 +174,15 @@ def _generate(sample, args):
             aspect_ratio=args.aspect_ratio, duration=args.duration, frames=args.frames, height=args.height,
             width=args.width, steps=args.steps, cfg=args.cfg, seed=42 if args.seed is None else args.seed,
             fps=30.0 if args.fps is None else args.fps, video_fps=20.0 if args.video_fps is None else args.video_fps,
-            offload=args.offload, device=args.device, profile=args.profile, vae_tile=args.vae_tile)
+            offload=args.offload, device=args.device, profile=args.profile, vae_tile=args.vae_tile,
+            context_parallel=args.context_parallel, cfg_parallel=args.cfg_parallel)
     if args.vae_tile:
         raise ConfigError("--vae-tile tiles the released VAE's spatial stage: use it with --released")
     return sample.generate(
         args.checkpoint, args.prompt, args.out, image=args.image, frames=args.frames or 17,
         height=args.height or 64, width=args.width or 128, steps=args.steps, cfg=args.cfg,
         seed=0 if args.seed is None else args.seed, fps=args.fps, vae=args.vae, use_ema=not args.no_ema,
-        device=args.device)
+        device=args.device, context_parallel=args.context_parallel, cfg_parallel=args.cfg_parallel)
 
 
 def _enhance(args, input_path, out) -> None:
@@ -328,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None, help="--checkpoint: VAE checkpoint (default: the one recorded by the run)")
     s.add_argument("--no-ema", action="store_true", help="--checkpoint: use the raw weights instead of the EMA")
     s.add_argument("--device", default="auto", choices=DEVICES, help="device")
+    s.add_argument("--context-parallel", type=int, default=1, help="under torchrun: shard each DiT call's sequence "
+                   "over N ranks (Ulysses; N divides the heads, 48 for the 10B)")
+    s.add_argument("--cfg-parallel", action="store_true", help="under torchrun: the cond and uncond halves of CFG "
+                   "on 2 ranks (world = 2 x --context-parallel); rank 0 writes the outputs")
     s.add_argument("--out", required=True, help="output mp4 path (the contact sheet goes next to it as .png)")
     s.add_argument("--enhance", action="store_true", help="--released: then run the enhancer on the result "
                    "(<out>_enhanced.mp4; needs --wan)")

@@ -5,10 +5,20 @@ the run's VAE and text encoder), samples one clip through the same pipeline as t
 model (image-to-video: the reference image's latent is the clean first latent frame; the empty
 caption as the unconditional text, no aesthetic suffix) and writes an mp4 (PyAV, H.264) plus a
 PNG contact sheet of evenly spaced frames.
+
+Parallel sampling (both entry points, under ``torchrun``): ``context_parallel=N`` shards the
+packed sequence of every DiT call over ``N`` ranks (Ulysses), ``cfg_parallel=True`` runs the
+conditional and unconditional halves of classifier-free guidance on two ranks; together they
+take ``2 * N`` ranks. :func:`mugv.train.parallelize.parallelize_for_sampling` attaches both to
+the DiT as hooks, so the pipeline and the model are the same as in one process. Every rank
+loads the models, encodes the text (and the image) and steps the same latents; rank 0 alone
+decodes and writes the outputs, the other ranks write nothing (their :class:`GenerateResult`
+has ``video = sheet = None``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +35,11 @@ __all__ = ["GenerateResult", "contact_sheet", "generate", "generate_released", "
 
 @dataclass
 class GenerateResult:
-    """What :func:`generate` wrote (the mp4 and the contact sheet), the clip's size and the
-    wall time in seconds."""
+    """What :func:`generate` wrote (the mp4 and the contact sheet; ``None`` on the ranks other
+    than 0 of a parallel run, which write nothing), the clip's size and the wall time in seconds."""
 
-    video: str
-    sheet: str
+    video: str | None
+    sheet: str | None
     frames: int
     height: int
     width: int
@@ -52,6 +62,45 @@ def contact_sheet(frames: np.ndarray, path: str | Path, max_frames: int = 8, col
     return path
 
 
+def _sampling_device(device: str, context_parallel: int, cfg_parallel: bool, cfg: float):
+    """The device of this rank; joins the process group of ``torchrun`` for a parallel run.
+
+    Raises:
+        ConfigError: ``context_parallel < 1``; ``cfg_parallel`` without guidance; a parallel
+            run without ``torchrun``; a ``torchrun`` job of several ranks without a parallel flag.
+    """
+    from mugv.train.parallelize import init_distributed
+
+    if context_parallel < 1:
+        raise ConfigError(f"--context-parallel must be >= 1, got {context_parallel}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if context_parallel == 1 and not cfg_parallel:
+        if world > 1:
+            raise ConfigError(f"generate runs under torchrun with {world} ranks but without --context-parallel or "
+                              "--cfg-parallel: the ranks must split the clip (cfg-parallel 2 x context-parallel = world)")
+        return pick_device(device)
+    if cfg_parallel and cfg == 1.0:
+        raise ConfigError("--cfg-parallel splits classifier-free guidance over 2 ranks: it needs --cfg != 1")
+    if world == 1:
+        need = (2 if cfg_parallel else 1) * context_parallel
+        raise ConfigError(f"--context-parallel / --cfg-parallel run on several ranks: launch torchrun "
+                          f"--nproc-per-node {need} -m mugv.cli generate ...")
+    return init_distributed(device).device
+
+
+def _parallelize(pipe: MUGVPipeline, context_parallel: int, cfg_parallel: bool):
+    """Attach the parallel sampling hooks to ``pipe.dit``; ``None`` for a one-process run."""
+    if context_parallel == 1 and not cfg_parallel:
+        return None
+    from mugv.train.parallelize import parallelize_for_sampling
+
+    try:
+        return parallelize_for_sampling(pipe.dit, context_parallel=context_parallel, cfg_parallel=cfg_parallel,
+                                        device_type=pipe.device.type)
+    except ValueError as e:  # heads not divisible by cp: an option error
+        raise ConfigError(str(e)) from e
+
+
 def generate(
     checkpoint: str | Path,
     prompt: str,
@@ -69,6 +118,8 @@ def generate(
     use_ema: bool = True,
     device: str = "auto",
     progress: bool = True,
+    context_parallel: int = 1,
+    cfg_parallel: bool = False,
 ) -> GenerateResult:
     """Sample one clip and write ``out`` (mp4) and ``out`` with suffix ``.png`` (contact sheet).
 
@@ -84,11 +135,16 @@ def generate(
         fps: frame rate given to the model and the mp4 (default: the training data's).
         vae: a VAE checkpoint directory (default: the one the run's data were encoded with).
         use_ema: sample with the EMA weights (falls back to the raw ones if the run has none).
-        device: auto | cpu | cuda (the fused kernels and bf16 are used on CUDA).
+        device: auto | cpu | cuda (the fused kernels and bf16 are used on CUDA; under torchrun
+            each rank's ``LOCAL_RANK`` GPU).
+        context_parallel: Ulysses degree under torchrun (must divide the DiT's heads).
+        cfg_parallel: the cond and uncond halves of CFG on two ranks (world = 2 x context_parallel).
 
     Raises:
         ConfigError: ``frames`` not ``8k+1`` for the VAE, sizes not multiples of 16, empty
-            prompt, bad steps.
+            prompt, bad steps; a world size that is not ``(2 if cfg_parallel else 1) *
+            context_parallel``, parallel flags without torchrun, ``cfg_parallel`` with ``cfg = 1``,
+            the DiT's heads not divisible by ``context_parallel``.
         FileNotFoundError: missing checkpoint, VAE or image.
     """
     t0 = time.perf_counter()
@@ -100,11 +156,18 @@ def generate(
         raise ConfigError(f"--steps must be >= 1, got {steps}")
     if image is not None and not Path(image).exists():
         raise FileNotFoundError(f"--image {image}: no such file")
-    pipe = MUGVPipeline.from_run(checkpoint, vae=vae, use_ema=use_ema, device=pick_device(device))
+    dev = _sampling_device(device, context_parallel, cfg_parallel, cfg)
+    pipe = MUGVPipeline.from_run(checkpoint, vae=vae, use_ema=use_ema, device=dev)
     check_num_frames(frames, pipe.vae.config.temporal_compression, name="--frames")
+    par = _parallelize(pipe, context_parallel, cfg_parallel)
     fps = float(fps or pipe.run_fps)
+    writer = par is None or par.is_writer
     arr = pipe(prompt, image=image, negative_prompt="", num_frames=frames, height=height, width=width, steps=steps,
-               cfg=cfg, seed=seed, fps=fps, aes_score=None, progress=progress).numpy()
+               cfg=cfg, seed=seed, fps=fps, aes_score=None, progress=progress and writer,
+               output="frames" if writer else "latents")
+    if not writer:
+        return GenerateResult(None, None, frames, height, width, time.perf_counter() - t0)
+    arr = arr.numpy()
     out = Path(out)
     save_video(arr, out, fps=fps)
     sheet = contact_sheet(arr, out.with_suffix(".png"))
@@ -135,6 +198,8 @@ def generate_released(
     progress: bool = True,
     text_encoder: Any = None,
     vae_tile: int = 0,
+    context_parallel: int = 1,
+    cfg_parallel: bool = False,
 ) -> GenerateResult:
     """Sample one clip with the released MUG-V 10B (``mugv generate --released DIR --t5 PATH``)
     and write ``out`` (mp4 at ``video_fps``), its contact sheet (``.png``) and, with ``profile``,
@@ -152,14 +217,17 @@ def generate_released(
         fps: the frame rate the model is conditioned on (public 30). video_fps: the mp4's frame
             rate (public 20).
         offload: ``none`` | ``model`` | ``blocks`` (see :class:`mugv.pipeline.MUGVPipeline`).
-        device: auto | cpu | cuda.
+        device: auto | cpu | cuda (under torchrun each rank's ``LOCAL_RANK`` GPU).
         vae_tile: VAE spatial tiles of this many pixels (a multiple of 8, e.g. 512; 0: whole
             frames, the public output; tiles lower the VAE's memory and depart slightly from it).
+        context_parallel, cfg_parallel: parallel sampling under torchrun, as :func:`generate`
+            (the released DiT has 48 heads: cp in 1, 2, 3, 4, 6, 8, ...); rank 0 writes.
 
     Raises:
         FileNotFoundError: a missing directory, ``dit.pt``, ``vae.pt``, T5 or image (names it).
         ConfigError: an unsupported aspect ratio / duration, sizes that are not multiples of 16,
-            files that are not the released checkpoints, an image that does not open.
+            files that are not the released checkpoints, an image that does not open; the
+            parallel-sampling errors of :func:`generate`.
     """
     from mugv.diffusion import MUGV_NEGATIVE_PROMPT
 
@@ -176,14 +244,21 @@ def generate_released(
         raise FileNotFoundError(f"--image {image}: no such file")
     frame_size(aspect_ratio)  # both checked before any loading
     num_frames_for(duration)
-    dev = pick_device(device)
+    dev = _sampling_device(device, context_parallel, cfg_parallel, cfg)
     load_start = time.perf_counter()
     pipe = MUGVPipeline.from_released(released, text_encoder if text_encoder is not None else t5, device=dev,
                                       offload=offload, progress=progress, vae_tiling=vae_tile)
     load_s = time.perf_counter() - load_start
+    par = _parallelize(pipe, context_parallel, cfg_parallel)
+    writer = par is None or par.is_writer
     arr = pipe(prompt, image=image, negative_prompt=MUGV_NEGATIVE_PROMPT if negative_prompt is None else
                negative_prompt, aspect_ratio=aspect_ratio, duration=duration, num_frames=frames, height=height,
-               width=width, steps=steps, cfg=cfg, seed=seed, fps=fps, progress=progress).numpy()
+               width=width, steps=steps, cfg=cfg, seed=seed, fps=fps, progress=progress and writer,
+               output="frames" if writer else "latents")
+    if not writer:
+        H, W = (height, width) if height is not None else frame_size(aspect_ratio)
+        return GenerateResult(None, None, frames or num_frames_for(duration), H, W, time.perf_counter() - t0)
+    arr = arr.numpy()
     out = Path(out)
     write_start = time.perf_counter()
     save_video(arr, out, fps=video_fps)

@@ -24,7 +24,7 @@ above; the final layer's forward hook all-gathers the output back to ``[1, N, F]
 ``MUGDiT.forward_packed`` returns full clips on every rank of the group.
 
 Collectives are ``torch.distributed._functional_collectives`` with autograd
-(``all_to_all_single_autograd``, ``all_gather_tensor_autograd``), so the backward pass is the
+(``all_to_all_single_autograd``, ``all_gather_single_autograd``), so the backward pass is the
 transpose exchange and ``torch.compile`` traces them. Gradient bookkeeping: every rank of a group
 computes the loss of the whole micro-batch; the backward of the all-gather sums the ``cp``
 copies, so a rank's local gradient is ``cp`` times its share's, and FSDP's mean over
@@ -46,6 +46,10 @@ import mugv_kernels as mk
 from mugv.models.dit_layers import PackedBatch
 
 __all__ = ["ContextParallel", "UlyssesBatch", "apply_context_parallel", "check_cp_heads", "shard_range"]
+
+#: The fields of :class:`PackedBatch`, read once (``dataclasses.fields`` inside a hook would
+#: break the graph of a compiled block).
+_BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(PackedBatch))
 
 
 def check_cp_heads(num_heads: int, cp: int) -> None:
@@ -148,7 +152,7 @@ class ContextParallel:
         index = F.pad(batch.index[:, s:e], (0, pad))  # [1, n]
         positions = F.pad(batch.positions[s:e], (0, 0, 0, pad))  # [n, 3]
         local_cu = (batch.cu_seqlens.clamp(s, e) - s).to(batch.cu_seqlens.dtype)
-        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(PackedBatch)}
+        fields = {name: getattr(batch, name) for name in _BATCH_FIELDS}
         fields.update(index=index, positions=positions)
         return UlyssesBatch(**fields, group=self.group, cp=self.cp, total=total, n_local=n, n_valid=e - s,
                             local_cu_seqlens=local_cu)
@@ -185,7 +189,7 @@ class ContextParallel:
         """Final layer output ``[1, n, F]`` -> all-gathered ``[1, N, F]``."""
         local = args[2]
         self._cache = None
-        full = funcol.all_gather_tensor_autograd(out.contiguous(), 1, self.group)  # [1, cp*n, F]
+        full = funcol.all_gather_single_autograd(out.contiguous(), 1, self.group)  # [1, cp*n, F]
         return full[:, : local.total]
 
     def remove(self) -> None:

@@ -28,10 +28,11 @@ import math
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy
 
 from mugv.models.dit import DiTConfig
 from mugv.models.dit_layers import MUGDiTBlock, PackedBatch
-from mugv.train.parallelize import AC_MODES, _is_saved_op
+from mugv.train.parallelize import AC_MODES, selective_checkpoint_policy
 
 __all__ = ["count_block_activations", "count_model_activations", "main"]
 
@@ -59,7 +60,7 @@ class _Outputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if _is_saved_op(func):
+        if selective_checkpoint_policy(None, func) == CheckpointPolicy.MUST_SAVE:
             self.saved += [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)]
         return out
 

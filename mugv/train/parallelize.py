@@ -17,7 +17,9 @@
 
 Also here: process-group setup from ``torchrun``'s environment (:func:`init_distributed`), the
 ``("dp_replicate", "dp_shard", "cp")`` device mesh (:func:`build_mesh`, as torchtitan's
-``ParallelDims``), and model construction on the meta device or fully (:func:`build_model`).
+``ParallelDims``), model construction on the meta device or fully (:func:`build_model`), and
+parallel sampling (:func:`parallelize_for_sampling`: Ulysses over ``"cp"`` and the two CFG
+halves over ``"cfg"`` of a ``("cfg", "cp")`` mesh, :func:`build_sampling_mesh`).
 
 The mesh: ``world = dp_replicate * dp_shard * cp``. FSDP2 shards parameters over ``dp_shard``
 and ``cp`` flattened (``"dp_shard_cp"``): the ranks of a context-parallel group hold different
@@ -43,8 +45,9 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from mugv.config import ConfigError, pick_device
 
-__all__ = ["AC_MODES", "DistInfo", "ParallelDims", "build_mesh", "fsdp_mesh", "build_model", "init_distributed", "parallelize_dit",
-           "resolve_dtype", "selective_checkpoint_policy"]
+__all__ = ["AC_MODES", "DistInfo", "ParallelDims", "SamplingParallel", "build_mesh", "build_sampling_mesh", "fsdp_mesh",
+           "build_model", "init_distributed", "parallelize_dit", "parallelize_for_sampling", "resolve_dtype",
+           "selective_checkpoint_policy"]
 
 #: Values of ``--activation-checkpointing``.
 AC_MODES = ("none", "full", "selective")
@@ -161,10 +164,113 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
 
 
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The mesh FSDP2 uses: ``"dp_shard_cp"``, or ``("dp_replicate", "dp_shard_cp")`` (HSDP)."""
-    if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "dp_shard_cp"]
-    return mesh["dp_shard_cp"]
+    """The mesh FSDP2 uses: ``"dp_shard_cp"``, or ``("dp_replicate", "dp_shard_cp")`` (HSDP).
+
+    Built from ``mesh`` (:func:`build_mesh`) without slicing a flattened dim out of the root
+    mesh (deprecated in PyTorch): the flattened ``dp_shard x cp`` mesh is the one ``_flatten``
+    returns (created once, then reused), and the HSDP mesh unflattens the whole world into
+    ``(dp_replicate, dp_shard * cp)`` (torchtitan's ``ParallelDims.build_mesh`` builds its
+    meshes by ``_unflatten`` of the world mesh too). The HSDP case creates its process groups
+    on each call: call it once per model, on every rank."""
+    shard_cp = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    replicate = mesh["dp_replicate"].size()
+    if replicate == 1:
+        return shard_cp
+    return mesh._flatten("world")._unflatten(0, (replicate, shard_cp.size()), ("dp_replicate", "dp_shard_cp"))
+
+
+def build_sampling_mesh(world_size: int, *, context_parallel: int = 1, cfg_parallel: bool = False,
+                        device_type: str = "cpu") -> DeviceMesh:
+    """The ``("cfg", "cp")`` ``DeviceMesh`` of parallel sampling (``cp`` innermost).
+
+    ``"cfg"`` has 2 ranks with ``cfg_parallel`` (rank 0 of it runs the conditional half of
+    classifier-free guidance, rank 1 the unconditional one), else 1; ``"cp"`` has
+    ``context_parallel`` ranks sharing each half's sequence. Needs an initialized process group
+    of exactly ``world_size = (2 if cfg_parallel else 1) * context_parallel`` ranks (sampling
+    has no data parallelism: every rank works on the one clip).
+
+    Raises:
+        ConfigError: ``context_parallel < 1``, or a world size that is not that product.
+    """
+    if context_parallel < 1:
+        raise ConfigError(f"--context-parallel must be >= 1, got {context_parallel}")
+    cfg = 2 if cfg_parallel else 1
+    if world_size != cfg * context_parallel:
+        what = f"--context-parallel {context_parallel}" + (" x --cfg-parallel (2)" if cfg_parallel else "")
+        raise ConfigError(f"parallel sampling runs {what} = {cfg * context_parallel} ranks, but the world size is "
+                          f"{world_size}: launch torchrun --nproc-per-node {cfg * context_parallel} (or change the flags)")
+    return init_device_mesh(device_type, (cfg, context_parallel), mesh_dim_names=("cfg", "cp"))
+
+
+@dataclass
+class SamplingParallel:
+    """What :func:`parallelize_for_sampling` attached to a DiT.
+
+    Attributes:
+        mesh: the ``("cfg", "cp")`` mesh (:func:`build_sampling_mesh`).
+        context_parallel: the Ulysses hooks (``None`` when ``cp == 1``).
+        cfg_parallel: the CFG-split hooks (``None`` without ``cfg_parallel``).
+    """
+
+    mesh: DeviceMesh
+    context_parallel: object = None
+    cfg_parallel: object = None
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the rank that writes the outputs (global rank 0)."""
+        return dist.get_rank() == 0
+
+    def remove(self) -> None:
+        """Unregister every hook (the model samples in one process again)."""
+        for state in (self.context_parallel, self.cfg_parallel):
+            if state is not None:
+                state.remove()
+
+
+def parallelize_for_sampling(model: nn.Module, *, context_parallel: int = 1, cfg_parallel: bool = False,
+                             device_type: str = "cpu") -> SamplingParallel:
+    """Shard sampling of ``model`` (a :class:`~mugv.models.MUGDiT`) over the ranks of the job.
+
+    Ulysses context parallelism over the ``"cp"`` dim (:func:`~mugv.train.context_parallel.apply_context_parallel`:
+    each rank holds ``1/cp`` of the packed tokens of the CFG batch, or of its half) and, with
+    ``cfg_parallel``, the cond/uncond split over the ``"cfg"`` dim
+    (:func:`~mugv.train.cfg_parallel.apply_cfg_parallel`). Both are hooks: the model is
+    unchanged, every rank ends each model call with the whole output, so all ranks step the
+    same latents.
+
+    Args:
+        model: the DiT (``blocks``, ``final_layer``, ``cfg.num_heads``).
+        context_parallel: ``cp`` (1: none); must divide ``num_heads``.
+        cfg_parallel: split the CFG batch over 2 ranks (needs guidance scale != 1).
+        device_type: ``"cuda"`` or ``"cpu"`` (gloo) for the mesh.
+
+    Returns:
+        The :class:`SamplingParallel` (``.remove()`` undoes it).
+
+    Raises:
+        ConfigError: no process group, or a world size that is not ``(2 if cfg_parallel else 1) * cp``.
+        ValueError: ``num_heads`` not divisible by ``cp``.
+    """
+    from mugv.train.cfg_parallel import apply_cfg_parallel
+    from mugv.train.context_parallel import apply_context_parallel, check_cp_heads
+
+    if context_parallel < 1:
+        raise ConfigError(f"--context-parallel must be >= 1, got {context_parallel}")
+    if not dist.is_initialized():
+        raise ConfigError("--context-parallel / --cfg-parallel need torch.distributed: launch with torchrun "
+                          f"--nproc-per-node {(2 if cfg_parallel else 1) * context_parallel}")
+    heads = getattr(getattr(model, "cfg", None), "num_heads", None)
+    if heads is not None:
+        check_cp_heads(heads, context_parallel)
+    mesh = build_sampling_mesh(dist.get_world_size(), context_parallel=context_parallel, cfg_parallel=cfg_parallel,
+                               device_type=device_type)
+    out = SamplingParallel(mesh)
+    if context_parallel > 1:
+        out.context_parallel = apply_context_parallel(model, mesh["cp"])
+    if cfg_parallel:
+        out.cfg_parallel = apply_cfg_parallel(model, mesh["cfg"])
+    return out
 
 
 #: ATen ops whose outputs ``selective`` activation checkpointing keeps: the matmuls and the
@@ -196,7 +302,9 @@ def _is_saved_op(func) -> bool:
 def selective_checkpoint_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     """Op-level selective activation checkpointing policy (torchtitan's SAC, for
     ``torch.utils.checkpoint.create_selective_checkpoint_contexts``): ``MUST_SAVE`` the outputs
-    of matmuls, attention and the context-parallel all-to-alls, ``PREFER_RECOMPUTE`` the rest."""
+    of matmuls, attention and the context-parallel all-to-alls, ``PREFER_RECOMPUTE`` the rest.
+    The decision depends on ``func`` (an ATen or ``mugv`` op overload) alone; ``ctx`` and the
+    arguments are not read, so ``selective_checkpoint_policy(None, func)`` asks it for one op."""
     return CheckpointPolicy.MUST_SAVE if _is_saved_op(func) else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -6,6 +6,7 @@ prompt) caption; activation checkpointing modes give the gradients of none; the 
 import dataclasses
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,7 @@ def _worker(rank, world, port, runs, out, data=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    warnings.filterwarnings("error", message=".*deprecated")  # no deprecated mesh slicing or collective
     import torch.distributed as dist
 
     from mugv.train.parallelize import ParallelDims, build_mesh, fsdp_mesh, parallelize_dit
