@@ -1,0 +1,156 @@
+"""Addressing past 2^31 elements: every Triton kernel computes its offsets in 64 bits.
+
+Each test builds tensors of more than 2^31 elements (``torch.empty``: only the pages a
+kernel touches are ever backed by memory, so a 4 GiB bf16 tensor costs a few MiB) and runs
+the op with the launch limited to its final programs (:func:`final_programs`: the
+interpreter runs only the last programs of the grid, which see their true program ids and
+grid size). Those programs address elements past 2^31; their results must equal the same op
+run on the small slice they cover, which the other kernel tests check against the reference.
+
+Under ``TRITON_INTERPRET=1`` integer arithmetic is numpy's: an int32 product wraps exactly
+as on the GPU. :func:`test_harness_catches_int32_offsets` shows that a kernel with int32
+row offsets fails this check, so the tests can fail.
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import mugv_kernels  # noqa: F401  (registers torch.ops.mugv)
+from mugv_kernels.reference import ada_norm as ada_norm_ref
+from tests.helpers import assert_close
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs under the Triton interpreter")
+
+INT32_MAX = 2**31 - 1
+
+
+@contextlib.contextmanager
+def final_programs(*keep: int | None):
+    """Run only the last ``keep[a]`` programs along grid axis ``a`` (None or missing: all)
+    of every launch inside the block. The programs see their true ``tl.program_id`` and
+    ``tl.num_programs``."""
+    import numpy as np
+    from triton.runtime import interpreter as ti
+
+    real_call = ti.GridExecutor.__call__
+    builder = ti.interpreter_builder
+    real_pid, real_nprog = builder.create_get_program_id, builder.create_get_num_programs
+
+    def call(self, *args, **kwargs):
+        full = tuple(self.grid) + (1,) * (3 - len(self.grid))
+        kept = tuple(n if a >= len(keep) or keep[a] is None else min(n, keep[a]) for a, n in enumerate(full))
+        first = tuple(n - k for n, k in zip(full, kept))
+
+        def pid(axis):
+            return ti.TensorHandle(np.array([builder.grid_idx[axis] + first[axis]], dtype=np.int32), ti.tl.int32)
+
+        def nprog(axis):
+            return ti.TensorHandle(np.array([full[axis]], dtype=np.int32), ti.tl.int32)
+
+        builder.create_get_program_id, builder.create_get_num_programs = pid, nprog
+        grid, self.grid = self.grid, kept
+        try:
+            real_call(self, *args, **kwargs)
+        finally:
+            self.grid = grid
+            builder.create_get_program_id, builder.create_get_num_programs = real_pid, real_nprog
+
+    ti.GridExecutor.__call__ = call
+    try:
+        yield
+    finally:
+        ti.GridExecutor.__call__ = real_call
+
+
+def big(shape, dtype=torch.bfloat16, *, tail=0):
+    """An uninitialized tensor of ``shape`` (never touched, so never backed by memory) whose
+    last ``tail`` entries along dim 0 hold random values."""
+    t = torch.empty(shape, dtype=dtype)
+    if tail:
+        t[-tail:] = torch.randn(t[-tail:].shape).to(dtype)
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# The harness can fail: a kernel with int32 row offsets does.
+# ---------------------------------------------------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _copy_rows_i32(X, Y, C: tl.constexpr):
+    row = tl.program_id(0)  # int32: row * C wraps past 2^31
+    cols = tl.arange(0, C)
+    tl.store(Y + row * C + cols, tl.load(X + row * C + cols))
+
+
+@triton.jit
+def _copy_rows_i64(X, Y, C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, C)
+    tl.store(Y + row * C + cols, tl.load(X + row * C + cols))
+
+
+def test_harness_catches_int32_offsets():
+    C, rows = 1024, 2**21 + 2  # 2^31 + 2048 elements
+    # views that start 2^31 elements into their buffers: a wrapped (negative) offset lands in
+    # mapped memory, so the int32 kernel reads and writes the wrong rows instead of crashing
+    x_buf, y_buf = torch.empty(2**31 + rows * C, dtype=torch.int8), torch.empty(2**31 + rows * C, dtype=torch.int8)
+    x, y = x_buf[2**31:].view(rows, C), y_buf[2**31:].view(rows, C)
+    x[-2:] = torch.randint(-100, 100, (2, C), dtype=torch.int8)
+    for kernel, right in ((_copy_rows_i64, True), (_copy_rows_i32, False)):
+        y[-2:] = 0
+        with final_programs(2):
+            kernel[(rows,)](x, y, C=C)
+        assert torch.equal(y[-2:], x[-2:]) is right, kernel
+
+
+# ---------------------------------------------------------------------------------------
+# adaLN: [B, N, C] rows; the last sample starts past 2^31.
+# ---------------------------------------------------------------------------------------
+
+ADALN = dict(B=16385, N=32, C=4096)  # 16385 * 32 * 4096 = 2^31 + 2^17 elements
+ADALN_OPTS = dict(eps=1e-6, rms=False, do_norm=True)
+
+
+def _last(args, n=1):
+    """The last ``n`` samples of every per-sample tensor argument."""
+    return {k: (v[-n:] if isinstance(v, torch.Tensor) and v.dim() > 1 else v) for k, v in args.items()}
+
+
+def test_adaln_fwd_past_2_31():
+    B, N, C = ADALN.values()
+    G = 2
+    a = dict(x=big((B, N, C), tail=1), residual=big((B, N, C), tail=1), gate=big((B, G, C), tail=1),
+             shift=big((B, G, C), tail=1), scale=big((B, G, C), tail=1),
+             index=torch.randint(0, G, (B, N), dtype=torch.int32),
+             weight=torch.randn(C).bfloat16(), bias=torch.randn(C).bfloat16())
+    assert a["x"][-1, -1, -1:].storage_offset() > INT32_MAX
+    with final_programs(2):  # one program per row: the last two rows
+        r, out, mean, rstd = torch.ops.mugv.adaln_fwd(**a, **ADALN_OPTS)
+    want = ada_norm_ref.adaln_fwd_ref(**_last(a), **ADALN_OPTS)
+    for got, ref in zip((r, out, mean, rstd), want):  # statistics of the bf16 residual stream: bf16 tolerance
+        assert_close(got[-1:, -2:], ref[:, -2:], dtype=torch.bfloat16)
+
+
+def test_adaln_bwd_past_2_31():
+    B, N, C = ADALN.values()
+    # the [B, C] modulation has fp32 [B, C] gradient partials (zero-filled: touched), so only a gate here
+    a = dict(x=big((B, N, C), tail=1), residual=big((B, N, C), tail=1), gate=big((B, C), tail=1), shift=None,
+             scale=None, index=None, weight=None, bias=None)
+    small = _last(a)
+    r1, _, mean1, rstd1 = ada_norm_ref.adaln_fwd_ref(**small, **ADALN_OPTS)
+    r, mean, rstd = big((B, N, C)), torch.zeros(B, N), torch.zeros(B, N)
+    r[-1:], mean[-1:], rstd[-1:] = r1, mean1, rstd1
+    dout, dr = big((B, N, C), tail=1), big((B, N, C), tail=1)
+    assert dout[-1, -1, -1:].storage_offset() > INT32_MAX
+    with final_programs(1):  # grid (B, chunks): the last sample
+        grads = torch.ops.mugv.adaln_bwd(dr=dr, dout=dout, **a, r=r, mean=mean, rstd=rstd, **ADALN_OPTS)
+    want = ada_norm_ref.adaln_bwd_ref(dr[-1:], dout[-1:], **small, r=r1, mean=mean1, rstd=rstd1, **ADALN_OPTS)
+    for got, ref in zip(grads[:3], want[:3]):  # dx, dresidual, dgate of the last sample
+        assert_close(got[-1:], ref, scale=2.0)
