@@ -380,7 +380,7 @@ def _rope_bwd_across_heads(
     emask = e < D
     C = H * D
     for t0 in range(t_start, t_end, BLOCK_T):
-        toks = t0 + tl.arange(0, BLOCK_T)
+        toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 even where t0 is a Python int (interpreter)
         tmask = toks < t_end
         b = toks // N
         n = toks - b * N
@@ -407,7 +407,7 @@ def _rope_bwd_across_heads(
         w = _head_weights(W, heads, H, D, e3).to(tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         for t0 in range(t_start, t_end, BLOCK_T):
-            toks = t0 + tl.arange(0, BLOCK_T)
+            toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 even where t0 is a Python int (interpreter)
             tmask = toks < t_end
             b = toks // N
             n = toks - b * N
@@ -479,7 +479,7 @@ def _rope3d_bwd_kernel(
         acc_q = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         acc_k = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         for t0 in range(t_start, t_end, BLOCK_T):
-            toks = t0 + tl.arange(0, BLOCK_T)
+            toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 even where t0 is a Python int (interpreter)
             tmask = toks < t_end
             b = toks // N
             n = toks - b * N

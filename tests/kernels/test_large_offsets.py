@@ -20,6 +20,7 @@ import torch
 
 import mugv_kernels  # noqa: F401  (registers torch.ops.mugv)
 from mugv_kernels.reference import ada_norm as ada_norm_ref
+from mugv_kernels.reference import rope as rope_ref
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs under the Triton interpreter")
@@ -154,3 +155,36 @@ def test_adaln_bwd_past_2_31():
     want = ada_norm_ref.adaln_bwd_ref(dr[-1:], dout[-1:], **small, r=r1, mean=mean1, rstd=rstd1, **ADALN_OPTS)
     for got, ref in zip(grads[:3], want[:3]):  # dx, dresidual, dgate of the last sample
         assert_close(got[-1:], ref, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE (+ QK-norm): [B, N, H, D] tokens; the last tokens sit past 2^31.
+# ---------------------------------------------------------------------------------------
+
+ROPE = dict(B=2, N=2**21 + 16, H=4, D=128)  # 2^31 + 2^14 elements
+
+
+@pytest.mark.parametrize("interleaved,across_heads", [(True, False), (False, True)])
+def test_rope_fwd_bwd_past_2_31(interleaved, across_heads):
+    B, N, H, D = ROPE.values()
+    t_fwd, t_bwd = 16, 32  # tokens of the last forward / backward program under the interpreter
+    q, k, dq_out, dk_out = (big((B, N, H, D)) for _ in range(4))
+    for t in (q, k, dq_out, dk_out):
+        t[-1, -t_bwd:] = torch.randn(t_bwd, H, D).bfloat16()
+    positions = torch.empty(N, 3, dtype=torch.int32)  # shared by the batch
+    positions[-t_bwd:] = torch.randint(0, 1000, (t_bwd, 3), dtype=torch.int32)
+    C = H * D if across_heads else D
+    qw, kw = torch.rand(C).bfloat16() + 0.5, torch.rand(C).bfloat16() + 0.5
+    opts = dict(sections=[42, 42, 40], eps=1e-6, theta=1e4, interleaved=interleaved, across_heads=across_heads)
+    assert q[-1, -1, -1, -1:].storage_offset() > INT32_MAX
+    with final_programs(1):
+        q_out, k_out = torch.ops.mugv.qk_norm_rope3d_fwd(q, k, positions, qw, kw, **opts)
+        dq, dk, _, _ = torch.ops.mugv.qk_norm_rope3d_bwd(dq_out, dk_out, q, k, positions, qw, kw, **opts)
+    tail = (slice(-1, None), slice(-t_bwd, None))
+    small = [t[tail] for t in (dq_out, dk_out, q, k)]
+    want_fwd = rope_ref.rope3d_fwd_ref(small[2], small[3], positions[-t_bwd:], qw, kw, **opts)
+    want_bwd = rope_ref.rope3d_bwd_ref(*small, positions[-t_bwd:], qw, kw, **opts)
+    for got, ref in zip((q_out, k_out), want_fwd):
+        assert_close(got[tail][:, -t_fwd:], ref[:, -t_fwd:])
+    for got, ref in zip((dq, dk), want_bwd):  # (the weight gradients sum over every program)
+        assert_close(got[tail], ref)
