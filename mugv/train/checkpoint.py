@@ -140,7 +140,8 @@ def verify_checkpoint(path: str | Path) -> None:
     """
     path = Path(path)
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: no {MARKER} marker (the write was interrupted, or it predates completion markers)")
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MARKER} marker "
+                              "(the write was interrupted, or it predates completion markers)")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -264,9 +265,9 @@ def _latest_valid(run_dir, verify: bool, trust_unverified: bool = False) -> Path
             "so a torn or corrupt write cannot be detected (trust_unverified_checkpoint is set)",
             RuntimeWarning, stacklevel=3)
         return unmarked[0]
-    why = "; ".join(f"{d.name}: " + (f"no {MARKER} marker and no {MANIFEST} (written before checkpoints carried "
-                                     "them, or its write was interrupted)" if d in unmarked else "incomplete or corrupt")
-                    for d in reversed(bad))
+    unmarked_why = (f"no {MARKER} marker and no {MANIFEST} (written before checkpoints carried them, "
+                    "or its write was interrupted)")
+    why = "; ".join(f"{d.name}: {unmarked_why if d in unmarked else 'incomplete or corrupt'}" for d in reversed(bad))
     hint = (f"; to resume from {unmarked[0]} anyway, unverified, pass --trust-unverified-checkpoint "
             "(trust_unverified_checkpoint = true)" if unmarked else "")
     raise CheckpointError(

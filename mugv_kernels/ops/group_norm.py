@@ -121,7 +121,7 @@ def _gn_stats_kernel(
     mean = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
     m2 = tl.zeros([GPT * BLOCK_CG], dtype=tl.float32)
     for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
+        s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)  # int64 even where s0 is a Python int (interpreter)
         mask = (s < s_end)[:, None] & c_ok[None, :]
         x = tl.load(base[None, :] + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
         cnt = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
@@ -180,7 +180,7 @@ def _gn_apply_kernel(
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
+        s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)  # int64 even where s0 is a Python int (interpreter)
         mask = (s < s_end)[:, None] & c_ok[None, :]
         x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
         z = x * a[None, :] + d[None, :]
@@ -218,7 +218,7 @@ def _gn_bwd_partial_kernel(
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
+        s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)  # int64 even where s0 is a Python int (interpreter)
         mask = (s < s_end)[:, None] & c_ok[None, :]
         x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + b * sdb + ch[None, :] * sdc + s[:, None] * sds, mask=mask, other=0.0).to(tl.float32)
@@ -252,7 +252,7 @@ def _gn_bwd_dx_kernel(
     s_start = chunk.to(tl.int64) * s_per_chunk
     s_end = tl.minimum(s_start + s_per_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
+        s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)  # int64 even where s0 is a Python int (interpreter)
         mask = (s < s_end)[:, None] & c_ok[None, :]
         x = tl.load(X + b * sxb + ch[None, :] * sxc + s[:, None] * sxs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + b * sdb + ch[None, :] * sdc + s[:, None] * sds, mask=mask, other=0.0).to(tl.float32)

@@ -20,6 +20,7 @@ import torch
 
 import mugv_kernels  # noqa: F401  (registers torch.ops.mugv)
 from mugv_kernels.reference import ada_norm as ada_norm_ref
+from mugv_kernels.reference import group_norm as gn_ref
 from mugv_kernels.reference import rope as rope_ref
 from tests.helpers import assert_close
 
@@ -188,3 +189,39 @@ def test_rope_fwd_bwd_past_2_31(interleaved, across_heads):
         assert_close(got[tail][:, -t_fwd:], ref[:, -t_fwd:])
     for got, ref in zip((dq, dk), want_bwd):  # (the weight gradients sum over every program)
         assert_close(got[tail], ref)
+
+
+# ---------------------------------------------------------------------------------------
+# GroupNorm + SiLU: [B, C, S] views whose batch or position stride times its index passes
+# 2^31 (a VAE activation of more than 2^31 elements has the same offsets); every program runs.
+# ---------------------------------------------------------------------------------------
+
+GN_STORAGE = 3 * 2**30 + 2**27  # elements (bf16: 6.25 GiB of address space, a few pages touched)
+
+
+def _strided_views(shape, strides, count):
+    """``count`` disjoint views of ``shape``/``strides`` into one untouched storage, filled
+    with random values (views i = 0, 1, ... start at element offset 16 i)."""
+    store = torch.empty(GN_STORAGE, dtype=torch.bfloat16)
+    views = [store.as_strided(shape, strides, 16 * i) for i in range(count)]
+    for v in views:
+        v.copy_(torch.randn(shape))
+    last = sum((n - 1) * s for n, s in zip(shape, strides)) + 16 * (count - 1)
+    assert INT32_MAX < last < GN_STORAGE
+    return views
+
+
+@pytest.mark.parametrize("shape,strides", [
+    ((3, 16, 40), (2**30 + 2**28, 1, 16)),  # the last sample starts past 2^31
+    ((2, 16, 48), (16, 1, 2**26)),  # one sample: positions past 2^31 (channels-last)
+], ids=["batch", "positions"])  # fmt: skip
+def test_group_norm_silu_past_2_31(shape, strides):
+    x, dy = _strided_views(shape, strides, 2)
+    C, G = shape[1], 4
+    w, b = torch.rand(C).bfloat16() + 0.5, torch.randn(C).bfloat16()
+    y, mean, rstd = torch.ops.mugv.group_norm_silu_fwd(x, w, b, G, 1e-6, True)
+    dx, dw, db = torch.ops.mugv.group_norm_silu_bwd(dy, x, w, b, mean, rstd, G, 1e-6, True)
+    xc, dyc = x.contiguous(), dy.contiguous()
+    assert_close(y, gn_ref.group_norm_silu_ref(xc, G, w, b, eps=1e-6, silu=True))
+    for got, ref in zip((dx, dw, db), gn_ref.group_norm_silu_bwd_ref(dyc, xc, w, b, G, 1e-6, True)):
+        assert_close(got, ref, dtype=torch.bfloat16, scale=2.0)
