@@ -174,6 +174,7 @@ class StepResult:
         tokens: video tokens trained of each of this rank's clips (a video drawn t2i: its first frame).
         text_tokens: caption tokens of each of this rank's clips.
         tasks: the task (:data:`TASKS`) each of this rank's clips was trained on.
+        task_counts: clips per task in the global batch (all ranks); logged as ``clips_<task>``.
     """
 
     loss: float | None
@@ -182,6 +183,7 @@ class StepResult:
     tokens: list[int]
     text_tokens: list[int]
     tasks: list[str] = field(default_factory=list)
+    task_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def skipped(self) -> bool:
@@ -379,9 +381,12 @@ class Trainer:
                 err = (o[:C].float() - y).pow(2)[:, m]  # noised frames only: [C, T_noised, h, w]
                 sq = sq + weight[task] * err.sum()
                 count = count + err.numel()
-        stats = torch.stack([sq.detach(), count])
+        n_task = torch.tensor([float(tasks.count(k)) for k in TASKS], device=sq.device)
+        stats = torch.cat([torch.stack([sq.detach(), count]), n_task])
         if dist.is_initialized():
             dist.all_reduce(stats)
+        # a context-parallel group holds one micro-batch on cp ranks: its clips are counted cp times
+        task_counts = {k: round(v / self.dims.cp) for k, v in zip(TASKS, stats[2:].tolist())}
         total = stats[1].clamp_min(1.0)
         loss = sq / total * self.dist.world_size
         mean_loss = (stats[0] / total).item()
@@ -397,7 +402,7 @@ class Trainer:
                 grad_norm = gn.item()
             ok = math.isfinite(grad_norm)
         result = StepResult(mean_loss if ok else None, lr, grad_norm, [self._tokens(x.shape) for x in lat], n_text,
-                            tasks)
+                            tasks, task_counts)
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
@@ -514,7 +519,8 @@ class Trainer:
                 flops = dit_train_flops(self.matmul_params, self.dit_cfg.depth, self.dit_cfg.hidden_size,
                                         res.tokens, res.text_tokens) * self.dims.dp
                 log.step(self.step, float("nan") if res.skipped else res.loss, lr=res.lr, grad_norm=res.grad_norm,
-                         tokens=plan.global_tokens, flops=flops, skipped=self.skipped)
+                         tokens=plan.global_tokens, flops=flops, skipped=self.skipped,
+                         **{f"clips_{k}": v for k, v in res.task_counts.items()})
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     log.sync()  # the metrics of every step up to a checkpoint are on disk before it
                     last_ckpt = self.save()

@@ -149,6 +149,7 @@ def test_loss_is_the_task_weighted_combination(mixed, tmp_path):
     res = tr.train_step(idx)
     assert res.loss == pytest.approx(want, rel=1e-5)
     assert sorted(set(res.tasks)) == ["i2v", "t2i", "t2v"] and res.tasks[4:] == ["t2i", "t2i"]
+    assert res.task_counts == {k: res.tasks.count(k) for k in ("t2i", "t2v", "i2v")}  # one process: this rank's
     assert TrainConfig().t2i_loss_weight == 0.3 and TrainConfig().t2i_ratio == 0.0
     # the weights enter linearly: with t2i at 0 the loss drops by exactly the t2i part
     tr2 = Trainer(_cfg(img, tmp_path / "run2", data_dirs=[str(img), str(vid)], i2v_ratio=0.4, t2i_ratio=0.3,
@@ -237,6 +238,10 @@ def test_stages_switch_data_and_tasks_and_resume_mid_stage(mixed, tmp_path):
     assert [r.step for r in part] == [2, 1]  # stopped inside the mixed stage
     resumed = train_stages(_cfg(img, tmp_path / "part", **base), stages)
     assert [r.step for r in resumed] == [3] and resumed[0].losses == full[1].losses  # exact
+    from mugv.train.logging import read_metrics
+
+    recs = read_metrics(tmp_path / "full" / "stage_1_mixed" / "train.jsonl")
+    assert len(recs) == 3 and all(r["clips_t2i"] + r["clips_t2v"] + r["clips_i2v"] > 0 for r in recs)
     t = Trainer(cfgs[1])
     t.resume()
     assert t.sampler.group_weights == pytest.approx([0.3, 0.7])
