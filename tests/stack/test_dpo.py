@@ -272,3 +272,17 @@ def test_sft_weight_and_the_cli(setup, capsys):
                  "--token-budget", "160", "--device", "cpu", "--no-progress", "--no-tensorboard"])
     assert code == 0 and "preference-trained to step 2" in capsys.readouterr().out
     assert (out / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_resume_rebuilds_the_reference_from_init_from(setup):
+    """A DPO run stopped after 2 of 4 steps and resumed gives the losses of an uninterrupted
+    run exactly: the reference is the ``--init-from`` weights again, not the resumed policy."""
+    tmp, data = setup
+    full = DPOTrainer(_dpo(tmp, data, "full", steps=4, pairs_per_step=2)).fit()
+    part = DPOTrainer(_dpo(tmp, data, "part", steps=4, pairs_per_step=2, checkpoint_every=2)).fit(stop_after=2)
+    assert part.step == 2
+    again = DPOTrainer(_dpo(tmp, data, "part", steps=4, pairs_per_step=2, checkpoint_every=2))
+    assert again.cfg.resume and again.resume().name == "step_00000002" and again.step == 2
+    resumed = again.fit()
+    assert resumed.step == 4 and resumed.losses == full.losses and full.losses[0] == pytest.approx(math.log(2))
+    assert full.losses[-1] < full.losses[0]
