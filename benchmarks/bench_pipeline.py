@@ -11,12 +11,21 @@ same math in eager PyTorch as the public code runs it.
   least 1.5x the public per-step time at equal output.
 * **VAE decode**: the released VAE at its real widths (random weights, bf16) decoding 14 latents
   to 105 frames at 1280 x 720, ours (:class:`mugv.models.ReleasedVideoVAE`, frames in
-  micro-batches of 4 and of 1) against the public pipeline as the public code runs it
-  (``tests/stack/_mugv_public_pipeline.PubVAEPipeline``: diffusers' blocks, micro-batches of 4).
+  micro-batches of 4 and of 1, and with 512-pixel spatial tiles) against the public pipeline as
+  the public code runs it (``tests/stack/_mugv_public_pipeline.PubVAEPipeline``: diffusers'
+  blocks, micro-batches of 4).
 
 Each case records the median seconds, the peak device memory (``torch.cuda.max_memory_allocated``)
 and the max abs difference to the public output, in ``benchmarks/results/pipeline.jsonl``.
 GPU only: the suite skips without CUDA.
+
+Without a GPU, ``python -m benchmarks.bench_pipeline`` prints the **counted** (not measured)
+working set of the same VAE decode: the model built on the ``meta`` device at the real widths in
+bf16 with the fused GroupNorm+SiLU, the decode run on meta tensors (shapes only) under
+:class:`mugv.profiling.LiveTensorBytes`, per spatial micro-batch and for the whole 105-frame
+decode, weights not included. On meta the mid-block attention runs PyTorch's math path, which
+keeps the ``HW x HW`` attention matrix (and its softmax) alive; a fused attention kernel keeps
+less, and a device allocator adds caching on top.
 """
 
 from __future__ import annotations
@@ -95,8 +104,9 @@ def vae_decode_case(grid=LATENT_720P_5S, device: str = "cuda", dtype=torch.bfloa
     g = torch.Generator(device).manual_seed(0)
     z = torch.randn(1, 24, *grid, generator=g, device=device, dtype=dtype)
 
-    def ours(frame_batch: int):
-        vae = ReleasedVideoVAE._from_state_dict_shapes(sd, "bench", frame_batch=frame_batch, kernels=True)
+    def ours(frame_batch: int, tile: int | None = None):
+        vae = ReleasedVideoVAE._from_state_dict_shapes(sd, "bench", frame_batch=frame_batch, kernels=True,
+                                                       tile_size=tile)
         vae.load_state_dict(sd, strict=True)
         vae = vae.to(device, dtype).eval()
         return lambda: vae.decode(z, num_frames=frames)
@@ -128,13 +138,53 @@ def test_sampling_step_10b_width_720p_5s(benchmark, impl):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("impl", ["public-eager", "ours-frame-batch-4", "ours-frame-batch-1"])
+@pytest.mark.parametrize("impl", ["public-eager", "ours-frame-batch-4", "ours-frame-batch-1",
+                                  "ours-frame-batch-4-tile-512"])
 def test_vae_decode_105_frames_720p(benchmark, impl):
     ours, public = vae_decode_case()
-    fn = public if impl == "public-eager" else ours(int(impl.rsplit("-", 1)[1]))
+    parts = impl.split("-")
+    fn = public if impl == "public-eager" else ours(int(parts[3]), int(parts[5]) if len(parts) > 4 else None)
     out, peak = _peak(fn)
     want = out if impl == "public-eager" else _peak(public)[0]
     run(benchmark, fn, suite=SUITE, case=f"vae-decode-105x1280x720-{impl}", rounds=3, frames=105, height=1280,
         width=720, dtype="bf16", peak_memory_bytes=peak,
         max_abs_diff_vs_public=float((out.float() - want.float()).abs().max()))
     torch.cuda.empty_cache()
+
+
+def counted_decode_working_set(frame_batch: int | None = 4, tile: int | None = None, grid=LATENT_720P_5S,
+                               dtype=torch.bfloat16) -> tuple[int, int]:
+    """Counted bytes (see the module docstring) of the released VAE decode of ``grid`` latents:
+    ``(one spatial micro-batch of frame_batch frames, the whole decode)``, with ``tile``-pixel
+    spatial tiles or whole frames (``None``)."""
+    from mugv.models import VideoVAE
+    from mugv.profiling import LiveTensorBytes
+
+    with torch.device("meta"):
+        vae = VideoVAE.from_preset("mugv-released", kernels=True, frame_batch=frame_batch).to(dtype).eval()
+    vae.set_tiling(tile)
+    frames = 8 * grid[0] - 7
+    with torch.no_grad():
+        feats = torch.empty(1, vae.spatial_vae.feature_channels, frame_batch or frames, *grid[1:], device="meta",
+                            dtype=dtype)
+        with LiveTensorBytes() as micro:
+            vae.spatial_vae.decode(feats)
+        z = torch.empty(1, vae.out_channels, *grid, device="meta", dtype=dtype)
+        with LiveTensorBytes() as whole:
+            vae.decode(z, num_frames=frames)
+    return micro.peak, whole.peak
+
+
+def main() -> None:
+    """Print the counted working sets as a Markdown table (GiB)."""
+    print("| 105 frames at 1280 x 720, bf16 | one spatial micro-batch (counted) | whole decode (counted) |")
+    print("| --- | --- | --- |")
+    for fb in (4, 1):
+        for tile in (None, 512, 256):
+            micro, whole = counted_decode_working_set(fb, tile)
+            what = "whole frames" if tile is None else f"{tile}-px tiles"
+            print(f"| micro-batches of {fb}, {what} | {micro / 2**30:.2f} GiB | {whole / 2**30:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()
