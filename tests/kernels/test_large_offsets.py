@@ -22,6 +22,7 @@ import mugv_kernels  # noqa: F401  (registers torch.ops.mugv)
 from mugv_kernels.reference import ada_norm as ada_norm_ref
 from mugv_kernels.reference import group_norm as gn_ref
 from mugv_kernels.reference import rope as rope_ref
+from mugv_kernels.reference import varlen_attention as attn_ref
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs under the Triton interpreter")
@@ -30,10 +31,10 @@ INT32_MAX = 2**31 - 1
 
 
 @contextlib.contextmanager
-def final_programs(*keep: int | None):
+def final_programs(*keep: int | None, per_kernel: dict | None = None):
     """Run only the last ``keep[a]`` programs along grid axis ``a`` (None or missing: all)
-    of every launch inside the block. The programs see their true ``tl.program_id`` and
-    ``tl.num_programs``."""
+    of every launch inside the block; ``per_kernel`` maps a kernel's name to its own
+    ``keep`` tuple. The programs see their true ``tl.program_id`` and ``tl.num_programs``."""
     import numpy as np
     from triton.runtime import interpreter as ti
 
@@ -43,7 +44,8 @@ def final_programs(*keep: int | None):
 
     def call(self, *args, **kwargs):
         full = tuple(self.grid) + (1,) * (3 - len(self.grid))
-        kept = tuple(n if a >= len(keep) or keep[a] is None else min(n, keep[a]) for a, n in enumerate(full))
+        want = (per_kernel or {}).get(self.fn.__name__, keep)
+        kept = tuple(n if a >= len(want) or want[a] is None else min(n, want[a]) for a, n in enumerate(full))
         first = tuple(n - k for n, k in zip(full, kept))
 
         def pid(axis):
@@ -225,3 +227,32 @@ def test_group_norm_silu_past_2_31(shape, strides):
     assert_close(y, gn_ref.group_norm_silu_ref(xc, G, w, b, eps=1e-6, silu=True))
     for got, ref in zip((dx, dw, db), gn_ref.group_norm_silu_bwd_ref(dyc, xc, w, b, G, 1e-6, True)):
         assert_close(got, ref, dtype=torch.bfloat16, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Varlen attention: packed [T, H, D]; the last sequence starts past 2^31.
+# ---------------------------------------------------------------------------------------
+
+VARLEN = dict(B=61683, L=136, H=2, D=128)  # T = B * L tokens: 2^31 + 37120 elements
+
+
+def test_varlen_attention_fwd_bwd_past_2_31():
+    B, L, H, D = VARLEN.values()
+    T = B * L
+    q, k, v, dout = (big((T, H, D), tail=L) for _ in range(4))
+    assert q[-L:].storage_offset() > INT32_MAX
+    cu = torch.arange(B + 1, dtype=torch.int32) * L
+    scale = D**-0.5
+    # grid (query or key blocks, B, H): the last sequence; the delta kernel (token blocks of
+    # 32, H): the last sequence's tokens
+    last_seq = dict(per_kernel={"_varlen_attn_bwd_delta_kernel": (-(-L // 32), None)})
+    with final_programs(None, 1, None, **last_seq):
+        out, lse = torch.ops.mugv.varlen_attn_fwd(q, k, v, cu, cu, L, L, scale)
+        dq, dk, dv = torch.ops.mugv.varlen_attn_bwd(dout, q, k, v, out, lse, cu, cu, L, L, scale)
+    cu1 = torch.tensor([0, L], dtype=torch.int32)
+    want_out, want_lse = attn_ref.varlen_attention_fwd_ref(q[-L:], k[-L:], v[-L:], cu1, cu1, scale)
+    assert_close(out[-L:], want_out)
+    assert_close(lse[:, -L:], want_lse, dtype=torch.bfloat16)
+    for got, ref in zip((dq, dk, dv), attn_ref.varlen_attention_bwd_ref(dout[-L:], q[-L:], k[-L:], v[-L:], cu1, cu1,
+                                                                         scale)):
+        assert_close(got[-L:], ref, scale=2.0)
