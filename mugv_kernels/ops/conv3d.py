@@ -103,6 +103,7 @@ def _tap_rows(
 @triton.jit
 def _load_rows(X, CTX, x_off, x_ok, c_off, c_ok, chan, chan_ok, sxc, scc, HAS_CTX: tl.constexpr):
     """``[rows, channels]`` tile of the virtual padded input (native dtype)."""
+    chan = chan.to(tl.int64)  # channel x channel stride passes 2^31 in a channels-first sample > 2^31
     a = tl.load(X + x_off[:, None] + chan[None, :] * sxc, mask=x_ok[:, None] & chan_ok[None, :], other=0.0)
     if HAS_CTX:
         cm = c_ok[:, None] & chan_ok[None, :]
@@ -153,7 +154,7 @@ def _conv3d_fwd_kernel(
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < KT * KH * KW * C_in
             tap = kk // C_in
-            ci = kk - tap * C_in
+            ci = (kk - tap * C_in).to(tl.int64)
             kt = tap // (KH * KW)
             kh = (tap // KW) % KH
             kw = tap % KW
@@ -188,7 +189,7 @@ def _conv3d_fwd_kernel(
         acc += tl.load(BIAS + cout, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_off = b * syb + to * syt + ho * syh + wo * syw
     tl.store(
-        Y + y_off[:, None] + cout[None, :] * syc,
+        Y + y_off[:, None] + cout.to(tl.int64)[None, :] * syc,
         acc.to(Y.dtype.element_ty),
         mask=row_ok[:, None] & n_ok[None, :],
     )
@@ -238,12 +239,13 @@ def _conv3d_bwd_dx_kernel(
         for c0 in range(0, C_out, BLOCK_K):
             ck = c0 + tl.arange(0, BLOCK_K)
             k_ok = ck < C_out
-            g = tl.load(DY + d_off[:, None] + ck[None, :] * sdc, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            g_off = d_off[:, None] + ck.to(tl.int64)[None, :] * sdc
+            g = tl.load(DY + g_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w_base + ck[:, None] * C_in + cin[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, g, wt, UPCAST)
     x_off = b * sxb + tv * sxt + h * sxh + w * sxw
     tl.store(
-        DX + x_off[:, None] + cin[None, :] * sxc,
+        DX + x_off[:, None] + cin.to(tl.int64)[None, :] * sxc,
         acc.to(DX.dtype.element_ty),
         mask=row_ok[:, None] & n_ok[None, :],
     )
@@ -279,7 +281,7 @@ def _conv3d_bwd_dw_kernel(
     m_end = tl.minimum(m_start + m_per_split, M)
     acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_K):
-        rows = m0 + tl.arange(0, BLOCK_K)
+        rows = m0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64 even where m0 is a Python int (interpreter)
         row_ok = rows < m_end
         wo = rows % W_out
         r2 = rows // W_out
@@ -288,7 +290,8 @@ def _conv3d_bwd_dw_kernel(
         to = r2 % T_out
         b = r2 // T_out
         d_off = b * sdb + to * sdt + ho * sdh + wo * sdw
-        g = tl.load(DY + co[:, None] * sdc + d_off[None, :], mask=co_ok[:, None] & row_ok[None, :], other=0.0)
+        g_off = co.to(tl.int64)[:, None] * sdc + d_off[None, :]
+        g = tl.load(DY + g_off, mask=co_ok[:, None] & row_ok[None, :], other=0.0)
         x_off, x_ok, c_off, c_ok = _tap_rows(
             b, to * st - front + kt * dt, ho * sh - pad_h + kh * dh, wo * sw - pad_w + kw * dw, row_ok,
             T, H, W, P, sxb, sxt, sxh, sxw, scb, sct, sch, scw, HAS_CTX, REPLICATE,

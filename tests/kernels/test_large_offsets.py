@@ -20,6 +20,7 @@ import torch
 
 import mugv_kernels  # noqa: F401  (registers torch.ops.mugv)
 from mugv_kernels.reference import ada_norm as ada_norm_ref
+from mugv_kernels.reference import conv3d as conv_ref
 from mugv_kernels.reference import group_norm as gn_ref
 from mugv_kernels.reference import rope as rope_ref
 from mugv_kernels.reference import varlen_attention as attn_ref
@@ -256,3 +257,38 @@ def test_varlen_attention_fwd_bwd_past_2_31():
     for got, ref in zip((dq, dk, dv), attn_ref.varlen_attention_bwd_ref(dout[-L:], q[-L:], k[-L:], v[-L:], cu1, cu1,
                                                                          scale)):
         assert_close(got[-L:], ref, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Causal conv3d: [B, C, T, H, W] views whose channel stride times the channel index passes
+# 2^31 (the offsets of a channels-first activation of more than 2^31 elements per sample);
+# every program of the forward, dx and dw kernels runs.
+# ---------------------------------------------------------------------------------------
+
+
+def _slab_view(store, shape, sxc, offset):
+    """``shape`` with channel stride ``sxc`` and dense (b, t, h, w) strides inside each
+    channel's slab, starting at ``offset``; filled with random values."""
+    B, C, T, H, W = shape
+    v = store.as_strided(shape, (T * H * W, sxc, H * W, W, 1), offset)
+    v.copy_(torch.randn(shape))
+    return v
+
+
+@pytest.mark.parametrize("c_in,sxc", [(24, 2**27), (8, 2**28 + 2**26)], ids=["channel-loop", "flat-taps"])
+def test_causal_conv3d_past_2_31(c_in, sxc):
+    B, C_out, T, H, W = 2, 24, 4, 4, 8
+    store = torch.empty((max(c_in, C_out) - 1) * sxc + 2048, dtype=torch.bfloat16)
+    x = _slab_view(store, (B, c_in, T, H, W), sxc, 0)
+    ctx = _slab_view(store, (B, c_in, 2, H, W), sxc, 512)  # the 2 frames before x (front padding)
+    dy = _slab_view(store, (B, C_out, T, H, W), sxc, 1024)
+    assert (c_in - 1) * sxc > INT32_MAX and (C_out - 1) * sxc > INT32_MAX
+    w, b = (torch.randn(C_out, c_in, 3, 1, 3) * 0.3).bfloat16(), torch.randn(C_out).bfloat16()
+    conv = dict(stride=[1, 1, 1], dilation=[1, 1, 1], front=2, back=0, replicate=False)
+    y = torch.ops.mugv.causal_conv3d_fwd(x, ctx, w, b, **conv)
+    grads = torch.ops.mugv.causal_conv3d_bwd(dy, x, ctx, w, need=[True, True, True, True], **conv)
+    xc, cc, dyc = x.contiguous(), ctx.contiguous(), dy.contiguous()
+    assert_close(y, conv_ref.conv3d_padded_ref(xc, cc, w, b, **conv), scale=2.0)
+    want = conv_ref.conv3d_bwd_ref(dyc, xc, cc, w, True, **conv)
+    for got, ref in zip(grads, want):  # dx, dcontext, dweight, dbias
+        assert_close(got, ref, dtype=torch.bfloat16, scale=4.0)
