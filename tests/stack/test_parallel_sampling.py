@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 from mugv.config import ConfigError
 from mugv.pipeline import MUGVPipeline
+from tests.stack._fake_t5 import PROMPT, FakeT5
 from tests.stack.test_context_parallel import _free_port
-from tests.stack.test_pipeline import PROMPT, FakeT5, _image, released  # noqa: F401 (released: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,8 +119,21 @@ def _run(world, d, image, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The released-layout directory of the pipeline tests (imported here only: the spawned
+    ranks import this module and need none of the public reference code)."""
+    from tests.stack.test_pipeline import write_released
+
+    d = tmp_path_factory.mktemp("released")
+    write_released(d)
+    return (d,)
+
+
+@pytest.fixture(scope="module")
 def single(released, tmp_path_factory):
     """One-process latents (t2v, i2v) of the pipeline and the reference image."""
+    from tests.stack.test_pipeline import _image
+
     image = _image(tmp_path_factory.mktemp("img"))
     pipe = _pipe(released[0])
     return image, {i2v: pipe(PROMPT, image=image if i2v else None, **KW) for i2v in (False, True)}

@@ -4,8 +4,6 @@ weights written by an independent re-implementation of the public modules), the 
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -16,14 +14,14 @@ from mugv.models.released import dit_config_from_state_dict, load_released_dit
 from mugv.models.vae_released import ReleasedVideoVAE
 from mugv.pipeline import (ASPECT_RATIO_720P, DURATIONS, MUGVPipeline, frame_size, num_frames_for, read_image,
                            save_video, to_uint8)
-from mugv.text import TextEmbeddings
 from tests.stack import _mugv_public_pipeline as pub
+from tests.stack._fake_t5 import PROMPT, TEXT_DIM, FakeT5
 from tests.stack._mugv_public_ref import PublicMUGDiT
 
 # the released structure (4 SDXL levels = 8x, a 4-level temporal VAE = 8x) at reduced widths
 SPATIAL = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, groups=32)
 TEMPORAL = dict(filters=32, num_res_blocks=1, channel_multipliers=(1, 1, 2, 2), temporal_groups=32)
-TEXT_DIM, HIDDEN, DEPTH = 32, 144, 2  # head_dim 72 -> 2 heads
+HIDDEN, DEPTH = 144, 2  # head_dim 72 -> 2 heads; TEXT_DIM: the fake T5's width
 
 
 def _perturb(module, gen, scale=0.05):
@@ -36,6 +34,12 @@ def _perturb(module, gen, scale=0.05):
 def released(tmp_path_factory):
     """A released-layout directory with ``vae.pt`` and ``dit.pt``; returns (dir, ref_vae, ref_dit)."""
     d = tmp_path_factory.mktemp("released")
+    return (d, *write_released(d))
+
+
+def write_released(d):
+    """Write ``vae.pt`` and ``dit.pt`` of the reduced released structure to ``d``; returns the
+    public reference modules ``(vae, dit)`` they hold."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     vae = pub.PubVAEPipeline(**SPATIAL, **TEMPORAL).eval()
@@ -44,36 +48,9 @@ def released(tmp_path_factory):
     dit = PublicMUGDiT(hidden_size=HIDDEN, depth=DEPTH, num_heads=HIDDEN // 72, text_dim=TEXT_DIM).eval()
     _perturb(dit, gen, 0.02)
     torch.save(dit.state_dict(), d / "dit.pt")
-    return d, vae, dit
+    return vae, dit
 
 
-class FakeT5:
-    """Deterministic stand-in for T5: per caption ``len(words)`` tokens (at most 12) of states drawn
-    from a hash of the caption. ``__call__`` is the mugv encoder interface, ``encode`` the public one
-    (padded to 12, with a mask)."""
-
-    L = 12
-
-    def _states(self, text):
-        n = min(len(text.split()), self.L)
-        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-        return torch.randn(n, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
-
-    def __call__(self, texts):
-        parts = [self._states(t) for t in texts]
-        cu = torch.tensor([0] + np.cumsum([p.shape[0] for p in parts]).tolist(), dtype=torch.int32)
-        return TextEmbeddings(torch.cat(parts), cu, max(p.shape[0] for p in parts))
-
-    def encode(self, texts):
-        y = torch.zeros(len(texts), 1, self.L, TEXT_DIM)
-        mask = torch.zeros(len(texts), self.L, dtype=torch.long)
-        for i, t in enumerate(texts):
-            s = self._states(t)
-            y[i, 0, :s.shape[0]], mask[i, :s.shape[0]] = s, 1
-        return y, mask
-
-
-PROMPT = "a red fox runs through fresh snow at dawn"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
