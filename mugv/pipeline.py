@@ -640,15 +640,22 @@ class MUGVPipeline:
         if output == "latents":
             return z
         with self._on_device(self.vae, "decode"):
-            bar = _bar(1, "decoding", progress)
             vd = self._vae_dtype()
-            if ref is None or not public_i2v:
-                video = self.vae.decode(z.to(vd), num_frames=T)[0]
+            i2v = ref is not None and public_i2v
+            sp = getattr(self.vae, "spatial_vae", None)
+            if hasattr(sp, "micro_batches"):  # the released VAE: one tick per stage / micro-batch
+                bar = _bar(1 + sp.micro_batches(T - 1 if i2v else T), "decoding", progress)
+                kw = {"callback": lambda: bar.update(1)}
             else:
-                video = self.vae.decode(z[:, :, 1:].to(vd), num_frames=T - 1)[0]
+                bar, kw = _bar(1, "decoding", progress), {}
+            if not i2v:
+                video = self.vae.decode(z.to(vd), num_frames=T, **kw)[0]
+            else:
+                video = self.vae.decode(z[:, :, 1:].to(vd), num_frames=T - 1, **kw)[0]
                 first = ref_img[:, :, :video.shape[2], :video.shape[3]].to(device=video.device, dtype=video.dtype)
                 video = torch.cat([first, video], dim=1)
-            bar.update(1)
+            if not kw:
+                bar.update(1)
             bar.close()
             frames = to_uint8(video)
         return frames
@@ -661,11 +668,21 @@ class MUGVPipeline:
         return int(getattr(self.vae, "out_channels", 24))
 
     def profile_json(self, path: str | os.PathLike, **extra: Any) -> Path:
-        """Write the last call's per-stage seconds (and peak device memory on CUDA) as JSON."""
+        """Write the last call's per-stage seconds (and peak device memory on CUDA, per stage) as
+        JSON, with the process's peak resident host memory (``host_max_rss_bytes``, Linux/macOS)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"device": str(self.device), "dtype": str(self.dtype), "offload": self.offload,
-                                 "stages": self.profile, **extra}, indent=2))
+        info: dict[str, Any] = {"device": str(self.device), "dtype": str(self.dtype), "offload": self.offload,
+                                "vae_tiling": self.vae_tiling, "stages": self.profile}
+        try:
+            import resource
+            import sys
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            info["host_max_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
+        except ImportError:  # Windows
+            pass
+        p.write_text(json.dumps({**info, **extra}, indent=2))
         return p
 
 

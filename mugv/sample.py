@@ -267,7 +267,6 @@ def generate_released(
         pipe.profile["load"] = {"seconds": load_s}
         pipe.profile["write"] = {"seconds": time.perf_counter() - write_start}
         pipe.profile_json(out.with_suffix(".profile.json"), frames=int(arr.shape[0]), height=int(arr.shape[1]),
-                          width=int(arr.shape[2]), steps=steps, vae_tile=vae_tile,
-                          total_seconds=time.perf_counter() - t0)
+                          width=int(arr.shape[2]), steps=steps, total_seconds=time.perf_counter() - t0)
     return GenerateResult(str(out), str(sheet), int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]),
                           time.perf_counter() - t0)

@@ -265,9 +265,11 @@ class ReleasedVideoVAE(nn.Module):
             return post
         return post.affine(self.shift.to(post.mean.dtype), self.scale.to(post.mean.dtype))
 
-    def decode(self, z: Tensor, num_frames: int | None = None, *, normalized: bool = True) -> Tensor:
+    def decode(self, z: Tensor, num_frames: int | None = None, *, normalized: bool = True, callback=None) -> Tensor:
         """Latents ``[B, 24, L, h, w]`` -> pixels ``[B, 3, T, 8h, 8w]`` in the model dtype
         (``num_frames``: the encoded clip's length, default ``8 L``; public decode rule).
+        ``callback()`` (optional) is called after the temporal stage and after each spatial
+        micro-batch: ``1 + spatial_vae.micro_batches(B * T)`` calls (progress bars).
 
         Raises:
             TypeError / ValueError: bad ``z`` or a ``num_frames`` that does not fit ``L``.
@@ -278,7 +280,9 @@ class ReleasedVideoVAE(nn.Module):
         if normalized:
             z = self.denormalize(z)
         feats = self.temporal_vae.decode(z, num_frames, normalized=False)
-        return self.spatial_vae.decode(feats)
+        if callback is not None:
+            callback()
+        return self.spatial_vae.decode(feats, callback=callback)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -400,7 +400,11 @@ class SpatialVAE(nn.Module):
         set_module_backend(self, kernels)
         return self
 
-    def _frames(self, fn, x: Tensor, channels: int, name: str, scale: int) -> Tensor:
+    def micro_batches(self, frames: int) -> int:
+        """How many micro-batches ``frames`` frames run in (``ceil(frames / frame_batch)``)."""
+        return 0 if frames < 1 else 1 if self.frame_batch is None else -(-frames // self.frame_batch)
+
+    def _frames(self, fn, x: Tensor, channels: int, name: str, scale: int, callback=None) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != channels:
             raise ValueError(f"{name} must be [B, {channels}, T, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -414,7 +418,11 @@ class SpatialVAE(nn.Module):
                                       f_in=fi, f_out=fo)
         else:
             run = fn
-        outs = [run(flat[i:i + bs]) for i in range(0, flat.shape[0], max(bs, 1))]
+        outs = []
+        for i in range(0, flat.shape[0], max(bs, 1)):
+            outs.append(run(flat[i:i + bs]))
+            if callback is not None:
+                callback()
         y = torch.cat(outs, dim=0) if outs else flat.new_zeros(0, 1, 1, 1)
         h, w = (H // scale, W // scale) if scale > 0 else (H * -scale, W * -scale)
         return y.reshape(B, T, y.shape[1] if outs else 0, h, w).transpose(1, 2)
@@ -426,10 +434,11 @@ class SpatialVAE(nn.Module):
             raise ValueError(f"x height and width must be multiples of {f}, got {tuple(x.shape[3:])}")
         return self._frames(lambda v: self.module.encoder(v) * self.scaling_factor, x, self.in_channels, "x", f)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """``[B, C_last, T, h, w]`` scaled features -> ``[B, 3, T, h f, w f]`` pixels."""
+    def decode(self, z: Tensor, *, callback=None) -> Tensor:
+        """``[B, C_last, T, h, w]`` scaled features -> ``[B, 3, T, h f, w f]`` pixels;
+        ``callback()`` (optional) is called after each micro-batch (progress bars)."""
         return self._frames(lambda v: self.module.decoder(v / self.scaling_factor), z, self.feature_channels, "z",
-                            -self.compression)
+                            -self.compression, callback)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

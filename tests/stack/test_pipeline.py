@@ -492,6 +492,11 @@ def test_pipeline_vae_tiling_option(pipe):
         pipe(PROMPT, vae_tiling=12, **kw)
     with pytest.raises(ValueError, match="tiles frames"):
         MUGVPipeline(pipe.dit, VideoVAE(VAEConfig.from_preset("compact")), pipe.text_encoder, vae_tiling=True)
+    # the decoding progress: one tick for the temporal stage, one per spatial micro-batch of 4 frames
+    ticks = []
+    with torch.no_grad():
+        pipe.vae.decode(z, num_frames=9, callback=lambda: ticks.append(1))
+    assert len(ticks) == 1 + pipe.vae.spatial_vae.micro_batches(9) == 1 + 3
 
 
 def test_pipeline_errors(pipe, tmp_path):
@@ -569,7 +574,8 @@ def test_cli_generate_released(released, tiny_t5, tmp_path, capsys):
     assert len(frames) == 9 and frames[0].shape == (16, 32, 3) and out.with_suffix(".png").exists()
     prof = json.loads(out.with_suffix(".profile.json").read_text())
     assert {"load", "encode_image", "encode_text", "sample", "decode", "write"} <= set(prof["stages"])
-    assert all(v["seconds"] >= 0 for v in prof["stages"].values()) and prof["vae_tile"] == 16
+    assert all(v["seconds"] >= 0 for v in prof["stages"].values()) and prof["vae_tiling"] == 16
+    assert prof["host_max_rss_bytes"] > 10 * 2**20
     capsys.readouterr()
     for argv, msg in (
         (["generate", "--released", str(tmp_path), "--t5", str(tiny_t5), "--prompt", "x", "--out", str(out)],
