@@ -480,3 +480,68 @@ def test_dead_rank_restarts_the_group_and_resumes(shards, tmp_path):
     want = [(x["step"], x["loss"]) for x in read_metrics(tmp_path / "ref" / "train.jsonl")]
     got = [(x["step"], x["loss"]) for x in read_metrics(tmp_path / "run" / "train.jsonl")]
     assert [s for s, _ in want] == [1, 2, 3, 4] and got == want
+
+
+_PREPROCESS_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import torch
+import mugv.data.preprocess as pre
+from mugv.config import PreprocessConfig, load_config
+from mugv.models.vae import VAEConfig, VideoVAE
+from tests.stack.test_data import _StubText
+
+videos, caps, out = sys.argv[1:4]
+torch.manual_seed(0)
+vae = VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False).eval()
+real_shard = pre.write_shard
+
+def shard(path, tensors):
+    real_shard(path, tensors)
+    if Path(path).name.startswith("shard_"):  # dies with the first shard renamed, before the index lists it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+pre.write_shard = shard
+cfg = load_config(PreprocessConfig, overrides=dict(videos=videos, captions=caps, out=out, base_resolution=48,
+                                                   num_frames=[9], fps=8.0, device="cpu"))
+pre.preprocess(cfg, vae=vae, text_encoder=_StubText(), progress=False)
+"""
+
+
+def test_preprocess_sigkilled_then_rerun_gives_the_same_index(tmp_path):
+    """A real SIGKILL of the process (no cleanup, no exception handlers): the in-process test
+    above covers the other kill points."""
+    import mugv.data.preprocess as pre
+    from mugv.config import PreprocessConfig
+    from mugv.models.vae import VAEConfig, VideoVAE
+    from tests.stack.test_data import _StubText, _video_folder
+
+    caps = _video_folder(tmp_path / "videos")
+
+    def run(out):
+        torch.manual_seed(0)
+        vae = VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False).eval()
+        cfg = load_config(PreprocessConfig, overrides=dict(
+            videos=str(tmp_path / "videos"), captions=str(caps), out=str(out), base_resolution=48,
+            num_frames=[9], fps=8.0, device="cpu"))  # fmt: skip
+        return pre.preprocess(cfg, vae=vae, text_encoder=_StubText(), progress=False)
+
+    run(tmp_path / "full")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _PREPROCESS_CHILD, str(tmp_path / "videos"), str(caps),
+                           str(tmp_path / "part")], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len(list((tmp_path / "part").glob("shard_*.safetensors"))) == 1  # on disk, not in the index
+    index = tmp_path / "part" / "index.json"
+    assert not index.exists() or not json.loads(index.read_text())["shards"]
+    rep = run(tmp_path / "part")
+    full = json.loads((tmp_path / "full" / "index.json").read_text())
+    part = json.loads((tmp_path / "part" / "index.json").read_text())
+    assert part["shards"] == full["shards"]  # same clips, order, metadata and shard checksums
+    keys = [(s["source"], c["key"]) for s in part["shards"] for c in s["clips"]]
+    assert len(keys) == len(set(keys)) == 3
+    assert not list((tmp_path / "part").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "part").glob("shard_*")) == sorted(s["file"] for s in full["shards"])
+    assert len(rep["processed"]) + len(rep["resumed"]) == 2
