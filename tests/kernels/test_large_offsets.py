@@ -9,7 +9,10 @@ run on the small slice they cover, which the other kernel tests check against th
 
 Under ``TRITON_INTERPRET=1`` integer arithmetic is numpy's: an int32 product wraps exactly
 as on the GPU. :func:`test_harness_catches_int32_offsets` shows that a kernel with int32
-row offsets fails this check, so the tests can fail.
+row offsets fails this check, so the tests can fail. (In the kernels a wrapped offset
+usually points outside every mapping: the test process then dies of SIGSEGV, which
+pytest reports as a failure.) Other tests use strided views into one untouched storage,
+whose strides times indices pass 2^31 while every program runs.
 """
 
 import contextlib
@@ -292,3 +295,25 @@ def test_causal_conv3d_past_2_31(c_in, sxc):
     want = conv_ref.conv3d_bwd_ref(dyc, xc, cc, w, True, **conv)
     for got, ref in zip(grads, want):  # dx, dcontext, dweight, dbias
         assert_close(got, ref, dtype=torch.bfloat16, scale=4.0)
+
+
+def test_causal_conv3d_outputs_past_2_31():
+    """Channels-first input, output and dx of 2.3e9 elements whose last channel starts past
+    2^31: the last output (and input) positions, from the final programs of the grid."""
+    C, T, H, W = 16, 4, 4096, 8760
+    assert (C - 1) * T * H * W > INT32_MAX  # channel index x channel stride
+    x, dy = big((1, C, T, H, W)), big((1, C, T, H, W))
+    x[:, :, -3:, -1:] = torch.randn(1, C, 3, 1, W).bfloat16()  # all the last positions read
+    dy[:, :, -3:, -1:] = torch.randn(1, C, 3, 1, W).bfloat16()
+    assert x[0, -1, -1, -1, -1:].storage_offset() > INT32_MAX
+    w = (torch.randn(C, C, 3, 1, 3) * 0.3).bfloat16()
+    conv = dict(stride=[1, 1, 1], dilation=[1, 1, 1], front=2, back=0, replicate=False)
+    with final_programs(1):  # grid (row blocks, channel blocks): the last 256 positions
+        y = torch.ops.mugv.causal_conv3d_fwd(x, None, w, None, **conv)
+        dx = torch.ops.mugv.causal_conv3d_bwd(dy, x, None, w, need=[True, False, False, False], **conv)[0]
+    assert y.shape == x.shape and y.is_contiguous() and dx.is_contiguous()
+    # frames T-3 .. T-1 of the last row hold everything the last frame's outputs and dx see
+    xs, dys = x[:, :, -3:, -1:].contiguous(), dy[:, :, -3:, -1:].contiguous()
+    tail = (slice(None), slice(None), -1, -1, slice(-256, None))
+    assert_close(y[tail], conv_ref.conv3d_padded_ref(xs, None, w, None, **conv)[tail], scale=2.0)
+    assert_close(dx[tail], conv_ref.conv3d_bwd_ref(dys, xs, None, w, False, **conv)[0][tail], scale=2.0)
