@@ -111,10 +111,15 @@ def _worker(rank, world, port, d, image, out):
 
 
 def _run(world, d, image, tmp_path):
+    """``world`` gloo ranks forked from one forkserver that has imported this module (torch and
+    mugv once for all ranks and both worlds; the server itself runs no torch op or thread)."""
     out = tmp_path / f"world{world}"
     out.mkdir()
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
     mp.start_processes(_worker, args=(world, _free_port(), str(d), str(image), str(out)), nprocs=world, join=True,
-                       start_method="spawn")
+                       start_method="forkserver")
     return out, [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
