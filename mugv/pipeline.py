@@ -37,9 +37,11 @@ Frame rate: the model is conditioned on ``fps`` (public 30); :func:`save_video` 
 rate it is given. The CLI writes at 20 fps by default, as the public ``save_video`` (105 frames
 are 5.25 s, the "5s" clip).
 
-Memory (``offload``): ``"none"`` keeps everything on the device. ``"model"`` keeps each model on
-the device only while it runs: the text encoder is moved to the CPU after encoding, the VAE while
-the DiT samples, the DiT while the VAE decodes. ``"blocks"`` does the same and keeps the DiT
+Memory (``offload``): the text encoder is moved to the CPU after encoding in every mode
+(``offload_text_encoder=False`` keeps it on the device, for many calls on a large GPU).
+``"none"`` keeps the DiT and the VAE on the device. ``"model"`` keeps each model on the device
+only while it runs: the text encoder and the VAE while the DiT samples, the DiT while the VAE
+decodes. ``"blocks"`` does the same and keeps the DiT
 blocks in pinned host memory, copying block ``i + 1`` to the device on a side CUDA stream while
 block ``i`` runs (:class:`BlockStreamer`). On a CPU device offloading moves nothing.
 
@@ -353,6 +355,8 @@ class MUGVPipeline:
             CFG 4.0).
         device: where the models run (default: the DiT's device).
         offload: ``"none"``, ``"model"`` or ``"blocks"``.
+        offload_text_encoder: move the text encoder to the CPU after each encoding, whatever
+            ``offload`` says (default True; it is needed only for the first step).
         vae_tiling: spatial tiling of the VAE (see the module docstring): False (default, the
             public output), True (:data:`VAE_TILE_SIZE`-pixel tiles) or a tile side in pixels;
             ``pipe(..., vae_tiling=)`` overrides it per call. Needs a VAE with ``set_tiling``
@@ -364,7 +368,7 @@ class MUGVPipeline:
 
     def __init__(self, dit: Any, vae: Any, text_encoder: Any, flow: RectifiedFlow | None = None, *,
                  device: torch.device | str | None = None, offload: str = "none",
-                 vae_tiling: bool | int = False) -> None:
+                 offload_text_encoder: bool = True, vae_tiling: bool | int = False) -> None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         self.vae_tiling = vae_tiling
@@ -376,6 +380,7 @@ class MUGVPipeline:
                                                                          torch.device("cpu"))
         self.dtype = params[0].dtype if params else torch.float32
         self.offload = offload
+        self.offload_text_encoder = bool(offload_text_encoder)
         self.streamer: BlockStreamer | None = None
         self.profile: dict[str, Any] = {}
         self.last_latents: Tensor | None = None
@@ -395,7 +400,8 @@ class MUGVPipeline:
     def from_released(cls, directory: str | os.PathLike, text_encoder: str | os.PathLike | Any = None, *,
                       device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                       offload: str = "none", kernels: bool | None = None,
-                      progress: bool = False, vae_tiling: bool | int = False) -> MUGVPipeline:
+                      progress: bool = False, offload_text_encoder: bool = True,
+                      vae_tiling: bool | int = False) -> MUGVPipeline:
         """The released MUG-V 10B from its directory (``dit.pt`` and ``vae.pt``) and a T5-v1.1-XXL
         (a local directory path, or an already built encoder).
 
@@ -403,7 +409,8 @@ class MUGVPipeline:
             directory: holds ``dit.pt`` and ``vae.pt`` (the ``MUG-V-inference`` download).
             text_encoder: a T5 directory (``None``: ``$MUGV_T5_PATH``) or an encoder object.
             device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-            offload, vae_tiling: see the class. kernels: the fused ops (default on CUDA).
+            offload, offload_text_encoder, vae_tiling: see the class. kernels: the fused ops
+                (default on CUDA).
 
         Raises:
             FileNotFoundError: a missing ``dit.pt``/``vae.pt``/T5 (names the file and the layout).
@@ -429,7 +436,7 @@ class MUGVPipeline:
         if text_encoder is None or isinstance(text_encoder, (str, os.PathLike)):
             from mugv.text import load_t5
 
-            text_encoder = load_t5(text_encoder, device=stage)  # first: a missing T5 fails before the big loads
+            text_encoder = load_t5(text_encoder, device="cpu" if offload_text_encoder else stage)  # first: a missing T5 fails before the big loads
         bar = _bar(3, "loading", progress)
         bar.update(1)
         try:
@@ -441,7 +448,7 @@ class MUGVPipeline:
             raise ConfigError(str(e)) from e
         bar.close()
         return cls(dit, vae, text_encoder, RectifiedFlow.from_preset("mugv"), device=dev, offload=offload,
-                   vae_tiling=vae_tiling)
+                   offload_text_encoder=offload_text_encoder, vae_tiling=vae_tiling)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, vae: str | os.PathLike | None = None, use_ema: bool = True,
@@ -485,7 +492,7 @@ class MUGVPipeline:
     @contextmanager
     def _on_device(self, module: Any, name: str):
         """Run with ``module`` on the device; with offload, back to the CPU afterwards."""
-        off = self.offload != "none" and self.device.type == "cuda"
+        off = self.device.type == "cuda" and self._offloads(name)
         if off:
             _move(module, self.device)
         t0 = time.perf_counter()
@@ -503,6 +510,12 @@ class MUGVPipeline:
                                                  torch.cuda.max_memory_allocated(self.device))
             if off:
                 _move(module, "cpu")
+
+    def _offloads(self, stage: str) -> bool:
+        """Whether ``stage``'s model leaves the device after it runs (on CUDA)."""
+        if stage == "encode_text" and self.offload_text_encoder:
+            return True
+        return self.offload != "none"
 
     def _encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         emb = self.text_encoder(texts)

@@ -591,3 +591,14 @@ def test_cli_generate_released(released, tiny_t5, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_text_encoder_leaves_the_device_after_encoding_in_every_mode(pipe):
+    """The text encoder is offloaded after encoding whatever ``offload`` says; the DiT and VAE only
+    with ``offload`` model/blocks; ``offload_text_encoder=False`` keeps it."""
+    for mode in ("none", "model", "blocks"):
+        p = MUGVPipeline(pipe.dit, pipe.vae, pipe.text_encoder, offload=mode)
+        assert p._offloads("encode_text")
+        assert p._offloads("sample") == p._offloads("decode") == (mode != "none")
+        kept = MUGVPipeline(pipe.dit, pipe.vae, pipe.text_encoder, offload=mode, offload_text_encoder=False)
+        assert kept._offloads("encode_text") == (mode != "none")
