@@ -11,9 +11,9 @@ import torch
 
 from mugv.config import ConfigError, TrainConfig, load_config
 from mugv.data.sampler import PackingSampler
-from mugv.data.shards import LatentDataset, LatentMixture, atomic_write_json, parse_bucket, write_shard
+from mugv.data.shards import LatentDataset, LatentMixture, parse_bucket
 from mugv.train.trainer import Trainer, check_task_mix, clip_randomness, task_of
-from tests.stack.test_train import C, D, _cfg
+from tests.stack.test_train import C, D, _cfg, make_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,23 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _shards(root: Path, shapes, seed: int = 0) -> Path:
     """A preprocessed directory of random latents with the latent shapes ``(T, h, w)`` given
     (``T == 1``: an image, as ``preprocess`` writes it)."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors, clips = {}, []
-    for i, (T, h, w) in enumerate(shapes):
-        L = 3 + i % 4
-        tensors[f"{i}.latent"] = torch.randn(C, T, h, w, generator=g)
-        tensors[f"{i}.text"] = torch.randn(L, D, generator=g)
-        clips.append({"key": str(i), "latent_shape": [C, T, h, w], "num_frames": 8 * (T - 1) + 1,
-                      "height": 8 * h, "width": 8 * w, "fps": 8.0, "start_frame": 0, "caption": f"clip {i}",
-                      "text_len": L, "source": "synthetic", **({"image": True} if T == 1 else {})})  # fmt: skip
-    write_shard(root / "shard_0.safetensors", tensors)
-    write_shard(root / "null_text.safetensors", {"text": torch.randn(2, D, generator=g)})
-    atomic_write_json(root / "index.json", {
-        "version": 1, "latent_channels": C, "text_dim": D, "text_encoder": "synthetic", "vae": "",
-        "shards": [{"file": "shard_0.safetensors", "source": "synthetic", "clips": clips}],
-    })  # fmt: skip
-    return root
+    return make_shards(root, len(shapes), seed, shapes=list(shapes), text_lens=4, images=True)
 
 
 IMAGES = [(1, 4, 8), (1, 6, 6), (1, 4, 4), (1, 8, 4)]

@@ -32,20 +32,24 @@ from mugv.train.trainer import NonFiniteLossError, Trainer
 C, D = 24, 384
 
 
-def make_shards(root: Path, n: int = 8, seed: int = 0) -> Path:
-    """A tiny preprocessed dataset of random latents/captions with mixed shapes."""
+def make_shards(root: Path, n: int = 8, seed: int = 0, *, shapes=None, text_lens: int = 5,
+                images: bool = False) -> Path:
+    """A tiny preprocessed dataset of random latents/captions with mixed latent shapes
+    ``(T, h, w)`` (cycled over ``n`` clips); caption lengths ``3 + i % text_lens``. With
+    ``images``, one-frame clips are marked as images, as ``preprocess`` writes them."""
     root.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    shapes = [(3, 4, 8), (2, 6, 6), (3, 4, 4), (1, 4, 8), (2, 4, 10)]
+    shapes = shapes or [(3, 4, 8), (2, 6, 6), (3, 4, 4), (1, 4, 8), (2, 4, 10)]
     tensors, clips = {}, []
     for i in range(n):
         T, h, w = shapes[i % len(shapes)]
-        L = 3 + i % 5
+        L = 3 + i % text_lens
         tensors[f"{i}.latent"] = torch.randn(C, T, h, w, generator=g)
         tensors[f"{i}.text"] = torch.randn(L, D, generator=g)
         clips.append({"key": str(i), "latent_shape": [C, T, h, w], "num_frames": 8 * (T - 1) + 1,
                       "height": 8 * h, "width": 8 * w, "fps": 8.0, "start_frame": 0, "caption": f"clip {i}",
-                      "text_len": L, "source": "synthetic"})  # fmt: skip
+                      "text_len": L, "source": "synthetic",
+                      **({"image": True} if images and T == 1 else {})})  # fmt: skip
     write_shard(root / "shard_0.safetensors", tensors)
     write_shard(root / "null_text.safetensors", {"text": torch.randn(2, D, generator=g)})
     atomic_write_json(root / "index.json", {
