@@ -5,14 +5,13 @@ prompt) caption; activation checkpointing modes give the gradients of none; the 
 
 import dataclasses
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mugv.models import DiTConfig, MUGDiT
+from tests.stack._dist import free_port, start_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,12 +65,6 @@ def _reference():
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _trainer_cfg(data, out, **kw):
     from tests.stack.test_train import _cfg
 
@@ -120,16 +113,17 @@ def _worker(rank, world, port, runs, out, data=None):
 
 
 def run_ranks(world: int, runs, tmp_path, data=None):
-    """Spawn ``world`` gloo ranks running ``runs`` (and the trainer on ``data``); rank 0's results."""
+    """``world`` gloo ranks (forked from the forkserver, see ``tests.stack._dist``) running
+    ``runs`` (and the trainer on ``data``); rank 0's results."""
     out = tmp_path / "results.pt"
-    mp.start_processes(_worker, args=(world, _free_port(), runs, str(out), data), nprocs=world, join=True,
-                       start_method="spawn")
+    start_ranks(_worker, (world, free_port(), runs, str(out), data), world,
+                preload=("mugv.train.parallelize", "mugv.train.trainer", "tests.stack.test_train"))
     return torch.load(out)
 
 
 def test_cp_fsdp_matches_one_process(tmp_path):
     """cp=4; dp_shard=2 x cp=2 with each AC mode; HSDP dp_replicate=2 x cp=2; the trainer with
-    cp=2 x dp_shard=2 against one process on the union of the micro-batches (4 gloo ranks, one spawn)."""
+    cp=2 x dp_shard=2 against one process on the union of the micro-batches (4 gloo ranks, started once)."""
     from mugv.data.sampler import PackingSampler
     from mugv.train.trainer import Trainer
     from tests.stack.test_train import make_shards

@@ -11,12 +11,11 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mugv.config import ConfigError
 from mugv.pipeline import MUGVPipeline
+from tests.stack._dist import free_port, start_ranks
 from tests.stack._fake_t5 import PROMPT, FakeT5
-from tests.stack.test_context_parallel import _free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,11 +114,7 @@ def _run(world, d, image, tmp_path):
     mugv once for all ranks and both worlds; the server itself runs no torch op or thread)."""
     out = tmp_path / f"world{world}"
     out.mkdir()
-    import multiprocessing
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-    mp.start_processes(_worker, args=(world, _free_port(), str(d), str(image), str(out)), nprocs=world, join=True,
-                       start_method="forkserver")
+    start_ranks(_worker, (world, free_port(), str(d), str(image), str(out)), world)
     return out, [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
