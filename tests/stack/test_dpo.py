@@ -1,6 +1,7 @@
 """Preference optimization: the DPO loss is log 2 at step 0, DPO on synthetic pairs (preferred
 from one distribution, rejected from another) raises the implicit reward margin and lowers the
-policy's flow loss on preferred clips relative to rejected ones; KTO runs; bad pair files."""
+policy's flow loss on preferred clips relative to rejected ones; two gloo ranks (FSDP2, and
+Ulysses context parallelism) match one process; KTO runs; bad pair files."""
 
 import math
 import os
@@ -9,29 +10,34 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mugv.config import ConfigError, DPOConfig, load_config
 from mugv.data.shards import atomic_write_json, write_shard
 from mugv.train.dpo import DPOTrainer, dpo_loss, kto_loss
-from tests.stack.test_train import _cfg, _free_port
+from tests.stack._dist import free_port, start_ranks
+from tests.stack.test_train import _cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C, D, P = 24, 384, 4
+#: latent (T, h, w) of each pair for the context-parallel run: 10, 14, 14 and 6 tokens a clip,
+#: so the two shares of a step's packed pairs can cut a clip
+CP_SHAPES = [(2, 4, 4), (3, 4, 4), (2, 4, 6), (1, 4, 4)]
 
 
-def _pair_shards(root):
+def _pair_shards(root, shapes=((2, 4, 4),) * P):
+    """``P`` pairs (``w<i>``, ``l<i>``: one caption, latents of ``shapes[i]``), ``pairs.csv`` and ``labels.csv``."""
     root.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     tensors, clips = {}, []
-    for i in range(P):
+    for i, (T, h, w) in enumerate(shapes):
         text = torch.randn(4, D, generator=g)
         for kind, mean in (("w", 1.0), ("l", -1.0)):  # preferred around +1, rejected around -1
             k = f"{kind}{i}"
-            tensors[f"{k}.latent"] = mean + 0.3 * torch.randn(C, 2, 4, 4, generator=g)
+            tensors[f"{k}.latent"] = mean + 0.3 * torch.randn(C, T, h, w, generator=g)
             tensors[f"{k}.text"] = text.clone()
-            clips.append({"key": k, "latent_shape": [C, 2, 4, 4], "num_frames": 9, "height": 32, "width": 32,
-                          "fps": 8.0, "start_frame": 0, "caption": f"prompt {i}", "text_len": 4, "source": "synthetic"})
+            clips.append({"key": k, "latent_shape": [C, T, h, w], "num_frames": 8 * (T - 1) + 1, "height": 8 * h,
+                          "width": 8 * w, "fps": 8.0, "start_frame": 0, "caption": f"prompt {i}", "text_len": 4,
+                          "source": "synthetic"})
     write_shard(root / "shard_0.safetensors", tensors)
     write_shard(root / "null_text.safetensors", {"text": torch.randn(2, D, generator=g)})
     atomic_write_json(root / "index.json", {"version": 1, "latent_channels": C, "text_dim": D, "text_encoder": "x",
@@ -49,6 +55,16 @@ def setup(tmp_path_factory):
     data = _pair_shards(tmp / "shards")
     Trainer(_cfg(data, tmp / "sft", steps=1)).fit()
     return tmp, data
+
+
+@pytest.fixture(scope="module")
+def cp_setup(setup):
+    """Pairs of :data:`CP_SHAPES` and a one-step SFT run of a 2-head DiT (cp=2 splits the heads)."""
+    from mugv.train.trainer import Trainer
+
+    tmp, data = setup
+    Trainer(_cfg(data, tmp / "sft_h2", steps=1, num_heads=2)).fit()
+    return _pair_shards(tmp / "shards_cp", CP_SHAPES), tmp / "sft_h2"
 
 
 def _dpo(tmp, data, out, **kw):
@@ -124,14 +140,19 @@ def _two_steps(tr):
     return loss0, loss1.item(), grads
 
 
-def _fsdp_dpo_worker(rank, world, port, tmp, data, result):
+def _dist_dpo_worker(rank, world, port, tmp, data, result, kw):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from torch.distributed.tensor import DTensor
 
+    from mugv.train.context_parallel import UlyssesBatch
+
+    exchanges = []  # token -> head all-to-alls of the Ulysses self-attention, policy and reference
+    to_heads = UlyssesBatch._to_heads
+    UlyssesBatch._to_heads = lambda self, t: exchanges.append(t.shape) or to_heads(self, t)
     try:
-        tr = DPOTrainer(_dpo(Path(tmp), Path(data), "fsdp", fsdp="on", pairs_per_step=P // world))
+        tr = DPOTrainer(_dpo(Path(tmp), Path(data), f"dist_{kw.get('context_parallel', 1)}", fsdp="on", **kw))
         assert tr.use_fsdp
         out = _two_steps(tr)
         pol = dict(tr.model.named_parameters())
@@ -139,24 +160,48 @@ def _fsdp_dpo_worker(rank, world, port, tmp, data, result):
                 isinstance(p, DTensor) and p.placements == pol[n].placements and p.device_mesh == pol[n].device_mesh,
                 p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel())
                for n, p in tr.reference.named_parameters()]
-        if rank == 0:
-            torch.save((out, ref), result)  # a file: tensors through a Queue need the sender alive
+        if rank == 0:  # a file: tensors through a Queue need the sender alive
+            torch.save((out, ref, (tr.dims.dp, tr.dims.cp), len(exchanges)), result)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def test_fsdp2_dpo_two_ranks_match_one_process(setup):
-    """2 gloo ranks, policy and reference both FSDP2-sharded: the losses of step 0 and 1 and
-    every gradient of step 1 equal one process's on the same global rows (fp32); the
-    reference's parameters are DTensors sharded like the policy's, frozen, without grads."""
+@pytest.mark.parametrize("layout", ["fsdp", "cp"])
+def test_dpo_two_ranks_match_one_process(setup, request, layout):
+    """2 gloo ranks, policy and reference both FSDP2-sharded (over dp_shard x cp): ``fsdp``
+    (dp=2, each rank half of the rows) and ``cp`` (Ulysses cp=2, dp=1: both ranks read the same
+    rows, each holds half of the packed tokens, a clip cut between the shares). The losses of
+    step 0 and 1 and every gradient of step 1 equal one process's on the same global rows
+    (fp32); the reference's parameters are DTensors sharded like the policy's, frozen, without
+    grads, and under cp both models' self-attention runs through the all-to-alls."""
+    from mugv.train.context_parallel import shard_range
+
     tmp, data = setup
     world = 2
-    result = tmp / "fsdp_result.pt"
-    mp.start_processes(_fsdp_dpo_worker, args=(world, _free_port(), str(tmp), str(data), str(result)), nprocs=world,
-                       join=True, start_method="spawn")
-    (f0, f1, fgrads), ref = torch.load(result)
-    s0, s1, sgrads = _two_steps(DPOTrainer(_dpo(tmp, data, "single")))
+    if layout == "cp":
+        data, sft = request.getfixturevalue("cp_setup")
+        single_kw = dict(init_from=str(sft), num_heads=2, pairs_per_step=3)
+        kw = dict(single_kw, context_parallel=2)
+    else:
+        single_kw, kw = {}, dict(pairs_per_step=P // world)
+    result = tmp / f"{layout}_result.pt"
+    start_ranks(_dist_dpo_worker, (world, free_port(), str(tmp), str(data), str(result), kw), world)
+    (f0, f1, fgrads), ref, (dp, cp), exchanges = torch.load(result)
+    single = DPOTrainer(_dpo(tmp, data, f"single_{layout}", **single_kw))
+    if layout == "cp":
+        assert (dp, cp) == (1, 2)
+        assert exchanges >= 2 * 2 * 3  # q, k, v of the policy and the reference at both steps
+        cuts = []
+        for _ in range(2):  # the steps' rows: clip boundaries (a pair's two clips share a shape)
+            toks = [single.sampler.tokens[r] // 2 for r in single.sampler.next_step().indices for _ in range(2)]
+            bounds = torch.tensor([0, *toks]).cumsum(0).tolist()
+            cuts.append(shard_range(bounds[-1], cp, 1)[0] not in bounds)
+        assert any(cuts), cuts
+        single.sampler.load_state_dict({"pos": 0})
+    else:
+        assert (dp, cp) == (2, 1) and exchanges == 0
+    s0, s1, sgrads = _two_steps(single)
     assert f0 == pytest.approx(math.log(2), rel=1e-6) and s0 == pytest.approx(math.log(2), rel=1e-6)
     assert f1 == pytest.approx(s1, rel=1e-5, abs=1e-6) and s1 < math.log(2)  # the margin moved after one step
     assert fgrads.keys() == sgrads.keys()
