@@ -155,6 +155,16 @@ def _cos_sin(a):
 
 
 @triton.jit
+def _token_block(t0, t_end, N, BLOCK_T: tl.constexpr):
+    """Flat token indices ``t0 + [0, BLOCK_T)`` (int64, also where ``t0`` is a Python int under
+    the interpreter), their mask ``< t_end`` and their (batch, position) ``[BLOCK_T]``."""
+    toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+    tmask = toks < t_end
+    b = toks // N
+    return toks, tmask, b, toks - b * N
+
+
+@triton.jit
 def _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign):
     """``cos(a)`` and ``sign * sin(a)`` of a token block's angles, ``[BLOCK_T, 1, BLOCK_D]``."""
     p = POS + b * stride_pb + n * stride_pn
@@ -259,10 +269,7 @@ def _rope3d_fwd_kernel(
     D = multiple(D, DIV)
     stride_qb, stride_qn, stride_qh = multiple(stride_qb, DIV), multiple(stride_qn, DIV), multiple(stride_qh, DIV)
     stride_kb, stride_kn, stride_kh = multiple(stride_kb, DIV), multiple(stride_kn, DIV), multiple(stride_kh, DIV)
-    toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = toks < n_tokens
-    b = toks // N
-    n = toks - b * N
+    toks, tmask, b, n = _token_block(tl.program_id(0).to(tl.int64) * BLOCK_T, n_tokens, N, BLOCK_T)
     e = tl.arange(0, BLOCK_D)
     emask = e < D
     partner, sign, inv_freq, column = _rope_tables(e, neg_log2_theta, S0, S1, S2, INTERLEAVED)
@@ -380,10 +387,7 @@ def _rope_bwd_across_heads(
     emask = e < D
     C = H * D
     for t0 in range(t_start, t_end, BLOCK_T):
-        toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 even where t0 is a Python int (interpreter)
-        tmask = toks < t_end
-        b = toks // N
-        n = toks - b * N
+        toks, tmask, b, n = _token_block(t0, t_end, N, BLOCK_T)
         cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
         dy_rows = b * stride_dyb + n * stride_dyn
         x_rows = b * stride_xb + n * stride_xn
@@ -407,10 +411,7 @@ def _rope_bwd_across_heads(
         w = _head_weights(W, heads, H, D, e3).to(tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         for t0 in range(t_start, t_end, BLOCK_T):
-            toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 even where t0 is a Python int (interpreter)
-            tmask = toks < t_end
-            b = toks // N
-            n = toks - b * N
+            toks, tmask, b, n = _token_block(t0, t_end, N, BLOCK_T)
             cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
             mask = tmask[:, None, None] & (heads < H)[None, :, None] & emask[None, None, :]
             dy = _load_tile(DY, b * stride_dyb + n * stride_dyn, stride_dyh, heads, e3, mask)
@@ -479,10 +480,7 @@ def _rope3d_bwd_kernel(
         acc_q = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         acc_k = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], dtype=tl.float32)
         for t0 in range(t_start, t_end, BLOCK_T):
-            toks = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 even where t0 is a Python int (interpreter)
-            tmask = toks < t_end
-            b = toks // N
-            n = toks - b * N
+            toks, tmask, b, n = _token_block(t0, t_end, N, BLOCK_T)
             cos, ssin = _tokens_cos_sin(POS, b, n, tmask, stride_pb, stride_pn, stride_pc, column, inv_freq, sign)
             dq_rows = b * stride_dqb + n * stride_dqn
             dk_rows = b * stride_dkb + n * stride_dkn
