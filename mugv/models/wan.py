@@ -158,9 +158,9 @@ def _norm_across_heads(x4: Tensor, norm: _AcrossHeadsRMSNorm, backend: str) -> T
                              check_positions=False, backend=backend)[0]
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with q/k RMSNorm over all heads and 3D RoPE (public ``WanSelfAttention``).
-    ``q, k, v, o`` are plain ``nn.Linear`` (peft LoRA wraps them)."""
+class _WanAttention(nn.Module):
+    """The projections of a Wan attention layer: ``q, k, v, o`` plain ``nn.Linear`` (peft LoRA
+    wraps them) and the across-heads RMSNorms ``norm_q``, ``norm_k`` (public key layout)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -168,6 +168,10 @@ class WanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = _AcrossHeadsRMSNorm(dim, eps)
         self.norm_k = _AcrossHeadsRMSNorm(dim, eps)
+
+
+class WanSelfAttention(_WanAttention):
+    """Self-attention with q/k RMSNorm over all heads and 3D RoPE (public ``WanSelfAttention``)."""
 
     def forward(self, x: Tensor, positions: Tensor, backend: str) -> Tensor:
         """``x [B, N, C]``, ``positions [N, 3]`` int32 (t, h, w) -> ``[B, N, C]``."""
@@ -188,15 +192,8 @@ class WanSelfAttention(nn.Module):
         return self.o(out.reshape(B, N, C).to(x.dtype))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttention):
     """Cross-attention to the caption rows (public ``WanT2VCrossAttention``)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = _AcrossHeadsRMSNorm(dim, eps)
-        self.norm_k = _AcrossHeadsRMSNorm(dim, eps)
 
     def forward(self, x: Tensor, context: Tensor, context_lengths: Tensor | None, backend: str) -> Tensor:
         """``x [B, N, C]``, ``context [B, L, C]``, ``context_lengths [B]`` or None (all L rows)."""
