@@ -76,12 +76,9 @@ def test_input_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsy
             main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "a.mp4")])
 
 
-def test_generate_t2v_and_i2v(tmp_path):
-    """Train a 1-block DiT for 2 steps on random latents recorded against a real (random)
-    VAE checkpoint, then sample through the CLI: mp4 + contact sheet, both modes."""
-    import av
-    from PIL import Image
-
+def train_tiny_run(tmp_path, steps: int, *extra: str):
+    """``mugv train`` of a 1-block DiT for ``steps`` steps on random latents recorded against a
+    real (random) compact VAE checkpoint; returns ``(data_dir, run_dir)``."""
     from mugv.models.vae import VAEConfig, VideoVAE
     from tests.stack.test_train import make_shards
 
@@ -92,9 +89,19 @@ def test_generate_t2v_and_i2v(tmp_path):
     index.update(vae=str(tmp_path / "vae"), text_encoder="minilm")
     (data / "index.json").write_text(json.dumps(index))
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--steps", "2", "--depth", "1", "--hidden-size",
-                 "48", "--num-heads", "1", "--token-budget", "160", "--no-progress", "--no-tensorboard",
-                 "--device", "cpu"]) == 0  # fmt: skip
+    assert main(["train", "--data", str(data), "--out", str(run), "--steps", str(steps), "--depth", "1",
+                 "--hidden-size", "48", "--num-heads", "1", "--token-budget", "160", "--no-progress",
+                 "--no-tensorboard", "--device", "cpu", *extra]) == 0  # fmt: skip
+    return data, run
+
+
+def test_generate_t2v_and_i2v(tmp_path):
+    """Train a 1-block DiT for 2 steps on random latents recorded against a real (random)
+    VAE checkpoint, then sample through the CLI: mp4 + contact sheet, both modes."""
+    import av
+    from PIL import Image
+
+    _, run = train_tiny_run(tmp_path, steps=2)
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / "ref.png")
     for extra, name in (([], "t2v.mp4"), (["--image", str(tmp_path / "ref.png")], "i2v.mp4")):
         out = tmp_path / name

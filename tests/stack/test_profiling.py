@@ -110,20 +110,10 @@ def test_train_profile_steps_and_generate_profile(tmp_path):
     traces the whole run; a bad window is a ConfigError before training."""
     from mugv.cli import main
     from mugv.config import load_config, TrainConfig
-    from mugv.models.vae import VAEConfig, VideoVAE
     from mugv.train.trainer import Trainer
-    from tests.stack.test_train import make_shards
+    from tests.stack.test_cli import train_tiny_run
 
-    vae = VideoVAE(VAEConfig.from_preset("compact", filters=8, num_groups=4), kernels=False)
-    vae.save_pretrained(tmp_path / "vae")
-    data = make_shards(tmp_path / "shards", n=4)
-    index = json.loads((data / "index.json").read_text())
-    index.update(vae=str(tmp_path / "vae"), text_encoder="minilm")
-    (data / "index.json").write_text(json.dumps(index))
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--steps", "3", "--depth", "1", "--hidden-size",
-                 "48", "--num-heads", "1", "--token-budget", "160", "--no-progress", "--no-tensorboard",
-                 "--device", "cpu", "--profile-steps", "1:2"]) == 0  # fmt: skip
+    data, run = train_tiny_run(tmp_path, 3, "--profile-steps", "1:2")
     prof = run / "profile" / "rank0"
     events = json.loads((prof / "trace.json").read_text())["traceEvents"]
     names = {e.get("name") for e in events}
